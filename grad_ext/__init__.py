@@ -1,0 +1,28 @@
+"""grad_ext: fused C++/CUDA kernels for GRAD anomaly detection.
+
+- :func:`grid_sample` / :class:`GridSample`: drop-in for ``F.grid_sample`` on 1-D to 4-D
+  tables, with batch-shared tables and in-kernel coordinate jitter (:func:`jitter_noise`).
+- :func:`refine`: GRAD's MSE/cosine feature refinement with its loss and anomaly map.
+- :mod:`grad_ext.reference`: pure-torch versions of every op, for tests and benchmarks.
+"""
+import torch
+
+from ._ops import ops
+from .sampling import GridSample, JitterNoise, draw_jitter_seed, grid_sample, jitter_noise
+
+__version__ = "0.1.0"
+
+
+def info() -> dict:
+    """Which backends were compiled in, and the versions they were built for."""
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cpu": True,
+        "cuda": bool(ops.compiled_with_cuda()),
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+__all__ = ["GridSample", "JitterNoise", "draw_jitter_seed", "grid_sample", "info", "jitter_noise"]
