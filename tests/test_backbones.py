@@ -201,3 +201,8 @@ def test_lite_mapping_rejects_count_and_shape_disagreement(lite0_package_state):
 def test_input_size_must_be_a_multiple_of_16(lite0):
     with pytest.raises(ValueError, match="multiples of 16"):
         lite0(_random_images(1, 232))
+
+
+def test_weights_of_wrong_type_are_rejected():
+    with pytest.raises(TypeError, match="weights"):
+        build_backbone(LITE0, weights=None)

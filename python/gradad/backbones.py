@@ -152,8 +152,9 @@ def build_backbone(name: str, weights: str | os.PathLike = "imagenet") -> Featur
             return FeatureExtractor(_features_with_state(spec, state), name, spec, weights_id)
         return FeatureExtractor(_download_timm_features(name, spec), name, spec,
                                 f"timm:{spec.timm_name}.{spec.pretrained_tag}")
-    if isinstance(weights, str) and weights.strip() in ("", "pretrained", "none", "default"):
-        raise ValueError(f"weights must be 'imagenet', 'random' or a path to a file, got {weights!r}")
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be 'imagenet', 'random' or a path to a file, "
+                        f"got {type(weights).__name__}")
     return _from_file(name, spec, os.fspath(weights))
 
 
@@ -264,12 +265,15 @@ def _with_batch_counters(state: Mapping[str, torch.Tensor],
 
 
 def _read_state_dict(path) -> Dict[str, torch.Tensor]:
-    """Read a state dict file (.safetensors, or anything torch.load reads with weights_only)."""
+    """Read a state dict file (.safetensors, or anything torch.load reads with weights_only);
+    ``path`` is a str, a PathLike or a package resource. Returns {name: tensor} on the CPU."""
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
         state = load_file(os.fspath(path), device="cpu")
     else:
-        with open(path, "rb") as handle:  # works for package resources and plain paths
+        # package resources (Traversable) open themselves; plain paths go through open()
+        handle = path.open("rb") if hasattr(path, "open") else open(path, "rb")
+        with handle:
             state = torch.load(handle, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
@@ -281,7 +285,8 @@ def _read_state_dict(path) -> Dict[str, torch.Tensor]:
 def _from_file(name: str, spec: BackboneSpec, path: str) -> FeatureExtractor:
     """FeatureExtractor with weights from a local file (timm or Lite package key layout)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file for backbone {name!r} not found: {path!r}")
+        raise FileNotFoundError(f"weights file for backbone {name!r} not found: {path!r} "
+                                f"(weights must be 'imagenet', 'random' or an existing file)")
     state = _read_state_dict(path)
     if any(k.startswith("_conv_stem.") for k in state):  # efficientnet-lite-pytorch layout
         if spec.lite_package is None:
