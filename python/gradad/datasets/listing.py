@@ -175,15 +175,15 @@ def list_folder(
             raise ValueError("split='test' needs abnormal_dir (a folder of anomalous images)")
         return [ImageRecord(p, 0, None, class_name, NORMAL_DEFECT_TYPE, "train") for p in normal_images]
 
+    abnormal_images = list_image_files(require_dir(abnormal_dir, "anomalous images"))
+    if not abnormal_images:
+        raise ValueError(f"no images found in anomalous image folder {os.fspath(abnormal_dir)}")
     train_idx, test_idx = seeded_holdout(len(normal_images), test_normal_fraction, seed)
     if len(train_idx) == 0:
         raise ValueError(f"test_normal_fraction={test_normal_fraction} leaves no normal training images")
     if split == "train":
         return [ImageRecord(normal_images[i], 0, None, class_name, NORMAL_DEFECT_TYPE, "train") for i in train_idx]
 
-    abnormal_images = list_image_files(require_dir(abnormal_dir, "anomalous images"))
-    if not abnormal_images:
-        raise ValueError(f"no images found in anomalous image folder {os.fspath(abnormal_dir)}")
     mask_dir = require_dir(mask_dir, "mask") if mask_dir is not None else None
     records = [ImageRecord(normal_images[i], 0, None, class_name, NORMAL_DEFECT_TYPE, "test") for i in test_idx]
     for image_path in abnormal_images:
