@@ -9,8 +9,13 @@ import os
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+# Prefer the standard toolkit folder over an `nvcc` wrapper found on PATH, whose parent folder
+# may hold no CUDA libraries to link against.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,11 +36,22 @@ def want_cuda() -> bool:
     return available
 
 
+def nvidia_wheel_includes():
+    """Header folders of the nvidia-* pip packages that torch's CUDA wheels depend on (cuSPARSE,
+    cuBLAS, ...), searched after the toolkit's own headers (-isystem comes after -I)."""
+    import site
+
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    found = sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "*", "include"))})
+    return [flag for d in found for flag in ("-isystem", d)]
+
+
 def extension():
     cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp"]
     if want_cuda():
-        nvcc = ["-O3", "-lineinfo"]
+        nvcc = ["-O3", "-lineinfo"] + nvidia_wheel_includes()
+        cxx = cxx + nvidia_wheel_includes()
         return CUDAExtension(
             "grad_ext._C",
             cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),

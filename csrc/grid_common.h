@@ -28,6 +28,11 @@ struct NonFinitePolicy {
   bool downgrade;        // non-finite or huge indices become -100, i.e. outside (scalar paths)
 };
 
+// CPU: the 2-D path of F.grid_sample is vectorised (NaN clips to 0, no downgrade), the 3-D
+// path is scalar; 1-D and 4-D tables follow the 2-D rule. CUDA: scalar code everywhere.
+GE_HD NonFinitePolicy cpu_policy(int D) { return D == 3 ? NonFinitePolicy{true, true} : NonFinitePolicy{false, false}; }
+GE_HD NonFinitePolicy cuda_policy() { return NonFinitePolicy{false, true}; }
+
 template <typename T>
 GE_HD bool finite(T x) {
 #if defined(__CUDA_ARCH__)

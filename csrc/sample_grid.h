@@ -56,13 +56,6 @@ inline GridGeometry describe_call(const at::Tensor& input, const at::Tensor& gri
   return g;
 }
 
-// Non-finite coordinates are treated like F.grid_sample's CPU code does (see grid_common.h).
-inline NonFinitePolicy cpu_policy(int D) {
-  if (D == 3) return NonFinitePolicy{true, true};
-  return NonFinitePolicy{false, false};
-}
-inline NonFinitePolicy cuda_policy() { return NonFinitePolicy{false, true}; }
-
 inline bool jitter_requested(double std, double prob) { return std > 0.0 && prob > 0.0; }
 
 inline void check_jitter(double std, double prob, int64_t mode, const c10::optional<at::Tensor>& seed,
