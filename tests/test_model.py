@@ -229,10 +229,56 @@ def test_fusion_variants_structure():
     assert crad_s.fusion[0].expand[0].weight.shape == (8, 16, 1, 1)  # 2C -> C
     assert paper.fusion[0].body[0].weight.shape == (16, 16, 3, 3)
     assert crad.output.weight.shape == (8, 16, 1, 1) and crad.output.bias is None
-    # residual: a bottleneck whose projection BN outputs zero is the identity
-    nn.init.zeros_(block.project[1].weight)
-    x = torch.randn(2, 16, 4, 4)
-    torch.testing.assert_close(block(x), x)
+
+
+def _randomise_batch_norms(module, gen):
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=gen) + 0.5
+            m.bias.data = torch.randn(n, generator=gen)
+            m.running_mean = torch.randn(n, generator=gen)
+            m.running_var = torch.rand(n, generator=gen) + 0.5
+
+
+def _bn(x, bn):
+    shape = (1, -1, 1, 1)
+    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+            * bn.weight.view(shape) + bn.bias.view(shape))
+
+
+def _hswish(x):
+    return x * torch.clamp(x + 3, 0, 6) / 6
+
+
+def test_fusion_blocks_compute_the_spec_formulas():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 5, 5, generator=gen)
+    crad = build(ModelConfig(num_blocks=1), channels=8, size=5).eval()
+    block = crad.fusion[0]
+    for p in block.parameters():
+        p.data = torch.randn(p.shape, generator=gen) * 0.3
+    _randomise_batch_norms(block, gen)
+    expand, dw, bn_dw, se, project, bn_out = (block.expand[0], block.depthwise[0], block.depthwise[1],
+                                              block.depthwise[2], block.project[0], block.project[1])
+    h = _hswish(_bn(F.conv2d(x, expand.weight), block.expand[1]))
+    h = _bn(F.conv2d(h, dw.weight, padding=1, groups=32), bn_dw)
+    gate = torch.relu(h.mean((2, 3)) @ se.squeeze.weight.T) @ se.excite.weight.T
+    h = _hswish(h * (torch.clamp(gate + 3, 0, 6) / 6)[:, :, None, None])
+    expected = x + _bn(F.conv2d(h, project.weight), bn_out)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+    paper = build(ModelConfig(fusion="paper", num_blocks=1), channels=8, size=5).eval()
+    basic = paper.fusion[0]
+    for p in basic.parameters():
+        p.data = torch.randn(p.shape, generator=gen) * 0.1
+    _randomise_batch_norms(basic, gen)
+    conv1, bn1, _, conv2, bn2 = basic.body
+    h = torch.relu(_bn(F.conv2d(x, conv1.weight, padding=1), bn1))
+    expected = torch.relu(x + _bn(F.conv2d(h, conv2.weight, padding=1), bn2))
+    with torch.no_grad():
+        torch.testing.assert_close(basic(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_init_statistics():

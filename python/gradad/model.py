@@ -194,6 +194,7 @@ class GRAD(nn.Module):
     def local_features(self, features: Tensor) -> Tensor:
         """f_l: the local grid sampled at each pixel's coordinate, (B, C, H, W) -> (B, C, H, W);
         coordinates jittered in training mode."""
+        self._check_features(features)
         cfg, grid = self.cfg, self.local_grid
         coords = self.local_coordinates(features).to(grid.dtype)  # (B, H, W, d)
         b, h, w, _ = coords.shape
@@ -212,6 +213,7 @@ class GRAD(nn.Module):
 
     def global_features(self, features: Tensor) -> Tensor:
         """f_g: the global grid sampled at each image's coordinate, (B, C, H, W) -> (B, C, H, W)."""
+        self._check_features(features)
         grid = self.global_grid
         coords = self.global_coordinates(features).to(grid.dtype)  # (B, d)
         b = coords.shape[0]
@@ -235,7 +237,6 @@ class GRAD(nn.Module):
 
     def reconstruct(self, features: Tensor) -> Tensor:
         """x̂ = conv1x1(F(concat[f_g, f_l])), (B, C, H, W) -> (B, C, H, W)."""
-        self._check_features(features)
         branches = []
         if self.cfg.use_global:
             branches.append(self.global_features(features))
