@@ -99,7 +99,7 @@ def test_config_defaults_follow_reference_recipe():
 
 def test_config_yaml_round_trip(tmp_path):
     cfg = apply_overrides(preset_config("lite-demo"), ["data.classes=bottle,screw", "train.lr=2e-4",
-                                                        "model.num_blocks=none", "data.root=/data/x"])
+                                                        "model.num_blocks=none", "data.root=datasets/mvtec"])
     path = tmp_path / "sub" / "config.yaml"
     dump_config(cfg, path)
     assert load_config(path) == cfg

@@ -260,9 +260,10 @@ class GRAD(nn.Module):
             anomaly_map = torch.linalg.vector_norm(features - rec_for_loss, dim=1)
             return GRADOutput(rec, loss, anomaly_map, None)
         refine = grad_ext.refine if cfg.kernels == "ext" else grad_ext.reference.refine
-        result = refine(rec_for_loss, features, mse_weight=cfg.mse_weight, cos_weight=cfg.cos_weight,
-                        mse_threshold=cfg.mse_threshold)
-        return GRADOutput(rec, result.loss, result.anomaly_map, result.sim)
+        # positional unpacking: (sim, anomaly_map, loss, refined) in both implementations
+        sim, anomaly_map, loss, _ = refine(rec_for_loss, features, mse_weight=cfg.mse_weight,
+                                           cos_weight=cfg.cos_weight, mse_threshold=cfg.mse_threshold)
+        return GRADOutput(rec, loss, anomaly_map, sim)
 
     @torch.no_grad()
     def anomaly_map(self, features: Tensor, image_size: int) -> Tensor:
