@@ -162,9 +162,10 @@ class GRAD(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def count_flops(self, batch_size: int = 1) -> int:
-        """FLOPs of one forward pass at ``batch_size`` as torch.utils.flop_counter counts them
+        """FLOPs of one reconstruction at ``batch_size`` as torch.utils.flop_counter counts them
         (2 per multiply-add of convolutions and matrix products; grid sampling, refinement and
-        element-wise ops are not counted). The backbone is not part of this model."""
+        element-wise ops, which it does not count, are left out). The backbone is not part of
+        this model."""
         from torch.utils.flop_counter import FlopCounterMode
 
         param = next(self.parameters())
@@ -174,7 +175,7 @@ class GRAD(nn.Module):
         self.eval()
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                self(features)
+                self.reconstruct(features)
         finally:
             self.train(was_training)
         return int(counter.get_total_flops())
