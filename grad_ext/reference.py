@@ -18,6 +18,72 @@ def jitter_grid(grid: Tensor, noise: Tensor) -> Tensor:
     return grid + noise.to(grid.dtype).reshape(grid.shape)
 
 
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter: Tensor, key: tuple) -> Tensor:
+    """Philox4x32-10 (Salmon et al., SC'11) on a batch of counters (M, 4) of uint32 values held
+    in int64; key = (k0, k1). Returns (M, 4) int64 holding uint32 values."""
+    c = [counter[:, i].to(torch.int64) for i in range(4)]
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+        # 32x32 -> 64-bit products split in 16-bit halves so int64 never overflows
+        hi0, lo0 = _mulhilo(_PHILOX_M[0], c[0])
+        hi1, lo1 = _mulhilo(_PHILOX_M[1], c[2])
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+    return torch.stack(c, dim=1)
+
+
+def _mulhilo(m: int, x: Tensor) -> tuple:
+    m_lo, m_hi = m & 0xFFFF, m >> 16
+    x_lo, x_hi = x & 0xFFFF, x >> 16
+    lo_lo = m_lo * x_lo
+    mid1 = m_hi * x_lo
+    mid2 = m_lo * x_hi
+    hi_hi = m_hi * x_hi
+    carry = ((lo_lo >> 16) + (mid1 & 0xFFFF) + (mid2 & 0xFFFF)) >> 16
+    lo = (lo_lo + ((mid1 + mid2) << 16)) & _MASK32
+    hi = (hi_hi + (mid1 >> 16) + (mid2 >> 16) + carry) & _MASK32
+    return hi, lo
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x.to(torch.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+
+
+def jitter_noise(seed: int, offset: int, num_points: int, dim: int, jitter_std: float, jitter_prob: float,
+                 jitter_mode: str = "pixel") -> tuple:
+    """Independent re-implementation of the kernels' jitter draws: (noise (num_points, dim)
+    float32, jittered (num_points,) bool). Point i uses counter (i, 0, offset) for its two
+    Box-Muller pairs and (i, 2^31, offset) for its coin ('pixel'); 'batch' uses one coin on
+    counter (2^32-1, 2^32-1, offset). Key = seed."""
+    key = (seed & _MASK32, (seed >> 32) & _MASK32)
+    off = (offset & _MASK32, (offset >> 32) & _MASK32)
+    idx = torch.arange(num_points, dtype=torch.int64)
+    def counters(hi_bit: int) -> Tensor:
+        return torch.stack([idx & _MASK32, (idx >> 32) | hi_bit, torch.full_like(idx, off[0]),
+                            torch.full_like(idx, off[1])], dim=1)
+    active = jitter_std > 0 and jitter_prob > 0
+    if not active:
+        return torch.zeros(num_points, dim), torch.zeros(num_points, dtype=torch.bool)
+    if jitter_mode == "batch":
+        coin = philox4x32_10(torch.tensor([[_MASK32, _MASK32, off[0], off[1]]]), key)[0, 0]
+        flags = torch.full((num_points,), bool(_unit(coin) < jitter_prob))
+    else:
+        flags = _unit(philox4x32_10(counters(0x80000000), key)[:, 0]) < jitter_prob
+    r = philox4x32_10(counters(0), key)
+    rad0 = torch.sqrt(-2 * torch.log(_unit(r[:, 0])))
+    rad1 = torch.sqrt(-2 * torch.log(_unit(r[:, 2])))
+    a0, a1 = 6.283185307179586 * _unit(r[:, 1]), 6.283185307179586 * _unit(r[:, 3])
+    z = torch.stack([rad0 * torch.cos(a0), rad0 * torch.sin(a0), rad1 * torch.cos(a1), rad1 * torch.sin(a1)], 1)
+    noise = (jitter_std * z[:, :dim]) * flags[:, None]
+    return noise.to(torch.float32), flags
+
+
 def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
                 align_corners: bool = False, noise: Optional[Tensor] = None) -> Tensor:
     """Reference of :func:`grad_ext.grid_sample`: F.grid_sample for 2-D and 3-D tables (the table
@@ -42,7 +108,7 @@ def _source_index(coord: Tensor, size: int, padding_mode: str, align_corners: bo
     if padding_mode == "reflection":
         low, span = (0.0, size - 1.0) if align_corners else (-0.5, float(size))
         if span <= 0:
-            x = torch.zeros_like(x)
+            x = x * 0  # a single cell: the coordinate has no effect (kept in the graph)
         else:
             y = (x - low).abs()
             flips = torch.floor(y / span)

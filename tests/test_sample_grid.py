@@ -1,0 +1,386 @@
+"""grad_ext.grid_sample against F.grid_sample, the pure-torch reference and gradcheck."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import grad_ext
+from grad_ext import reference
+
+MODES = ["bilinear", "nearest"]
+PADDINGS = ["zeros", "border", "reflection"]
+
+
+def _grads(fn, inputs, gout):
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, inputs, gout, allow_unused=True)
+
+
+def _random_case(gen, d, shared=False, dtype=torch.float64, spread=1.3):
+    n = int(torch.randint(1, 4, (1,), generator=gen))
+    c = int(torch.randint(1, 6, (1,), generator=gen))
+    sizes = [int(v) for v in torch.randint(1, 7, (d,), generator=gen)]
+    out = [int(v) for v in torch.randint(1, 6, (d,), generator=gen)] if d != 1 else [int(torch.randint(1, 9, (1,), generator=gen))]
+    inp = torch.randn(1 if shared else n, c, *sizes, generator=gen, dtype=dtype)
+    grid_shape = (n, *out, d)
+    grid = (torch.rand(grid_shape, generator=gen, dtype=dtype) * 2 - 1) * spread
+    return inp.requires_grad_(), grid.requires_grad_()
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("mode,padding,align", list(itertools.product(MODES, PADDINGS, [False, True])))
+def test_matches_f_grid_sample(d, mode, padding, align):
+    gen = torch.Generator().manual_seed(hash((d, mode, padding, align)) % 2**31)
+    for _ in range(4):
+        inp, grid = _random_case(gen, d)
+        out, (gi, gg) = _grads(lambda a, b: grad_ext.grid_sample(a, b, mode, padding, align), (inp, grid),
+                               torch.randn(grid.shape[0], inp.shape[1], *grid.shape[1:-1], dtype=inp.dtype, generator=gen))
+        gout = torch.randn_like(out)
+        out, (gi, gg) = _grads(lambda a, b: grad_ext.grid_sample(a, b, mode, padding, align), (inp, grid), gout)
+        ref, (ri, rg) = _grads(lambda a, b: F.grid_sample(a, b, mode, padding, align), (inp, grid), gout)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gi, ri, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gg, rg, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_float32_matches_f_grid_sample(d):
+    gen = torch.Generator().manual_seed(7)
+    for mode, padding in itertools.product(MODES, PADDINGS):
+        inp, grid = _random_case(gen, d, dtype=torch.float32)
+        gout = torch.randn(grid.shape[0], inp.shape[1], *grid.shape[1:-1], generator=gen)
+        out, (gi, gg) = _grads(lambda a, b: grad_ext.grid_sample(a, b, mode, padding), (inp, grid), gout)
+        ref, (ri, rg) = _grads(lambda a, b: F.grid_sample(a, b, mode, padding, False), (inp, grid), gout)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gi, ri, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gg, rg, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_shared_table_equals_repeated_table(d, padding):
+    """A batch-1 input serves every grid batch; its gradient is the sum over batches."""
+    gen = torch.Generator().manual_seed(3)
+    inp, grid = _random_case(gen, d, shared=True)
+    grid = (torch.rand(4, *grid.shape[1:], generator=gen, dtype=grid.dtype) * 2.2 - 1.1).requires_grad_()
+    gout = torch.randn(4, inp.shape[1], *grid.shape[1:-1], dtype=inp.dtype, generator=gen)
+    out, (gi, gg) = _grads(lambda a, b: grad_ext.grid_sample(a, b, "bilinear", padding), (inp, grid), gout)
+    ref, (ri, rg) = _grads(lambda a, b: F.grid_sample(a.repeat(4, *([1] * (a.dim() - 1))), b, "bilinear", padding, False),
+                           (inp, grid), gout)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gi, ri, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gg, rg, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("d", [1, 4])
+@pytest.mark.parametrize("mode,padding,align", list(itertools.product(MODES, PADDINGS, [False, True])))
+def test_1d_and_4d_match_multilinear_reference(d, mode, padding, align):
+    gen = torch.Generator().manual_seed(11 * d)
+    for shared in (False, True):
+        inp, grid = _random_case(gen, d, shared=shared)
+        gout = torch.randn(grid.shape[0], inp.shape[1], *grid.shape[1:-1], dtype=inp.dtype, generator=gen)
+        out, (gi, gg) = _grads(lambda a, b: grad_ext.grid_sample(a, b, mode, padding, align), (inp, grid), gout)
+        ref, (ri, rg) = _grads(lambda a, b: reference.multilinear_sample(a, b, mode, padding, align), (inp, grid), gout)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gi, ri, rtol=1e-12, atol=1e-12)
+        if mode == "bilinear":
+            torch.testing.assert_close(gg, rg, rtol=1e-10, atol=1e-10)
+        else:
+            assert torch.count_nonzero(gg) == 0
+
+
+def test_1d_equals_2d_with_a_flat_axis():
+    """An independent check of the 1-D layout: grid (N, W_out, 1) on (N, C, W)."""
+    gen = torch.Generator().manual_seed(5)
+    inp = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64)
+    x = torch.rand(2, 9, 1, generator=gen, dtype=torch.float64) * 2.4 - 1.2
+    out = grad_ext.grid_sample(inp, x, align_corners=True)
+    grid2 = torch.cat([x, torch.zeros_like(x)], dim=-1)[:, None]  # y = 0 on a height-1 table
+    ref = F.grid_sample(inp[:, :, None], grid2, align_corners=True)[:, :, 0]
+    torch.testing.assert_close(out, ref)
+
+
+def test_multilinear_reference_matches_f_grid_sample():
+    """The reference used for 1-D/4-D is itself checked against F.grid_sample in 2-D and 3-D."""
+    gen = torch.Generator().manual_seed(9)
+    for d, mode, padding, align in itertools.product([2, 3], MODES, PADDINGS, [False, True]):
+        inp, grid = _random_case(gen, d, spread=3.0)
+        torch.testing.assert_close(reference.multilinear_sample(inp, grid, mode, padding, align),
+                                   F.grid_sample(inp, grid, mode, padding, align))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("mode,padding,align", list(itertools.product(MODES, PADDINGS, [False, True])))
+def test_special_coordinates_match_f_grid_sample(d, mode, padding, align):
+    """Exactly on borders and cell centres, far outside, +-inf and NaN."""
+    inp = torch.randn(1, 2, *([4] * d), dtype=torch.float64)
+    specials = [-1.0, 1.0, 0.0, -0.75, 0.75, 1.25, -1.25, 7.0, -9.5, 1e3, -1e3, float("inf"), float("-inf"), float("nan")]
+    vals = torch.tensor(specials, dtype=torch.float64)
+    comb = torch.cartesian_prod(*([vals] * d)) if d > 1 else vals[:, None]
+    grid = comb.reshape(1, comb.shape[0], *([1] * (d - 1)), d)
+    out = grad_ext.grid_sample(inp, grid, mode, padding, align)
+    ref = F.grid_sample(inp, grid, mode, padding, align)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    finite = torch.isfinite(grid).all(-1)
+    if padding == "zeros" or bool(finite.all()):
+        # F.grid_sample's CPU backward for non-finite coordinates is only reliable with zeros padding.
+        g1 = grid.clone().requires_grad_()
+        i1 = inp.clone().requires_grad_()
+        gout = torch.randn_like(out)
+        _, (gi, gg) = _grads(lambda a, b: grad_ext.grid_sample(a, b, mode, padding, align), (i1, g1), gout)
+        _, (ri, rg) = _grads(lambda a, b: F.grid_sample(a, b, mode, padding, align), (i1, g1), gout)
+        torch.testing.assert_close(gi, ri, equal_nan=True)
+        torch.testing.assert_close(gg, rg, equal_nan=True)
+
+
+def test_finite_special_coordinate_gradients_every_padding():
+    vals = torch.tensor([-1.0, 1.0, 0.0, -0.75, 0.75, 1.25, -1.25, 7.0, -9.5, 1e3], dtype=torch.float64)
+    grid = torch.cartesian_prod(vals, vals).reshape(1, -1, 1, 2)
+    inp = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    for mode, padding, align in itertools.product(MODES, PADDINGS, [False, True]):
+        i1, g1 = inp.clone().requires_grad_(), grid.clone().requires_grad_()
+        gout = torch.randn(1, 3, grid.shape[1], 1, dtype=torch.float64)
+        _, (gi, gg) = _grads(lambda a, b: grad_ext.grid_sample(a, b, mode, padding, align), (i1, g1), gout)
+        _, (ri, rg) = _grads(lambda a, b: F.grid_sample(a, b, mode, padding, align), (i1, g1), gout)
+        torch.testing.assert_close(gi, ri)
+        torch.testing.assert_close(gg, rg)
+
+
+def test_non_contiguous_and_channels_last():
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(3, 6, 5, 8, generator=gen)
+    grid = torch.rand(3, 4, 9, 2, generator=gen) * 2 - 1
+    for inp in (base.to(memory_format=torch.channels_last), base[:, ::2], base.transpose(2, 3)):
+        g = grid.transpose(1, 2) if inp.shape[2] != base.shape[2] else grid
+        torch.testing.assert_close(grad_ext.grid_sample(inp, g), F.grid_sample(inp, g, align_corners=False))
+    g_strided = torch.rand(3, 4, 9, 4, generator=gen)[..., ::2] * 2 - 1
+    torch.testing.assert_close(grad_ext.grid_sample(base, g_strided), F.grid_sample(base, g_strided, align_corners=False))
+    inp3d = torch.randn(2, 3, 4, 5, 6, generator=gen).to(memory_format=torch.channels_last_3d)
+    g3 = torch.rand(2, 2, 3, 4, 3, generator=gen) * 2 - 1
+    torch.testing.assert_close(grad_ext.grid_sample(inp3d, g3), F.grid_sample(inp3d, g3, align_corners=False))
+
+
+@pytest.mark.parametrize("d,shared", [(1, False), (2, False), (2, True), (3, False), (4, True)])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_gradcheck(d, shared, padding):
+    gen = torch.Generator().manual_seed(d)
+    sizes = [3] * d if d < 4 else [2, 3, 2, 3]
+    inp = torch.randn(1 if shared else 2, 2, *sizes, dtype=torch.float64, generator=gen, requires_grad=True)
+    out = [3] + [2] * (d - 1)
+    # keep coordinates away from cell boundaries, where the interpolation is not differentiable
+    grid = (torch.rand(2, *out, d, dtype=torch.float64, generator=gen) * 1.6 - 0.8).requires_grad_()
+    for align in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b: grad_ext.grid_sample(a, b, "bilinear", padding, align), (inp, grid))
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        (torch.randn(2, 3, 4, 5, generator=gen), torch.rand(2, 3, 2, 2, generator=gen) * 2 - 1),
+        (torch.randn(1, 3, 4, 5, generator=gen), torch.rand(2, 3, 2, 2, generator=gen) * 2 - 1),
+        (torch.randn(2, 3, 6, generator=gen), torch.rand(2, 5, 1, generator=gen) * 2 - 1),
+        (torch.randn(1, 2, 2, 3, 2, 3, generator=gen), torch.rand(2, 2, 1, 1, 2, 4, generator=gen) * 2 - 1),
+    ]
+    for inp, grid in cases:
+        for interp, padding in itertools.product([0, 1], [0, 1, 2]):
+            args = (inp.requires_grad_(), grid.requires_grad_(), interp, padding, False, 0.0, 0.0, 0, None)
+            torch.library.opcheck(torch.ops.grad_ext.sample_grid, args)
+        seed = torch.tensor([5, 6])
+        torch.library.opcheck(torch.ops.grad_ext.sample_grid, (inp, grid, 0, 0, False, 0.1, 0.5, 0, seed))
+    torch.library.opcheck(torch.ops.grad_ext.jitter_noise, (torch.tensor([1, 2]), 10, 2, 0.1, 0.5, 0))
+
+
+def test_torch_compile_fullgraph():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(1, 4, 6, 6))
+            self.proj = torch.nn.Conv2d(4, 2, 1)
+            self.sampler = grad_ext.GridSample()
+
+        def forward(self, x):
+            coords = torch.tanh(self.proj(x)).permute(0, 2, 3, 1)
+            return self.sampler(self.table, coords).square().mean()
+
+    torch.manual_seed(0)
+    model = Tiny()
+    x = torch.randn(3, 4, 5, 5)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, eager)
+    out.backward()
+    assert model.table.grad is not None and model.proj.weight.grad is not None
+
+
+def test_module_repr_and_defaults():
+    m = grad_ext.GridSample("nearest", "border", True)
+    assert "nearest" in repr(m) and "border" in repr(m)
+    inp, grid = torch.randn(1, 2, 3, 3), torch.rand(1, 2, 2, 2) * 2 - 1
+    torch.testing.assert_close(m(inp, grid), F.grid_sample(inp, grid, "nearest", "border", True))
+
+
+@pytest.mark.parametrize("inp_shape,grid_shape", [
+    ((0, 3, 4, 4), (0, 2, 2, 2)), ((2, 0, 4, 4), (2, 2, 2, 2)), ((2, 3, 4, 4), (2, 0, 2, 2)),
+    ((1, 3, 4, 4), (0, 2, 2, 2)), ((2, 3, 4, 4, 4), (2, 0, 1, 2, 3)),
+])
+def test_empty_shapes_behave_like_f_grid_sample(inp_shape, grid_shape):
+    inp = torch.randn(inp_shape, requires_grad=True)
+    grid = torch.rand(grid_shape, requires_grad=True)
+    out = grad_ext.grid_sample(inp, grid)
+    if inp_shape[0] == grid_shape[0]:
+        assert out.shape == F.grid_sample(inp, grid, align_corners=False).shape
+    assert out.shape == (grid_shape[0], inp_shape[1], *grid_shape[1:-1])
+    out.sum().backward()
+    assert inp.grad.shape == inp.shape and torch.count_nonzero(inp.grad) == 0
+    assert grid.grad.shape == grid.shape
+
+
+def test_only_one_gradient_requested():
+    inp = torch.randn(1, 3, 4, 4, requires_grad=True)
+    grid = torch.rand(2, 3, 3, 2) * 2 - 1
+    grad_ext.grid_sample(inp, grid).sum().backward()
+    ref = torch.autograd.grad(F.grid_sample(inp.repeat(2, 1, 1, 1), grid, align_corners=False).sum(), inp)[0]
+    torch.testing.assert_close(inp.grad, ref)
+    inp2 = torch.randn(2, 3, 4, 4)
+    grid2 = (torch.rand(2, 3, 3, 2) * 2 - 1).requires_grad_()
+    grad_ext.grid_sample(inp2, grid2).sum().backward()
+    torch.testing.assert_close(grid2.grad, torch.autograd.grad(F.grid_sample(inp2, grid2, align_corners=False).sum(), grid2)[0])
+
+
+def test_deterministic_mode_is_bitwise_reproducible():
+    gen = torch.Generator().manual_seed(4)
+    inp = torch.randn(1, 16, 8, 8, generator=gen, requires_grad=True)
+    grid = (torch.rand(8, 7, 7, 2, generator=gen) * 2 - 1).requires_grad_()
+    gout = torch.randn(8, 16, 7, 7, generator=gen)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [torch.autograd.grad(grad_ext.grid_sample(inp, grid), (inp, grid), gout) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for gi, gg in runs[1:]:
+        assert torch.equal(gi, runs[0][0]) and torch.equal(gg, runs[0][1])
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("inp,grid,kwargs,exc,match", [
+    (torch.randn(2, 3), torch.rand(2, 3, 1), {}, ValueError, "input must have shape"),
+    (torch.randn(1, 2, 3, 4, 5, 6, 7), torch.rand(1, 2, 2), {}, ValueError, "input must have shape"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3), {}, ValueError, "grid must have 4 dimensions"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 3), {}, ValueError, "last dimension must be 2"),
+    (torch.randn(3, 3, 4, 4), torch.rand(2, 3, 3, 2), {}, ValueError, "input batch must be 1"),
+    (torch.randint(0, 5, (2, 3, 4, 4)), torch.rand(2, 3, 3, 2), {}, TypeError, "floating point"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2).double(), {}, TypeError, "same dtype"),
+    (torch.randn(2, 3, 4, 4).half(), torch.rand(2, 3, 3, 2).half(), {}, TypeError, "not supported on cpu"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"mode": "bicubic"}, ValueError, "mode must be one of"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"padding_mode": "wrap"}, ValueError, "padding_mode must be"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"jitter_std": -1.0}, ValueError, "jitter_std"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"jitter_prob": 1.5}, ValueError, "jitter_prob"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"jitter_std": 0.1, "jitter_prob": 0.5, "jitter_mode": "all"},
+     ValueError, "jitter_mode"),
+    ("x", torch.rand(2, 3, 3, 2), {}, TypeError, "must be tensors"),
+])
+def test_bad_input_raises_clear_error(inp, grid, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        grad_ext.grid_sample(inp, grid, **kwargs)
+
+
+def test_bad_input_to_raw_op_is_an_error_not_a_crash():
+    with pytest.raises(RuntimeError, match="input batch must be 1"):
+        torch.ops.grad_ext.sample_grid(torch.randn(3, 1, 2, 2), torch.rand(2, 1, 1, 2), 0, 0, False, 0.0, 0.0, 0, None)
+    with pytest.raises(RuntimeError, match="jitter needs jitter_seed"):
+        torch.ops.grad_ext.sample_grid(torch.randn(1, 1, 2, 2), torch.rand(1, 1, 1, 2), 0, 0, False, 0.1, 0.5, 0, None)
+
+
+@pytest.mark.cuda
+def test_mismatched_devices_raise():
+    with pytest.raises(ValueError, match="same device"):
+        grad_ext.grid_sample(torch.randn(1, 2, 3, 3, device="cuda"), torch.rand(1, 2, 2, 2))
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+class TestCUDA:
+    @pytest.mark.parametrize("d", [1, 2, 3, 4])
+    @pytest.mark.parametrize("mode,padding,align", list(itertools.product(MODES, PADDINGS, [False, True])))
+    def test_cuda_matches_cpu_and_f_grid_sample(self, d, mode, padding, align):
+        gen = torch.Generator().manual_seed(d * 100 + len(padding))
+        for shared in (False, True):
+            inp, grid = _random_case(gen, d, shared=shared)
+            gout = torch.randn(grid.shape[0], inp.shape[1], *grid.shape[1:-1], dtype=inp.dtype, generator=gen)
+            fn = lambda a, b: grad_ext.grid_sample(a, b, mode, padding, align)  # noqa: E731
+            cpu, (ci, cg) = _grads(fn, (inp, grid), gout)
+            ic, gc = inp.detach().cuda().requires_grad_(), grid.detach().cuda().requires_grad_()
+            cuda, (ui, ug) = _grads(fn, (ic, gc), gout.cuda())
+            torch.testing.assert_close(cuda.cpu(), cpu)
+            torch.testing.assert_close(ui.cpu(), ci)
+            torch.testing.assert_close(ug.cpu(), cg)
+            if d in (2, 3):
+                ref, (ri, rg) = _grads(lambda a, b: reference.grid_sample(a, b, mode, padding, align), (ic, gc), gout.cuda())
+                torch.testing.assert_close(cuda, ref)
+                torch.testing.assert_close(ui, ri)
+                torch.testing.assert_close(ug, rg)
+
+    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+    def test_reduced_precision_against_float64(self, dtype, tol):
+        gen = torch.Generator().manual_seed(2)
+        inp = torch.randn(1, 32, 8, 8, generator=gen, dtype=torch.float64)
+        grid = torch.rand(4, 7, 7, 2, generator=gen, dtype=torch.float64) * 2 - 1
+        ref = F.grid_sample(inp.repeat(4, 1, 1, 1), grid, align_corners=False)
+        out = grad_ext.grid_sample(inp.to("cuda", dtype), grid.to("cuda", dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
+        i = inp.to("cuda", dtype).requires_grad_()
+        g = grid.to("cuda", dtype).requires_grad_()
+        gi, gg = torch.autograd.grad(grad_ext.grid_sample(i, g).float().square().sum(), (i, g))
+        i64, g64 = inp.clone().requires_grad_(), grid.clone().requires_grad_()
+        ri, rg = torch.autograd.grad(F.grid_sample(i64.repeat(4, 1, 1, 1), g64, align_corners=False).square().sum(), (i64, g64))
+        torch.testing.assert_close(gi.double().cpu(), ri, rtol=10 * tol, atol=10 * tol)
+        torch.testing.assert_close(gg.double().cpu(), rg, rtol=10 * tol, atol=10 * tol)
+
+    @pytest.mark.parametrize("shape", ["global", "local", "dropin"])
+    def test_grad_shapes_and_determinism(self, shape):
+        gen = torch.Generator().manual_seed(6)
+        if shape == "global":
+            inp, grid = torch.randn(1, 216 * 28 * 28, 4, 4, generator=gen), torch.rand(1, 16, 1, 2, generator=gen) * 2 - 1
+        elif shape == "local":
+            inp, grid = torch.randn(1, 216, 8, 8, generator=gen), torch.rand(16, 28, 28, 2, generator=gen) * 2 - 1
+        else:
+            inp, grid = torch.randn(4, 64, 64, 64, generator=gen), torch.rand(4, 64, 64, 2, generator=gen) * 2 - 1
+        i, g = inp.cuda().requires_grad_(), grid.cuda().requires_grad_()
+        gout = torch.randn(grid.shape[0], inp.shape[1], *grid.shape[1:-1], generator=gen).cuda()
+        out = grad_ext.grid_sample(i, g)
+        gi, gg = torch.autograd.grad(out, (i, g), gout)
+        ref = reference.grid_sample(i, g)
+        ri, rg = torch.autograd.grad(ref, (i, g), gout)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(gi, ri, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gg, rg, rtol=1e-3, atol=1e-3)
+        torch.use_deterministic_algorithms(True)
+        try:
+            runs = [torch.autograd.grad(grad_ext.grid_sample(i, g), (i, g), gout) for _ in range(3)]
+        finally:
+            torch.use_deterministic_algorithms(False)
+        for a, b in runs[1:]:
+            assert torch.equal(a, runs[0][0]) and torch.equal(b, runs[0][1])
+        torch.testing.assert_close(runs[0][0], ri, rtol=1e-4, atol=1e-4)
+
+    def test_special_coordinates_match_f_grid_sample_on_cuda(self):
+        vals = torch.tensor([-1.0, 1.0, 0.0, 0.75, 1.25, -9.5, 1e3, float("inf"), float("-inf"), float("nan")])
+        grid = torch.cartesian_prod(vals, vals).reshape(1, -1, 1, 2).cuda()
+        inp = torch.randn(1, 3, 4, 4).cuda()
+        for mode, padding, align in itertools.product(MODES, PADDINGS, [False, True]):
+            torch.testing.assert_close(grad_ext.grid_sample(inp, grid, mode, padding, align),
+                                       F.grid_sample(inp, grid, mode, padding, align), equal_nan=True)
+
+    def test_compile_on_cuda(self):
+        table = torch.randn(1, 8, 4, 4, device="cuda", requires_grad=True)
+        fn = torch.compile(lambda t, g: grad_ext.grid_sample(t, g).sum(), fullgraph=True)
+        g = torch.rand(3, 5, 5, 2, device="cuda") * 2 - 1
+        out = fn(table, g)
+        out.backward()
+        torch.testing.assert_close(out, F.grid_sample(table.detach().repeat(3, 1, 1, 1), g, align_corners=False).sum())
