@@ -51,6 +51,14 @@ GE_HD void accumulate(PixelSums<T>& s, T r, T f) {
 }
 
 template <typename T>
+GE_HD void add(PixelSums<T>& s, const PixelSums<T>& other) {
+  s.sq_diff += other.sq_diff;
+  s.sq_rec += other.sq_rec;
+  s.sq_feat += other.sq_feat;
+  s.rec_feat += other.rec_feat;
+}
+
+template <typename T>
 struct Cosine {
   T value;
   T norm_rec, norm_feat;        // ||rec||, ||feat||

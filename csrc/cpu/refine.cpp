@@ -110,6 +110,42 @@ void forward_kernel(const scalar_t* rec, const scalar_t* feat, const RefineGeome
   *loss_out = static_cast<scalar_t>(total / static_cast<double>(g.numel()));
 }
 
+// A tile's gradient coefficients as arrays (one entry per pixel), so the channel loops vectorise.
+template <typename acc_t>
+struct TileGrad {
+  acc_t alpha[kPixelTile], beta_rec[kPixelTile], beta_feat[kPixelTile], gamma[kPixelTile], a[kPixelTile],
+      sim[kPixelTile];
+  void set(int64_t i, const PixelGrad<acc_t>& g) {
+    alpha[i] = g.alpha;
+    beta_rec[i] = g.beta_rec;
+    beta_feat[i] = g.beta_feat;
+    gamma[i] = g.gamma;
+    a[i] = g.a;
+    sim[i] = g.sim;
+  }
+  PixelGrad<acc_t> get(int64_t i) const { return {alpha[i], beta_rec[i], beta_feat[i], gamma[i], a[i], sim[i]}; }
+};
+
+// One channel row segment of grad_rec and/or grad_feat (either may be null).
+template <bool kWithRefinedGrad, typename scalar_t, typename acc_t>
+void write_grad_row(const TileGrad<acc_t>& tg, const scalar_t* r, const scalar_t* f, const scalar_t* gr,
+                    scalar_t* grad_rec, scalar_t* grad_feat, int64_t n) {
+  if (grad_rec != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t gref = kWithRefinedGrad ? static_cast<acc_t>(gr[i]) : acc_t(0);
+      grad_rec[i] =
+          static_cast<scalar_t>(grad_rec_value(tg.get(i), static_cast<acc_t>(r[i]), static_cast<acc_t>(f[i]), gref));
+    }
+  }
+  if (grad_feat != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t gref = kWithRefinedGrad ? static_cast<acc_t>(gr[i]) : acc_t(0);
+      grad_feat[i] =
+          static_cast<scalar_t>(grad_feat_value(tg.get(i), static_cast<acc_t>(r[i]), static_cast<acc_t>(f[i]), gref));
+    }
+  }
+}
+
 template <typename scalar_t>
 void backward_kernel(const RefineUpstream& up, const scalar_t* rec, const scalar_t* feat,
                      const at::opmath_type<scalar_t>* stats, const RefineGeometry& g, double mse_weight_,
@@ -126,7 +162,7 @@ void backward_kernel(const RefineUpstream& up, const scalar_t* rec, const scalar
 
   at::parallel_for(0, tiling.count, 1, [&](int64_t begin, int64_t end) {
     acc_t dot[kPixelTile];
-    PixelGrad<acc_t> coef[kPixelTile];
+    TileGrad<acc_t> tg;
     for (int64_t task = begin; task < end; ++task) {
       const Tile t = tile_at(task, tiling, g);
       const int64_t n = t.n;
@@ -147,30 +183,18 @@ void backward_kernel(const RefineUpstream& up, const scalar_t* rec, const scalar
         const int64_t p = p0 + i;
         const PixelSums<acc_t> s{stats[kSumSqDiff * g.P + p], stats[kSumSqRec * g.P + p],
                                  stats[kSumSqFeat * g.P + p], stats[kSumRecFeat * g.P + p]};
-        coef[i] = refine_pixel_grad(s, stats[kIndicator * g.P + p], mse_weight, cos_weight,
+        tg.set(i, refine_pixel_grad(s, stats[kIndicator * g.P + p], mse_weight, cos_weight,
                                     g_sim ? static_cast<acc_t>(g_sim[p]) : acc_t(0),
-                                    g_map ? static_cast<acc_t>(g_map[p]) : acc_t(0), g_loss, dot[i]);
+                                    g_map ? static_cast<acc_t>(g_map[p]) : acc_t(0), g_loss, dot[i]));
       }
       for (int64_t c = 0; c < g.C; ++c) {
         const int64_t off = base + c * g.HW;
-        const scalar_t* r = rec + off;
-        const scalar_t* f = feat + off;
-        const scalar_t* gr = g_ref ? g_ref + off : nullptr;
-        if (grad_rec != nullptr) {
-          scalar_t* o = grad_rec + off;
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t gref = gr ? static_cast<acc_t>(gr[i]) : acc_t(0);
-            o[i] = static_cast<scalar_t>(
-                grad_rec_value(coef[i], static_cast<acc_t>(r[i]), static_cast<acc_t>(f[i]), gref));
-          }
-        }
-        if (grad_feat != nullptr) {
-          scalar_t* o = grad_feat + off;
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t gref = gr ? static_cast<acc_t>(gr[i]) : acc_t(0);
-            o[i] = static_cast<scalar_t>(
-                grad_feat_value(coef[i], static_cast<acc_t>(r[i]), static_cast<acc_t>(f[i]), gref));
-          }
+        scalar_t* o_rec = grad_rec ? grad_rec + off : nullptr;
+        scalar_t* o_feat = grad_feat ? grad_feat + off : nullptr;
+        if (g_ref != nullptr) {
+          write_grad_row<true>(tg, rec + off, feat + off, g_ref + off, o_rec, o_feat, n);
+        } else {
+          write_grad_row<false>(tg, rec + off, feat + off, g_ref, o_rec, o_feat, n);
         }
       }
     }
