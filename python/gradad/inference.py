@@ -1,0 +1,321 @@
+"""Using a trained GRAD checkpoint: load it, evaluate it on a test split, score new images.
+
+- :func:`load_model`: checkpoint → GRAD + frozen backbone, refusing a checkpoint that does not
+  fit the config (other backbone, weights, channels, input size or model settings).
+- :func:`run_test`: anomaly maps of a dataset's test split, spec §5 metrics per class and
+  their mean, and the report files (metrics.json/csv, per-image scores.csv, ROC plot, heatmaps).
+- :func:`predict`: scores, decisions at the checkpoint's validation threshold and a heatmap
+  for image files or folders; results.json and results.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import FeatureExtractor, build_backbone
+from .config import Config, config_from_dict, config_to_dict
+from .data import AnomalyDataset, ImageRecord, list_dataset, load_mask, load_rgb
+from .datasets.image_io import image_size_of
+from .datasets.records import IMAGE_EXTENSIONS, list_image_files
+from .evaluation import EvalRecord, evaluate, postprocess
+from .io_utils import atomic_write_text
+from .model import GRAD
+from .report import format_table, save_heatmap_overlays, save_roc_curves, write_metrics
+from .training import (
+    config_differences,
+    extract_features,
+    feature_cache,
+    library_versions,
+    model_feature_size,
+    read_checkpoint,
+    resolve_device,
+    score_features,
+)
+
+SCORES_CSV = "scores.csv"
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+HEATMAP_DIR = "heatmaps"
+PREDICT_CLASS = "predict"
+# Config keys a test/predict run may change without making the checkpoint's model unfit.
+MODEL_KEYS = ("model.",)
+
+
+@dataclass
+class LoadedModel:
+    """A trained GRAD ready for inference: model (eval mode) and backbone on ``device``, the
+    run's config and the raw checkpoint dict (validation scores, versions, ...)."""
+
+    model: GRAD
+    backbone: FeatureExtractor
+    config: Config
+    checkpoint: Dict[str, object]
+    device: torch.device
+
+    @property
+    def path(self) -> str:
+        """The checkpoint file this model came from."""
+        return self.checkpoint["path"]
+
+
+def checkpoint_config(path: str | os.PathLike) -> Config:
+    """The Config stored in a checkpoint file (or run folder holding checkpoint.pt)."""
+    return config_from_dict(read_checkpoint(path)["config"])
+
+
+def load_model(path: str | os.PathLike, cfg: Optional[Config] = None, device: str = "auto") -> LoadedModel:
+    """Load a checkpoint for inference.
+
+    cfg: the config of this run (None: the checkpoint's own). Its model section and image size
+    must equal the checkpoint's, and its backbone must load the same weights (weights_id);
+    anything else raises ValueError listing the differences. device: 'auto', 'cpu', 'cuda[:N]'.
+    """
+    stored = read_checkpoint(path)
+    where = stored["path"]
+    cfg = config_from_dict(stored["config"]) if cfg is None else cfg
+    differences = config_differences(stored["config"], config_to_dict(cfg), prefixes=MODEL_KEYS)
+    if cfg.image_size != stored["image_size"]:
+        differences.append(f"image size: checkpoint {stored['image_size']}, now {cfg.image_size}")
+    if differences:
+        raise ValueError(f"checkpoint {where} does not fit this config: {'; '.join(differences)}")
+    torch_device = resolve_device(device)
+    backbone = build_backbone(cfg.model.backbone, cfg.model.backbone_weights).to(torch_device)
+    if backbone.weights_id != stored["backbone"]["weights_id"]:
+        raise ValueError(f"checkpoint {where} was trained on backbone weights "
+                         f"{stored['backbone']['weights_id']!r}, but {backbone.weights_id!r} were loaded "
+                         f"(model.backbone_weights={cfg.model.backbone_weights!r})")
+    if backbone.out_channels != stored["in_channels"]:
+        raise ValueError(f"checkpoint {where} expects {stored['in_channels']} feature channels, the "
+                         f"backbone {backbone.name!r} gives {backbone.out_channels}")
+    model = GRAD(cfg.model, backbone.out_channels, model_feature_size(cfg, backbone))
+    try:
+        model.load_state_dict(stored["model"])
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {where}: its weights do not fit the model of its config: {error}") from error
+    if not stored.get("complete"):
+        raise ValueError(f"checkpoint {where} is from an unfinished training ({stored['epoch']} of "
+                         f"{cfg.train.epochs} epochs); finish it with `gradad train --resume`")
+    model.to(torch_device).eval()
+    return LoadedModel(model, backbone, cfg, stored, torch_device)
+
+
+def compute_maps(loaded: LoadedModel, dataset: AnomalyDataset, progress: bool = True,
+                 use_cache: bool = True) -> torch.Tensor:
+    """Anomaly maps of every image of ``dataset`` at the model's input size, (N, S, S) on the CPU.
+    Features go through the config's feature cache when ``use_cache``."""
+    cfg = loaded.config
+    cache = feature_cache(cfg, loaded.backbone) if use_cache else None
+    features = extract_features(loaded.backbone, dataset, loaded.device, cfg.train.batch_size, cache,
+                                progress, cfg.train.num_workers)
+    return score_features(loaded.model, features, cfg.image_size, loaded.device, cfg.train.batch_size,
+                          progress, desc="anomaly maps")
+
+
+# ---------------------------------------------------------------------------------------------
+# Test
+
+
+@dataclass(frozen=True)
+class TestOutput:
+    """results: {class: {metric: float or None}, 'mean': ...} as gradad.evaluation.evaluate.
+    table: the printed metrics table. files: paths written."""
+
+    results: Dict[str, Dict[str, Optional[float]]]
+    table: str
+    files: List[str]
+
+
+def _file_stem(*parts: str) -> str:
+    """A file-name-safe stem from parts (letters, digits, '-', '_' and '.')."""
+    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-.") or "x" for p in parts)
+
+
+def _unique(names: Sequence[str]) -> List[str]:
+    seen: Dict[str, int] = {}
+    unique = []
+    for name in names:
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        unique.append(name if count == 0 else f"{name}_{count}")
+    return unique
+
+
+def heatmap_selection(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices of ``count`` images spread evenly over the score ranking (lowest to highest), so
+    that clear normals, borderline cases and clear anomalies are all shown."""
+    if count <= 0 or len(scores) == 0:
+        return np.zeros(0, dtype=int)
+    order = np.argsort(scores, kind="stable")
+    picks = np.unique(np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int))
+    return order[picks]
+
+
+def run_test(loaded: LoadedModel, out_dir: str | os.PathLike, progress: bool = True,
+             cfg: Optional[Config] = None) -> TestOutput:
+    """Evaluate on the test split of ``cfg.data`` (default: the loaded model's config).
+
+    Writes into out_dir: metrics.json / metrics.csv (gradad.report), scores.csv (path, class,
+    defect type, label, image score), roc_curves.png, and cfg.eval.heatmaps overlays in
+    heatmaps/ (spread over each class's score ranking). Returns a :class:`TestOutput`.
+    """
+    cfg = loaded.config if cfg is None else cfg
+    started = time.perf_counter()
+    records = list_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.classes)
+    dataset = AnomalyDataset(records, cfg.image_size, loaded.backbone.mean, loaded.backbone.std,
+                             on_error=cfg.data.on_error, progress=progress)
+    maps = compute_maps(loaded, dataset, progress)
+    records = dataset.records
+    sizes = [image_size_of(r.path) for r in records]
+    eval_records = [EvalRecord(r.class_name, r.label, maps[i], load_mask(r), sizes[i])
+                    for i, r in enumerate(records)]
+    results = evaluate(eval_records, cfg.eval.protocol)
+
+    out_dir = os.fspath(out_dir)
+    by_class: Dict[str, List[int]] = {}
+    for i, record in enumerate(records):
+        by_class.setdefault(record.class_name, []).append(i)
+    scores = np.zeros(len(records))
+    smoothed: Dict[int, np.ndarray] = {}
+    heatmaps_per_class = -(-cfg.eval.heatmaps // len(by_class)) if cfg.eval.heatmaps else 0
+    shown: List[int] = []
+    for indices in by_class.values():
+        class_maps, class_scores = postprocess(maps[indices], cfg.eval.protocol, [sizes[i] for i in indices])
+        scores[indices] = class_scores
+        for pick in heatmap_selection(class_scores, heatmaps_per_class):
+            smoothed[indices[pick]] = class_maps[pick]
+            shown.append(indices[pick])
+    shown = shown[:cfg.eval.heatmaps]
+
+    extra = {"checkpoint": loaded.path, "protocol": cfg.eval.protocol, "dataset": cfg.data.dataset,
+             "root": cfg.data.root, "classes": sorted(by_class), "images": len(records),
+             "skipped_images": dataset.skipped_paths, "seconds": round(time.perf_counter() - started, 2),
+             "versions": library_versions()}
+    files = [str(p) for p in write_metrics(out_dir, results, extra)]
+    files.append(_write_scores_csv(os.path.join(out_dir, SCORES_CSV), records, scores))
+    labels = np.array([r.label for r in records])
+    roc_classes = {name: (labels[idx], scores[idx]) for name, idx in by_class.items()
+                   if 0 < labels[idx].sum() < len(idx)}
+    if roc_classes:
+        files.append(str(save_roc_curves(out_dir, roc_classes)))
+    if shown:
+        images, heat, names = [], [], []
+        for i in shown:
+            amap = smoothed[i]
+            images.append(load_rgb(records[i], None if amap.shape == sizes[i] else amap.shape))
+            heat.append(amap)
+            names.append(_file_stem(records[i].class_name, records[i].defect_type,
+                                    os.path.splitext(os.path.basename(records[i].path))[0]))
+        paths = save_heatmap_overlays(os.path.join(out_dir, HEATMAP_DIR), images, heat, _unique(names),
+                                      scores=[scores[i] for i in shown])
+        files += [str(p) for p in paths]
+    return TestOutput(results, format_table(results), files)
+
+
+def _write_scores_csv(path: str, records: Sequence[ImageRecord], scores: np.ndarray) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "class", "defect_type", "label", "score"])
+    for record, score in zip(records, scores):
+        writer.writerow([record.path, record.class_name, record.defect_type, record.label, repr(float(score))])
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict
+
+
+def collect_images(paths: Sequence[str | os.PathLike]) -> List[str]:
+    """Image files named by ``paths``: files as given, folders by their image files (not
+    recursive, suffixes IMAGE_EXTENSIONS). A missing path or an empty folder raises."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise ValueError("no image files or folders given to predict on")
+    files: List[str] = []
+    for path in map(os.fspath, paths):
+        if os.path.isdir(path):
+            found = list_image_files(path)
+            if not found:
+                raise ValueError(f"folder {path} holds no image files (suffixes {', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image file or folder not found: {path}")
+    return files
+
+
+def decision_threshold(checkpoint: Dict[str, object], threshold: Optional[float] = None,
+                       quantile: Optional[float] = None) -> tuple[float, str]:
+    """The score above which an image is called anomalous, and where it came from: an explicit
+    ``threshold``; else ``quantile`` of the checkpoint's validation scores; else the threshold
+    stored at training time."""
+    if threshold is not None:
+        if quantile is not None:
+            raise ValueError("give either threshold or quantile, not both")
+        return float(threshold), "given"
+    validation = checkpoint.get("validation")
+    if validation is None:
+        raise ValueError(f"checkpoint {checkpoint['path']} has no validation scores (it was trained "
+                         f"with val_fraction=0); pass a threshold explicitly")
+    if quantile is not None:
+        if not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
+        return float(np.quantile(validation["scores"], quantile)), f"validation quantile {quantile}"
+    return float(validation["threshold"]), f"validation quantile {validation['quantile']}"
+
+
+def predict(loaded: LoadedModel, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+            threshold: Optional[float] = None, quantile: Optional[float] = None,
+            on_error: Optional[str] = None, progress: bool = True) -> List[Dict[str, object]]:
+    """Score image files / folders with a trained model.
+
+    Decision: score > threshold (see :func:`decision_threshold`), with the image score of the
+    protocol the threshold was chosen under. Writes heatmaps/<stem>.png per image,
+    results.json and results.csv into out_dir. on_error: 'raise' or 'skip' for unreadable
+    images (default: the config's data.on_error). Returns one dict per scored image: path,
+    score, anomalous, heatmap.
+    """
+    cfg = loaded.config
+    threshold_value, source = decision_threshold(loaded.checkpoint, threshold, quantile)
+    validation = loaded.checkpoint.get("validation")
+    protocol = validation["protocol"] if validation is not None else cfg.eval.protocol
+    if threshold is None and protocol != cfg.eval.protocol:
+        raise ValueError(f"the checkpoint's threshold was chosen under eval.protocol={protocol!r}, "
+                         f"this run asks for {cfg.eval.protocol!r}; pass a threshold explicitly")
+    records = [ImageRecord(p, 0, None, PREDICT_CLASS, "unknown", "test") for p in collect_images(paths)]
+    dataset = AnomalyDataset(records, cfg.image_size, loaded.backbone.mean, loaded.backbone.std,
+                             on_error=on_error or cfg.data.on_error, progress=progress)
+    records = dataset.records
+    maps = compute_maps(loaded, dataset, progress, use_cache=False)
+    sizes = [image_size_of(r.path) for r in records]
+    smoothed, scores = postprocess(maps, protocol, sizes)
+    out_dir = os.fspath(out_dir)
+    names = _unique([_file_stem(os.path.splitext(os.path.basename(r.path))[0]) for r in records])
+    images = [load_rgb(r, None if protocol == "strict" else cfg.image_size) for r in records]
+    heatmaps = save_heatmap_overlays(os.path.join(out_dir, HEATMAP_DIR), images, list(smoothed), names,
+                                     scores=list(scores))
+    results = [{"path": r.path, "score": float(s), "anomalous": bool(s > threshold_value),
+                "heatmap": str(h)} for r, s, h in zip(records, scores, heatmaps)]
+    summary = {"checkpoint": loaded.path, "threshold": threshold_value, "threshold_source": source,
+               "protocol": protocol, "skipped_images": dataset.skipped_paths, "images": results}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "score", "threshold", "anomalous", "heatmap"])
+    for row in results:
+        writer.writerow([row["path"], repr(row["score"]), repr(threshold_value), int(row["anomalous"]),
+                         row["heatmap"]])
+    atomic_write_text(os.path.join(out_dir, RESULTS_JSON), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(os.path.join(out_dir, RESULTS_CSV), buffer.getvalue())
+    return results
