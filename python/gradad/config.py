@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import yaml
+
+from .io_utils import atomic_write_text
 
 FUSIONS = ("crad", "crad-s", "paper")
 # Blocks of the fusion network when ModelConfig.num_blocks is None: 11 MobileNetV3
@@ -310,17 +311,7 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
+    atomic_write_text(path, text)
 
 
 # ---- command-line overrides ---------------------------------------------------------------
