@@ -214,6 +214,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.formatwarning = _one_line_warning
+    hidden_bars = {"TQDM_DISABLE": "1"} if args.no_progress else {}
+    previous = {key: os.environ.get(key) for key in hidden_bars}
+    os.environ.update(hidden_bars)  # also the bars of the evaluation and report modules
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as error:
@@ -225,5 +228,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"gradad {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
