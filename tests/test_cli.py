@@ -5,6 +5,7 @@ Random backbone weights (asked for explicitly) and a 32-pixel input keep every r
 """
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -280,3 +281,39 @@ def test_interrupted_report_leaves_no_partial_file(trained, tmp_path, monkeypatc
     assert run_cli("test", "--checkpoint", trained, "--out", report, "--no-progress") == 130
     assert sorted(os.listdir(report)) == ["metrics.json"]
     json.loads((report / "metrics.json").read_text())  # complete
+
+
+def test_per_class_run_is_tested_class_by_class(mvtec, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("train", "--dataset", "mvtec", "--root", mvtec, "--out", run, "--set", "data.unified=false",
+                   *TINY_TRAIN) == 0
+    assert (run / "a" / "checkpoint.pt").is_file() and (run / "b" / "checkpoint.pt").is_file()
+    report = tmp_path / "report"
+    assert run_cli("test", "--checkpoint", run, "--out", report, "--no-progress") == 0
+    rows = _check_test_report(report, ("a", "b"))
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["checkpoints"] == [str(run / "a" / "checkpoint.pt"), str(run / "b" / "checkpoint.pt")]
+    image = rows[0]["path"]
+    assert "one class" in _error(capsys, "predict", image, "--checkpoint", run, "--no-progress")
+    assert run_cli("predict", image, "--checkpoint", run / "a" / "checkpoint.pt", "--out", tmp_path / "p",
+                   "--no-progress") == 0
+
+
+def test_evaluate_class_matches_gradad_evaluation():
+    from gradad.evaluation import EvalRecord, evaluate
+    from gradad.inference import evaluate_class
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(6):
+        mask = np.zeros((40, 40), dtype=bool)
+        if i % 2:
+            mask[5:15, 8:20] = True
+        records.append(EvalRecord("c", i % 2, torch.from_numpy(rng.random((32, 32), dtype=np.float32)), mask, (40, 40)))
+    for protocol in ("strict", "paper"):
+        if protocol == "paper":
+            records = [dataclasses.replace(r, anomaly_map=torch.nn.functional.interpolate(
+                r.anomaly_map[None, None], size=(64, 64))[0, 0]) for r in records]
+        metrics, _, scores = evaluate_class("c", records, protocol)
+        assert metrics == evaluate(records, protocol)["c"]
+        assert roc_auc_score([r.label for r in records], scores) == pytest.approx(metrics["image_auroc"])

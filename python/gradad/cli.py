@@ -128,12 +128,15 @@ def _split(args: argparse.Namespace):
 
 
 def _command_train(args: argparse.Namespace) -> int:
-    from .training import train
+    from .training import finish_distributed, train
 
     cfg = build_config(args)
     out_dir = args.out or cfg.output_dir
     cfg = apply_overrides(cfg, [f"output_dir={out_dir}"])
-    result = train(cfg, out_dir, resume=args.resume, options=_split(args), progress=not args.no_progress)
+    try:
+        result = train(cfg, out_dir, resume=args.resume, options=_split(args), progress=not args.no_progress)
+    finally:
+        finish_distributed()
     if _is_main_process():
         dump_config(cfg, os.path.join(out_dir, "config.yaml"))
         for path, losses in zip(result.checkpoints, result.epoch_losses):
@@ -142,25 +145,34 @@ def _command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_test(args: argparse.Namespace) -> int:
-    from .inference import checkpoint_config, load_model, run_test
+def _run_and_out_dir(args: argparse.Namespace, default_subfolder: str):
+    """The loaded run of --checkpoint under the config of the flags, and the output folder."""
+    from .inference import load_run, run_config
 
-    cfg = build_config(args, base=checkpoint_config(args.checkpoint))
-    loaded = load_model(args.checkpoint, cfg, cfg.train.device)
-    out_dir = args.out or os.path.join(os.path.dirname(loaded.path), "test")
-    output = run_test(loaded, out_dir, progress=not args.no_progress)
+    cfg = build_config(args, base=run_config(args.checkpoint))
+    models = load_run(args.checkpoint, cfg, cfg.train.device)
+    run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
+    return models, args.out or os.path.join(run_dir, default_subfolder)
+
+
+def _command_test(args: argparse.Namespace) -> int:
+    from .inference import run_test
+
+    models, out_dir = _run_and_out_dir(args, "test")
+    output = run_test(models, out_dir, progress=not args.no_progress)
     print(output.table)
     print(f"report: {out_dir}")
     return 0
 
 
 def _command_predict(args: argparse.Namespace) -> int:
-    from .inference import checkpoint_config, load_model, predict
+    from .inference import predict
 
-    cfg = build_config(args, base=checkpoint_config(args.checkpoint))
-    loaded = load_model(args.checkpoint, cfg, cfg.train.device)
-    out_dir = args.out or os.path.join(os.path.dirname(loaded.path), "predict")
-    results = predict(loaded, args.images, out_dir, threshold=args.threshold, quantile=args.quantile,
+    models, out_dir = _run_and_out_dir(args, "predict")
+    if None not in models:
+        raise ValueError(f"{args.checkpoint} is a per-class run ({', '.join(models)}): pass the checkpoint "
+                         f"of one class, e.g. {os.path.join(args.checkpoint, next(iter(models)), 'checkpoint.pt')}")
+    results = predict(models[None], args.images, out_dir, threshold=args.threshold, quantile=args.quantile,
                       on_error=args.on_error, progress=not args.no_progress)
     for row in results:
         verdict = "ANOMALOUS" if row["anomalous"] else "normal"
@@ -171,7 +183,6 @@ def _command_predict(args: argparse.Namespace) -> int:
 
 def demo_config(args: argparse.Namespace) -> Config:
     """The demo's config: the 'lite-demo' preset on ELPV, then the user's flags."""
-    args.preset = None
     base = apply_overrides(preset_config(DEMO_PRESET), [f"data.dataset={DEMO_DATASET}", "data.root=none"])
     return build_config(args, base=base)
 

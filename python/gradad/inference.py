@@ -11,27 +11,31 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .backbones import FeatureExtractor, build_backbone
 from .config import Config, config_from_dict, config_to_dict
 from .data import AnomalyDataset, ImageRecord, list_dataset, load_mask, load_rgb
 from .datasets.image_io import image_size_of
 from .datasets.records import IMAGE_EXTENSIONS, list_image_files
-from .evaluation import EvalRecord, evaluate, postprocess
+from .evaluation import MEAN_KEY, EvalRecord, _class_masks, _mean_over_classes, postprocess, prepare_masks
+from .metrics import compute_metrics
 from .io_utils import atomic_write_text
 from .model import GRAD
 from .report import format_table, save_heatmap_overlays, save_roc_curves, write_metrics
 from .training import (
+    CHECKPOINT_NAME,
     config_differences,
     extract_features,
     feature_cache,
@@ -160,45 +164,105 @@ def heatmap_selection(scores: np.ndarray, count: int) -> np.ndarray:
     return order[picks]
 
 
-def run_test(loaded: LoadedModel, out_dir: str | os.PathLike, progress: bool = True,
-             cfg: Optional[Config] = None) -> TestOutput:
-    """Evaluate on the test split of ``cfg.data`` (default: the loaded model's config).
+def find_checkpoints(path: str | os.PathLike) -> Dict[Optional[str], str]:
+    """Checkpoint files of a run: {None: file} for a checkpoint file or a folder holding
+    checkpoint.pt; {class: file} for a per-class run folder (``<class>/checkpoint.pt``)."""
+    path = os.fspath(path)
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, CHECKPOINT_NAME)):
+        return {None: path}
+    if os.path.isdir(path):
+        per_class = {name: os.path.join(path, name, CHECKPOINT_NAME) for name in sorted(os.listdir(path))
+                     if os.path.isfile(os.path.join(path, name, CHECKPOINT_NAME))}
+        if per_class:
+            return per_class
+        raise FileNotFoundError(f"run folder {path} holds neither {CHECKPOINT_NAME} nor "
+                                f"<class>/{CHECKPOINT_NAME} files")
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
 
+
+def run_config(path: str | os.PathLike) -> Config:
+    """The config of a run (see :func:`find_checkpoints`); for a per-class run, the first
+    class's config with data.classes listing every class of the run."""
+    checkpoints = find_checkpoints(path)
+    cfg = checkpoint_config(next(iter(checkpoints.values())))
+    if None in checkpoints:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=list(checkpoints)))
+
+
+def load_run(path: str | os.PathLike, cfg: Optional[Config] = None,
+             device: str = "auto") -> Dict[Optional[str], LoadedModel]:
+    """:func:`load_model` for every checkpoint of a run, keyed as :func:`find_checkpoints`."""
+    return {name: load_model(file, cfg, device) for name, file in find_checkpoints(path).items()}
+
+
+def evaluate_class(name: str, records: Sequence[EvalRecord], protocol: str):
+    """The metrics of one class as gradad.evaluation.evaluate computes them, together with the
+    post-processed maps and the image scores it does not return (post-processing is the costly
+    step, so it is done once for metrics, scores.csv, ROC curves and heatmaps).
+    Returns (metrics dict, maps as postprocess returns them, (N,) scores)."""
+    maps = torch.stack([torch.as_tensor(r.anomaly_map) for r in records])
+    maps_out, scores = postprocess(maps, protocol, [r.image_size for r in records])
+    masks = _class_masks(name, list(records))
+    if masks is not None:
+        masks = prepare_masks(masks, protocol, size=tuple(maps.shape[1:]))
+    labels = np.array([r.label for r in records])
+    try:
+        metrics = compute_metrics(labels, scores, masks, None if masks is None else maps_out)
+    except ValueError as error:
+        raise ValueError(f"class {name!r}: {error}") from error
+    return metrics, maps_out, scores
+
+
+def _score_test_split(loaded: LoadedModel, cfg: Config, progress: bool):
+    records = list_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.classes)
+    dataset = AnomalyDataset(records, cfg.image_size, loaded.backbone.mean, loaded.backbone.std,
+                             on_error=cfg.data.on_error, progress=progress)
+    return dataset.records, compute_maps(loaded, dataset, progress), dataset.skipped_paths
+
+
+def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], out_dir: str | os.PathLike,
+             progress: bool = True, cfg: Optional[Config] = None) -> TestOutput:
+    """Evaluate on the test split of ``cfg.data`` (default: the first model's config).
+
+    models: one LoadedModel for all classes, or {class: LoadedModel} of a per-class run (each
+    class's test images are scored by its own model; {None: model} means one for all).
     Writes into out_dir: metrics.json / metrics.csv (gradad.report), scores.csv (path, class,
     defect type, label, image score), roc_curves.png, and cfg.eval.heatmaps overlays in
     heatmaps/ (spread over each class's score ranking). Returns a :class:`TestOutput`.
     """
-    cfg = loaded.config if cfg is None else cfg
+    models = {None: models} if isinstance(models, LoadedModel) else dict(models)
+    cfg = next(iter(models.values())).config if cfg is None else cfg
     started = time.perf_counter()
-    records = list_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.classes)
-    dataset = AnomalyDataset(records, cfg.image_size, loaded.backbone.mean, loaded.backbone.std,
-                             on_error=cfg.data.on_error, progress=progress)
-    maps = compute_maps(loaded, dataset, progress)
-    records = dataset.records
+    records, maps, skipped = [], [], []
+    for class_name, loaded in models.items():
+        class_cfg = cfg if class_name is None else dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, classes=[class_name]))
+        class_records, class_maps, class_skipped = _score_test_split(loaded, class_cfg, progress)
+        records += class_records
+        maps.append(class_maps)
+        skipped += class_skipped
+    maps = torch.cat(maps)
     sizes = [image_size_of(r.path) for r in records]
-    eval_records = [EvalRecord(r.class_name, r.label, maps[i], load_mask(r), sizes[i])
-                    for i, r in enumerate(records)]
-    results = evaluate(eval_records, cfg.eval.protocol)
-
-    out_dir = os.fspath(out_dir)
     by_class: Dict[str, List[int]] = {}
     for i, record in enumerate(records):
         by_class.setdefault(record.class_name, []).append(i)
-    scores = np.zeros(len(records))
-    smoothed: Dict[int, np.ndarray] = {}
     heatmaps_per_class = -(-cfg.eval.heatmaps // len(by_class)) if cfg.eval.heatmaps else 0
-    shown: List[int] = []
-    for indices in by_class.values():
-        class_maps, class_scores = postprocess(maps[indices], cfg.eval.protocol, [sizes[i] for i in indices])
-        scores[indices] = class_scores
-        for pick in heatmap_selection(class_scores, heatmaps_per_class):
+    results, scores, smoothed = {}, np.zeros(len(records)), {}
+    for name, indices in tqdm(by_class.items(), desc=f"evaluate ({cfg.eval.protocol})", unit="class",
+                              disable=not progress):
+        class_records = [EvalRecord(name, records[i].label, maps[i], load_mask(records[i]), sizes[i])
+                         for i in indices]
+        results[name], class_maps, scores[indices] = evaluate_class(name, class_records, cfg.eval.protocol)
+        for pick in heatmap_selection(scores[indices], heatmaps_per_class):
             smoothed[indices[pick]] = class_maps[pick]
-            shown.append(indices[pick])
-    shown = shown[:cfg.eval.heatmaps]
+    results[MEAN_KEY] = _mean_over_classes(results)
+    shown = sorted(smoothed)[:cfg.eval.heatmaps]
 
-    extra = {"checkpoint": loaded.path, "protocol": cfg.eval.protocol, "dataset": cfg.data.dataset,
-             "root": cfg.data.root, "classes": sorted(by_class), "images": len(records),
-             "skipped_images": dataset.skipped_paths, "seconds": round(time.perf_counter() - started, 2),
+    out_dir = os.fspath(out_dir)
+    extra = {"checkpoints": [m.path for m in models.values()], "protocol": cfg.eval.protocol,
+             "dataset": cfg.data.dataset, "root": cfg.data.root, "classes": sorted(by_class), "images": len(records),
+             "skipped_images": skipped, "seconds": round(time.perf_counter() - started, 2),
              "versions": library_versions()}
     files = [str(p) for p in write_metrics(out_dir, results, extra)]
     files.append(_write_scores_csv(os.path.join(out_dir, SCORES_CSV), records, scores))

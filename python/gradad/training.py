@@ -147,6 +147,12 @@ def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
+def finish_distributed() -> None:
+    """Leave the process group :func:`init_distributed` joined (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's (all devices) global generators."""
     random.seed(seed)
@@ -237,8 +243,12 @@ def feature_cache(cfg: Config, backbone: FeatureExtractor) -> Optional[FeatureCa
     None for 'none' (features are computed on every pass)."""
     if cfg.data.cache == "none":
         return None
-    key = f"{backbone.name}|{backbone.weights_id}"
-    return FeatureCache(key, cfg.data.cache_dir if cfg.data.cache == "disk" else None)
+    return FeatureCache(_cache_key(backbone), cfg.data.cache_dir if cfg.data.cache == "disk" else None)
+
+
+def _cache_key(backbone: FeatureExtractor) -> str:
+    # the extractor's name fixes architecture and stages; weights_id fixes the weights
+    return f"{backbone.name}|{backbone.weights_id}"
 
 
 def extract_features(backbone: FeatureExtractor, dataset: AnomalyDataset, device: torch.device,
@@ -249,7 +259,7 @@ def extract_features(backbone: FeatureExtractor, dataset: AnomalyDataset, device
     def run_backbone(images: torch.Tensor) -> torch.Tensor:
         return backbone(images.to(device))
 
-    cache = cache if cache is not None else FeatureCache(f"{backbone.name}|{backbone.weights_id}")
+    cache = cache if cache is not None else FeatureCache(_cache_key(backbone))
     return cache.features_for(dataset, run_backbone, batch_size=batch_size, device=device,
                               progress=progress, num_workers=num_workers)
 
@@ -601,7 +611,8 @@ def train(cfg: Config, out_dir: Optional[str | os.PathLike] = None, *, resume: b
 
 
 __all__ = [
-    "CHECKPOINT_NAME", "TrainingSplit", "THRESHOLD_QUANTILE", "TrainResult", "VALIDATION_FRACTION",
-    "config_differences", "extract_features", "feature_cache", "init_distributed", "read_checkpoint",
-    "resolve_device", "save_checkpoint", "score_features", "split_training_records", "train",
+    "CHECKPOINT_NAME", "THRESHOLD_QUANTILE", "TrainResult", "TrainingSplit", "VALIDATION_FRACTION",
+    "config_differences", "extract_features", "feature_cache", "finish_distributed", "init_distributed",
+    "read_checkpoint", "resolve_device", "save_checkpoint", "score_features", "split_training_records",
+    "train",
 ]
