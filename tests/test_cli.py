@@ -84,13 +84,13 @@ def test_train_test_predict_end_to_end(layout, tmp_path, capsys):
     assert len(rows) == 2 * (3 + 3)
     assert len(list((report / "heatmaps").glob("*.png"))) == 4
 
-    # predict on the test images of class a: same scores as the test run, decisions at the
-    # checkpoint's threshold (the 99th percentile of the held-out normals' scores)
-    images = sorted(r["path"] for r in rows if r["class"] == "a")
-    folder = Path(images[0]).parent
+    # predict on a folder and a file of class a's test images: same scores as the test run,
+    # decisions at the checkpoint's threshold (the 99th percentile of the held-out normals' scores)
+    normal = sorted(r["path"] for r in rows if r["class"] == "a" and r["label"] == "0")[0]
+    folder = Path(sorted(r["path"] for r in rows if r["class"] == "a" and r["label"] == "1")[0]).parent
+    images = sorted([normal] + [str(p) for p in folder.iterdir()])
     predicted = tmp_path / "predicted"
-    assert run_cli("predict", folder, *[p for p in images if Path(p).parent != folder], "--checkpoint", run,
-                   "--out", predicted, "--no-progress") == 0
+    assert run_cli("predict", folder, normal, "--checkpoint", run, "--out", predicted, "--no-progress") == 0
     results = json.loads((predicted / "results.json").read_text())
     validation = read_checkpoint(run)["validation"]
     assert results["threshold"] == pytest.approx(np.quantile(validation["scores"], 0.99))
@@ -102,6 +102,21 @@ def test_train_test_predict_end_to_end(layout, tmp_path, capsys):
         assert Path(row["heatmap"]).is_file()
     csv_rows = read_csv(predicted / "results.csv")
     assert [r["path"] for r in csv_rows] == [r["path"] for r in results["images"]]
+
+
+def test_predict_in_chunks_gives_the_same_scores(trained, mvtec, tmp_path, monkeypatch):
+    import gradad.inference
+
+    folder = mvtec / "b" / "test" / "broken"
+    assert run_cli("predict", folder, "--checkpoint", trained, "--out", tmp_path / "whole", "--no-progress") == 0
+    monkeypatch.setattr(gradad.inference, "PREDICT_CHUNK", 2)
+    assert run_cli("predict", folder, folder / "000.png", "--checkpoint", trained, "--out", tmp_path / "chunks",
+                   "--no-progress") == 0
+    whole, chunks = (json.loads((tmp_path / name / "results.json").read_text())["images"]
+                     for name in ("whole", "chunks"))
+    assert [r["path"] for r in chunks] == [r["path"] for r in whole]  # the repeated file is scored once
+    for a, b in zip(whole, chunks):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-6)
 
 
 def test_explicit_threshold_and_quantile(trained, mvtec, tmp_path):
@@ -278,7 +293,8 @@ def test_interrupted_report_leaves_no_partial_file(trained, tmp_path, monkeypatc
 
     monkeypatch.setattr(gradad.io_utils.os, "fsync", failing_fsync)
     report = tmp_path / "report"
-    assert run_cli("test", "--checkpoint", trained, "--out", report, "--no-progress") == 130
+    assert run_cli("test", "--checkpoint", trained, "--out", report, "--set", "eval.heatmaps=0",
+                   "--no-progress") == 130
     assert sorted(os.listdir(report)) == ["metrics.json"]
     json.loads((report / "metrics.json").read_text())  # complete
 
@@ -289,7 +305,7 @@ def test_per_class_run_is_tested_class_by_class(mvtec, tmp_path, capsys):
                    *TINY_TRAIN) == 0
     assert (run / "a" / "checkpoint.pt").is_file() and (run / "b" / "checkpoint.pt").is_file()
     report = tmp_path / "report"
-    assert run_cli("test", "--checkpoint", run, "--out", report, "--no-progress") == 0
+    assert run_cli("test", "--checkpoint", run, "--out", report, "--set", "eval.heatmaps=0", "--no-progress") == 0
     rows = _check_test_report(report, ("a", "b"))
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["checkpoints"] == [str(run / "a" / "checkpoint.pt"), str(run / "b" / "checkpoint.pt")]
@@ -317,3 +333,38 @@ def test_evaluate_class_matches_gradad_evaluation():
         metrics, _, scores = evaluate_class("c", records, protocol)
         assert metrics == evaluate(records, protocol)["c"]
         assert roc_auc_score([r.label for r in records], scores) == pytest.approx(metrics["image_auroc"])
+
+
+def _make_elpv_like(root: Path, n_normal=12, n_defective=4, size=40) -> Path:
+    """An ELPV-layout folder (labels.csv + images/), grayscale cells; defective ones have a dark bar."""
+    rng = np.random.default_rng(5)
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n_normal + n_defective):
+        cell = rng.integers(100, 160, size=(size, size), dtype=np.uint8)
+        defective = i >= n_normal
+        if defective:
+            cell[size // 3: size // 3 + 4, :] = 0
+        Image.fromarray(cell).save(root / "images" / f"cell{i:04d}.png")
+        lines.append(f"images/cell{i:04d}.png  {1.0 if defective else 0.0}  mono")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_demo_trains_evaluates_and_writes_the_report(tmp_path, capsys):
+    root = _make_elpv_like(tmp_path / "elpv")
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--root", root, "--out", out, *TINY, "--max-train-images", "8",
+                   "--val-fraction", "0.25") == 0
+    printed = capsys.readouterr().out
+    assert "image_auroc" in printed and "n/a" in printed  # ELPV has no masks: pixel metrics n/a
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] == "elpv" and set(metrics["results"]) == {"elpv", "mean"}
+    assert metrics["results"]["elpv"]["pixel_auroc"] is None
+    stored = read_checkpoint(out)
+    assert stored["config"]["model"]["backbone"] == "efficientnet_lite0"
+    assert len(stored["validation"]["paths"]) == 2  # 8 capped images, a quarter held out
+    # test split: the normals left out of training (a quarter, seeded) plus every defective cell
+    rows = read_csv(out / "scores.csv")
+    assert sum(int(r["label"]) for r in rows) == 4 and len(rows) == 4 + 3
+    assert (out / "roc_curves.png").is_file() and list((out / "heatmaps").glob("*.png"))

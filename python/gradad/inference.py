@@ -51,6 +51,8 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 HEATMAP_DIR = "heatmaps"
 PREDICT_CLASS = "predict"
+# predict scores images in chunks of this many, so memory does not grow with their number
+PREDICT_CHUNK = 32
 # Config keys a test/predict run may change without making the checkpoint's model unfit.
 MODEL_KEYS = ("model.",)
 
@@ -301,7 +303,8 @@ def _write_scores_csv(path: str, records: Sequence[ImageRecord], scores: np.ndar
 
 def collect_images(paths: Sequence[str | os.PathLike]) -> List[str]:
     """Image files named by ``paths``: files as given, folders by their image files (not
-    recursive, suffixes IMAGE_EXTENSIONS). A missing path or an empty folder raises."""
+    recursive, suffixes IMAGE_EXTENSIONS), each file once. A missing path or an empty folder
+    raises."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
@@ -317,7 +320,7 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> List[str]:
             files.append(path)
         else:
             raise FileNotFoundError(f"image file or folder not found: {path}")
-    return files
+    return list(dict.fromkeys(files))
 
 
 def decision_threshold(checkpoint: Dict[str, object], threshold: Optional[float] = None,
@@ -358,22 +361,31 @@ def predict(loaded: LoadedModel, paths: Sequence[str | os.PathLike], out_dir: st
     if threshold is None and protocol != cfg.eval.protocol:
         raise ValueError(f"the checkpoint's threshold was chosen under eval.protocol={protocol!r}, "
                          f"this run asks for {cfg.eval.protocol!r}; pass a threshold explicitly")
-    records = [ImageRecord(p, 0, None, PREDICT_CLASS, "unknown", "test") for p in collect_images(paths)]
-    dataset = AnomalyDataset(records, cfg.image_size, loaded.backbone.mean, loaded.backbone.std,
-                             on_error=on_error or cfg.data.on_error, progress=progress)
-    records = dataset.records
-    maps = compute_maps(loaded, dataset, progress, use_cache=False)
-    sizes = [image_size_of(r.path) for r in records]
-    smoothed, scores = postprocess(maps, protocol, sizes)
+    files = collect_images(paths)
     out_dir = os.fspath(out_dir)
-    names = _unique([_file_stem(os.path.splitext(os.path.basename(r.path))[0]) for r in records])
-    images = [load_rgb(r, None if protocol == "strict" else cfg.image_size) for r in records]
-    heatmaps = save_heatmap_overlays(os.path.join(out_dir, HEATMAP_DIR), images, list(smoothed), names,
-                                     scores=list(scores))
-    results = [{"path": r.path, "score": float(s), "anomalous": bool(s > threshold_value),
-                "heatmap": str(h)} for r, s, h in zip(records, scores, heatmaps)]
+    name_of = dict(zip(files, _unique([_file_stem(os.path.splitext(os.path.basename(p))[0]) for p in files])))
+    # one colour scale for every heatmap: 0 to twice the threshold, so colours past the middle
+    # of the scale mark regions whose value exceeds the decision threshold
+    vmax = 2 * threshold_value if threshold_value > 0 else None
+    checked = AnomalyDataset([ImageRecord(p, 0, None, PREDICT_CLASS, "unknown", "test") for p in files],
+                             cfg.image_size, loaded.backbone.mean, loaded.backbone.std,
+                             on_error=on_error or cfg.data.on_error, progress=progress)
+    kept = checked.records
+    results = []
+    for start in tqdm(range(0, len(kept), PREDICT_CHUNK), desc="predict", unit="chunk",
+                      disable=not progress or len(kept) <= PREDICT_CHUNK):
+        dataset = AnomalyDataset(kept[start:start + PREDICT_CHUNK], cfg.image_size, loaded.backbone.mean,
+                                 loaded.backbone.std, progress=False)
+        maps = compute_maps(loaded, dataset, progress=False, use_cache=False)
+        smoothed, scores = postprocess(maps, protocol, [image_size_of(r.path) for r in dataset.records])
+        images = [load_rgb(r, None if protocol == "strict" else cfg.image_size) for r in dataset.records]
+        heatmaps = save_heatmap_overlays(os.path.join(out_dir, HEATMAP_DIR), images, list(smoothed),
+                                         [name_of[r.path] for r in dataset.records],
+                                         vmin=0.0 if vmax else None, vmax=vmax, scores=list(scores))
+        results += [{"path": r.path, "score": float(s), "anomalous": bool(s > threshold_value),
+                     "heatmap": str(h)} for r, s, h in zip(dataset.records, scores, heatmaps)]
     summary = {"checkpoint": loaded.path, "threshold": threshold_value, "threshold_source": source,
-               "protocol": protocol, "skipped_images": dataset.skipped_paths, "images": results}
+               "protocol": protocol, "skipped_images": checked.skipped_paths, "images": results}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "score", "threshold", "anomalous", "heatmap"])
