@@ -24,6 +24,7 @@ DEMO_DATASET = "elpv"
 DEMO_OUT = "runs/demo"
 DEMO_MAX_TRAIN_IMAGES = 400
 DEMO_VAL_FRACTION = 0.1
+CONFIG_NAME = "config.yaml"
 EXIT_ERROR = 1
 # Errors of bad input or environment: shown as one line, without a traceback.
 USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError, OSError,
@@ -133,12 +134,13 @@ def _command_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     out_dir = args.out or cfg.output_dir
     cfg = apply_overrides(cfg, [f"output_dir={out_dir}"])
+    if _is_main_process():
+        dump_config(cfg, os.path.join(out_dir, CONFIG_NAME))
     try:
         result = train(cfg, out_dir, resume=args.resume, options=_split(args), progress=not args.no_progress)
     finally:
         finish_distributed()
     if _is_main_process():
-        dump_config(cfg, os.path.join(out_dir, "config.yaml"))
         for path, losses in zip(result.checkpoints, result.epoch_losses):
             last = f", last epoch loss {losses[-1]:.5g}" if losses else ""
             print(f"checkpoint: {path} ({result.epochs} epochs{last})")
@@ -195,7 +197,7 @@ def _command_demo(args: argparse.Namespace) -> int:
     cfg = demo_config(args)
     out_dir = args.out or DEMO_OUT
     cfg = apply_overrides(cfg, [f"output_dir={out_dir}"])
-    dump_config(cfg, os.path.join(out_dir, "config.yaml"))
+    dump_config(cfg, os.path.join(out_dir, CONFIG_NAME))
     result = train(cfg, out_dir, options=_split(args), progress=not args.no_progress)
     trained = time.perf_counter()
     loaded = load_model(result.checkpoints[0], cfg, cfg.train.device)
@@ -224,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     on an error, which is printed as one line unless --traceback is given)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    warnings.formatwarning = _one_line_warning
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     hidden_bars = {"TQDM_DISABLE": "1"} if args.no_progress else {}
     previous = {key: os.environ.get(key) for key in hidden_bars}
     os.environ.update(hidden_bars)  # also the bars of the evaluation and report modules
@@ -240,6 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gradad {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = previous_format
         for key, value in previous.items():
             if value is None:
                 os.environ.pop(key, None)
