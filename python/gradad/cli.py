@@ -1,0 +1,252 @@
+"""The ``gradad`` command line: train, test, predict and demo.
+
+Every command builds its config in the same order, each step overriding the previous one:
+the preset (--preset) or, for test/predict, the checkpoint's own config, or the defaults;
+then the YAML file (--config); then the shortcut flags (--dataset, --root, --classes,
+--device, --out); then each --set section.key=value in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from typing import Optional, Sequence
+
+from . import __version__
+from .config import PRESETS, Config, apply_overrides, dump_config, load_config, preset_config
+
+# The demo: ELPV solar cells, offline EfficientNet-Lite weights, sized for a small CPU.
+DEMO_PRESET = "lite-demo"
+DEMO_DATASET = "elpv"
+DEMO_OUT = "runs/demo"
+DEMO_MAX_TRAIN_IMAGES = 400
+DEMO_VAL_FRACTION = 0.1
+CONFIG_NAME = "config.yaml"
+EXIT_ERROR = 1
+# Errors of bad input or environment: shown as one line, without a traceback.
+USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError, OSError,
+               RuntimeError, FloatingPointError, ImportError)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, with_preset: bool = True) -> None:
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--config", metavar="YAML", help="YAML config file (missing keys keep the defaults)")
+    if with_preset:
+        group.add_argument("--preset", choices=sorted(PRESETS), help="named starting config")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value, e.g. --set train.epochs=10 (repeatable)")
+    group.add_argument("--dataset", help="dataset name: mvtec, visa, goodsad, folder or elpv (data.dataset)")
+    group.add_argument("--root", help="dataset folder (data.root)")
+    group.add_argument("--classes", help="comma-separated class names (data.classes); default: all")
+    group.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
+    group.add_argument("--out", help="output folder")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of all subcommands."""
+    parser = argparse.ArgumentParser(prog="gradad", description="GRAD anomaly detection: train on normal "
+                                     "images, then score images with anomaly heatmaps.")
+    parser.add_argument("--version", action="version", version=f"gradad {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model; writes <out>/checkpoint.pt",
+                                description="Train GRAD on the normal training images of a dataset.")
+    _add_config_flags(train)
+    train.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    _add_split_flags(train)
+
+    test = commands.add_parser("test", help="evaluate a checkpoint on a test split",
+                               description="Metrics (spec §5), scores, ROC curves and heatmaps of a "
+                               "dataset's test split; default dataset: the checkpoint's.")
+    test.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    _add_config_flags(test)
+
+    predict = commands.add_parser("predict", help="score image files or folders",
+                                  description="Image score, anomalous/normal decision and heatmap per "
+                                  "image; results.json and results.csv in --out.")
+    predict.add_argument("images", nargs="+", help="image files and/or folders of images")
+    predict.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    threshold = predict.add_mutually_exclusive_group()
+    threshold.add_argument("--threshold", type=float, help="decision threshold on the image score")
+    threshold.add_argument("--quantile", type=float,
+                           help="threshold = this quantile of the checkpoint's validation scores")
+    predict.add_argument("--on-error", choices=("raise", "skip"),
+                         help="unreadable image: stop with an error or skip it with a warning")
+    _add_config_flags(predict)
+
+    demo = commands.add_parser("demo", help="train and evaluate on ELPV solar cells (CPU-sized)",
+                               description="Train on ELPV normal cells with the offline "
+                               "EfficientNet-Lite backbone, evaluate on the ELPV test split and write "
+                               "the report to --out.")
+    _add_config_flags(demo, with_preset=False)
+    _add_split_flags(demo, max_train_images=DEMO_MAX_TRAIN_IMAGES, val_fraction=DEMO_VAL_FRACTION)
+    return parser
+
+
+def _add_split_flags(parser: argparse.ArgumentParser, max_train_images: Optional[int] = None,
+                     val_fraction: Optional[float] = None) -> None:
+    from .training import THRESHOLD_QUANTILE, VALIDATION_FRACTION
+
+    group = parser.add_argument_group("training images and threshold")
+    group.add_argument("--max-train-images", type=int, default=max_train_images,
+                       help="train on a seeded subset of at most this many images")
+    group.add_argument("--val-fraction", type=float,
+                       default=VALIDATION_FRACTION if val_fraction is None else val_fraction,
+                       help="seeded fraction of the training normals held out for the threshold")
+    group.add_argument("--threshold-quantile", type=float, default=THRESHOLD_QUANTILE,
+                       help="decision threshold: this quantile of the held-out normals' scores")
+
+
+def build_config(args: argparse.Namespace, base: Optional[Config] = None) -> Config:
+    """The run's config from the parsed flags (see the module docstring for the order)."""
+    if getattr(args, "preset", None):
+        cfg = preset_config(args.preset)
+    else:
+        cfg = base if base is not None else Config()
+    if args.config:
+        cfg = load_config(args.config, base=cfg)
+    shortcuts = []
+    if args.dataset is not None:
+        shortcuts.append(f"data.dataset={args.dataset}")
+    if args.root is not None:
+        shortcuts.append(f"data.root={args.root}")
+    if args.classes is not None:
+        shortcuts.append(f"data.classes={args.classes}")
+    if args.device is not None:
+        shortcuts.append(f"train.device={args.device}")
+    return apply_overrides(cfg, shortcuts + list(args.overrides))
+
+
+def _split(args: argparse.Namespace):
+    from .training import TrainingSplit
+
+    return TrainingSplit(args.max_train_images, args.val_fraction, args.threshold_quantile)
+
+
+def _command_train(args: argparse.Namespace) -> int:
+    from .training import finish_distributed, train
+
+    cfg = build_config(args)
+    out_dir = args.out or cfg.output_dir
+    cfg = apply_overrides(cfg, [f"output_dir={out_dir}"])
+    if _is_main_process():
+        dump_config(cfg, os.path.join(out_dir, CONFIG_NAME))
+    try:
+        result = train(cfg, out_dir, resume=args.resume, options=_split(args), progress=not args.no_progress)
+    finally:
+        finish_distributed()
+    if _is_main_process():
+        for path, losses in zip(result.checkpoints, result.epoch_losses):
+            last = f", last epoch loss {losses[-1]:.5g}" if losses else ""
+            print(f"checkpoint: {path} ({result.epochs} epochs{last})")
+    return 0
+
+
+def _run_and_out_dir(args: argparse.Namespace, default_subfolder: str):
+    """The loaded run of --checkpoint under the config of the flags, and the output folder."""
+    from .inference import load_run, run_config
+
+    cfg = build_config(args, base=run_config(args.checkpoint))
+    models = load_run(args.checkpoint, cfg, cfg.train.device)
+    run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
+    return models, args.out or os.path.join(run_dir, default_subfolder)
+
+
+def _command_test(args: argparse.Namespace) -> int:
+    from .inference import run_test
+
+    models, out_dir = _run_and_out_dir(args, "test")
+    output = run_test(models, out_dir, progress=not args.no_progress)
+    print(output.table)
+    print(f"report: {out_dir}")
+    return 0
+
+
+def _command_predict(args: argparse.Namespace) -> int:
+    from .inference import predict
+
+    models, out_dir = _run_and_out_dir(args, "predict")
+    if None not in models:
+        raise ValueError(f"{args.checkpoint} is a per-class run ({', '.join(models)}): pass the checkpoint "
+                         f"of one class, e.g. {os.path.join(args.checkpoint, next(iter(models)), 'checkpoint.pt')}")
+    results = predict(models[None], args.images, out_dir, threshold=args.threshold, quantile=args.quantile,
+                      on_error=args.on_error, progress=not args.no_progress)
+    for row in results:
+        verdict = "ANOMALOUS" if row["anomalous"] else "normal"
+        print(f"{row['score']:.5g}\t{verdict}\t{row['path']}")
+    print(f"results: {os.path.join(out_dir, 'results.json')}")
+    return 0
+
+
+def demo_config(args: argparse.Namespace) -> Config:
+    """The demo's config: the 'lite-demo' preset on ELPV, then the user's flags."""
+    base = apply_overrides(preset_config(DEMO_PRESET), [f"data.dataset={DEMO_DATASET}", "data.root=none"])
+    return build_config(args, base=base)
+
+
+def _command_demo(args: argparse.Namespace) -> int:
+    from .inference import load_model, run_test
+    from .training import train
+
+    started = time.perf_counter()
+    cfg = demo_config(args)
+    out_dir = args.out or DEMO_OUT
+    cfg = apply_overrides(cfg, [f"output_dir={out_dir}"])
+    dump_config(cfg, os.path.join(out_dir, CONFIG_NAME))
+    result = train(cfg, out_dir, options=_split(args), progress=not args.no_progress)
+    trained = time.perf_counter()
+    loaded = load_model(result.checkpoints[0], cfg, cfg.train.device)
+    output = run_test(loaded, out_dir, progress=not args.no_progress)
+    finished = time.perf_counter()
+    print(output.table)
+    print(f"demo: trained in {trained - started:.0f} s, evaluated in {finished - trained:.0f} s, "
+          f"total {finished - started:.0f} s on {loaded.device}")
+    print(f"report: {out_dir}")
+    return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+COMMANDS = {"train": _command_train, "test": _command_test, "predict": _command_predict, "demo": _command_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``gradad`` console script; returns the exit status (0 on success, 1
+    on an error, which is printed as one line unless --traceback is given)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    hidden_bars = {"TQDM_DISABLE": "1"} if args.no_progress else {}
+    previous = {key: os.environ.get(key) for key in hidden_bars}
+    os.environ.update(hidden_bars)  # also the bars of the evaluation and report modules
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as error:
+        if args.traceback:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"gradad {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"gradad {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = previous_format
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
