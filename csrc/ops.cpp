@@ -54,7 +54,7 @@ TORCH_LIBRARY(grad_ext, m) {
   m.def(
       "refine_backward(Tensor? grad_sim, Tensor? grad_map, Tensor? grad_loss, Tensor? grad_refined, "
       "Tensor rec, Tensor feat, Tensor stats, float mse_weight, float cos_weight, "
-      "bool feat_requires_grad) -> (Tensor, Tensor)");
+      "bool rec_requires_grad, bool feat_requires_grad) -> (Tensor, Tensor)");
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
 }
 

@@ -8,6 +8,7 @@
 import torch
 
 from ._ops import ops
+from .refine import RefineOutput, refine
 from .sampling import GridSample, JitterNoise, draw_jitter_seed, grid_sample, jitter_noise
 
 __version__ = "0.1.0"
@@ -25,4 +26,5 @@ def info() -> dict:
     }
 
 
-__all__ = ["GridSample", "JitterNoise", "draw_jitter_seed", "grid_sample", "info", "jitter_noise"]
+__all__ = ["GridSample", "JitterNoise", "RefineOutput", "draw_jitter_seed", "grid_sample", "info", "jitter_noise",
+           "refine"]

@@ -164,3 +164,18 @@ def multilinear_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padd
     else:
         raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
     return out.reshape(n, c, *out_shape)
+
+
+def refine(rec: Tensor, feat: Tensor, mse_weight: float, cos_weight: float, mse_threshold: float):
+    """Reference of :func:`grad_ext.refine`, written as GRAD's refinement reads in the spec.
+
+    rec, feat (B, C, H, W) -> (sim (B, H, W), anomaly_map (B, H, W), loss (), refined (B, C, H, W)),
+    differentiable through torch autograd (the indicator is a comparison, so it has no gradient)."""
+    mse = ((rec - feat) ** 2).mean(dim=1)
+    indicator = (mse < mse_threshold).to(rec.dtype)
+    sim = mse_weight * indicator + cos_weight * F.cosine_similarity(rec, feat, dim=1, eps=1e-8)
+    weight = sim.unsqueeze(1)
+    refined = weight * feat + (1 - weight) * rec
+    anomaly_map = torch.linalg.vector_norm(feat - refined, dim=1)
+    loss = ((refined - feat) ** 2).mean()
+    return sim, anomaly_map, loss, refined
