@@ -11,11 +11,11 @@ autocast and torch.compile):
 - a training step on cached features: forward, backward and an AdamW step;
 
 at the requested batch sizes (inference 1 and 32, training 64), with the median time,
-images per second and peak memory. On a CPU a batch whose estimated call time exceeds
-:data:`CPU_CALL_CAP_S` is reduced to the largest power of two that fits, and the reduction is
-recorded in the row (``requested_batch`` vs ``batch``); the same batch is used for every
-variant of a configuration. Parameter counts and FLOPs come from GRAD.count_parameters /
-count_flops.
+images per second and peak memory. The ext and reference variants of a measurement are timed
+interleaved. On a CPU, batches above a spec's ``cpu_max_batch`` are reduced to it (the paper's
+B4 model takes about a second per image on a small CPU), and the reduction is recorded in the
+row (``requested_batch`` vs ``batch``) and in the notes. Parameter counts and FLOPs come from
+GRAD.count_parameters / count_flops.
 
     python benchmarks/bench_detector.py [--device auto|cpu|cuda] [--specs grad lite-demo]
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -40,16 +39,12 @@ from gradad.backbones import FeatureExtractor, build_backbone
 from gradad.config import TrainConfig, preset_config
 from gradad.model import GRAD
 
-from benchmarks.timing import PeakMemory, TimingSettings, default_timing, measure
+from benchmarks.timing import TimingSettings, default_timing, measure_interleaved
 
 INFER_FEATURES = "infer (features)"
 INFER_IMAGES = "infer (images)"
 TRAIN_STEP = "train step (features)"
 PHASES = (INFER_FEATURES, INFER_IMAGES, TRAIN_STEP)
-# CPU only: longest estimated call (seconds) before a batch is reduced, per phase kind.
-CPU_CALL_CAP_S = {"infer": 6.0, "train": 12.0}
-# A training step costs about three forward passes (forward, then backward: twice the work).
-TRAIN_COST_FACTOR = 3.0
 INPUT_COPIES = 2
 SEED = 0
 
@@ -57,24 +52,32 @@ SEED = 0
 @dataclass(frozen=True)
 class DetectorSpec:
     """One detector configuration: a gradad preset, the backbone weights to build it with,
-    the requested batch sizes and ModelConfig fields to replace (``model_overrides``, e.g.
-    smaller shapes for tests)."""
+    the requested batch sizes, the largest batch run on a CPU (None: as requested) and
+    ModelConfig fields to replace (``model_overrides``, e.g. smaller shapes for tests)."""
 
     title: str
     preset: str
     backbone_weights: str
     infer_batches: Tuple[int, ...] = (1, 32)
     train_batch: int = 64
+    cpu_max_batch: Optional[int] = None
     model_overrides: Tuple[Tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.infer_batches or any(b < 1 for b in self.infer_batches) or self.train_batch < 1:
-            raise ValueError(f"spec {self.title!r}: batch sizes must be positive, got {self.infer_batches} "
-                             f"and {self.train_batch}")
+        batches = (*self.infer_batches, self.train_batch, *((self.cpu_max_batch,) if self.cpu_max_batch else ()))
+        if not self.infer_batches or any(b < 1 for b in batches) or self.cpu_max_batch == 0:
+            raise ValueError(f"spec {self.title!r}: batch sizes must be positive, got {self.infer_batches}, "
+                             f"{self.train_batch} and cpu_max_batch {self.cpu_max_batch}")
+
+    def batch_on(self, device: torch.device, requested: int) -> int:
+        """The batch actually run for ``requested`` on ``device``."""
+        if device.type == "cpu" and self.cpu_max_batch is not None:
+            return min(requested, self.cpu_max_batch)
+        return requested
 
 
 DEFAULT_SPECS = (
-    DetectorSpec("GRAD, EfficientNet-B4 (RANDOM backbone weights: timing only)", "grad", "random"),
+    DetectorSpec("GRAD, EfficientNet-B4 (RANDOM backbone weights: timing only)", "grad", "random", cpu_max_batch=4),
     DetectorSpec("Lite demo, EfficientNet-Lite0 (ImageNet weights)", "lite-demo", "imagenet"),
 )
 
@@ -175,20 +178,25 @@ def _inputs(shape: Tuple[int, ...], device: torch.device) -> List[torch.Tensor]:
     return [torch.randn(shape, generator=gen, device=device) for _ in range(INPUT_COPIES)]
 
 
-def cpu_batch(requested: int, seconds_per_image: float, cap_s: float) -> int:
-    """The largest power of two <= ``requested`` whose estimated call time
-    (``seconds_per_image`` * batch) is within ``cap_s``; ``requested`` if it fits; at least 1."""
-    if seconds_per_image * requested <= cap_s:
-        return requested
-    fitting = max(1, int(cap_s / seconds_per_image)) if seconds_per_image > 0 else requested
-    return min(requested, 2 ** int(math.log2(fitting)))
+def _detector_row(spec: DetectorSpec, variant: Variant, phase: str, requested: int, batch: int,
+                   timing, memory) -> Dict[str, object]:
+    return {
+        "spec": spec.title, "preset": spec.preset, "kernels": variant.kernels,
+        "precision": variant.precision, "compiled": variant.compiled, "variant": variant.label,
+        "phase": phase, "requested_batch": requested, "batch": batch,
+        "ms": timing.median_s * 1e3, "min_ms": timing.min_s * 1e3, "reps": timing.reps,
+        "images_per_s": batch / timing.median_s,
+        "peak_mb": memory.peak_bytes / 2**20, "peak_increase_mb": memory.increase_bytes / 2**20,
+        "memory_method": memory.method,
+    }
 
 
 class _Runner:
-    """Measures every (phase, batch) of one spec for every variant, sharing batch reductions."""
+    """Builds each variant's detector once and measures (phase, batch) for a group of variants
+    interleaved."""
 
-    def __init__(self, spec: DetectorSpec, device: torch.device, settings: TimingSettings, variants: List[Variant]):
-        self.spec, self.device, self.settings, self.variants = spec, device, settings, variants
+    def __init__(self, spec: DetectorSpec, device: torch.device, settings: TimingSettings):
+        self.spec, self.device, self.settings = spec, device, settings
         self.detectors: Dict[Variant, Tuple] = {}
 
     def detector(self, variant: Variant):
@@ -200,70 +208,46 @@ class _Runner:
             self.detectors[variant] = (backbone, model, cfg)
         return self.detectors[variant]
 
-    def measure(self, variant: Variant, phase: str, requested: int, batch: int) -> Dict[str, object]:
+    def _step(self, variant: Variant, phase: str, batch: int) -> Callable[[int], object]:
         backbone, model, cfg = self.detector(variant)
         size, c, s = cfg.model.input_size, backbone.out_channels, model.feature_size
         if phase == TRAIN_STEP:
             model.train()
-            step = _train_step(model, cfg.train, _inputs((batch, c, s, s), self.device), self.device, variant)
-        else:
-            model.eval()
-            shape = (batch, 3, size, size) if phase == INFER_IMAGES else (batch, c, s, s)
-            step = _infer_step(backbone, model, _inputs(shape, self.device), size, phase == INFER_IMAGES,
-                               self.device, variant)
-        with PeakMemory(self.device) as memory:
-            timing = measure(step, self.device, self.settings)
+            return _train_step(model, cfg.train, _inputs((batch, c, s, s), self.device), self.device, variant)
         model.eval()
-        return {
-            "spec": self.spec.title, "preset": self.spec.preset, "kernels": variant.kernels,
-            "precision": variant.precision, "compiled": variant.compiled, "variant": variant.label,
-            "phase": phase, "requested_batch": requested, "batch": batch,
-            "ms": timing.median_s * 1e3, "min_ms": timing.min_s * 1e3, "reps": timing.reps,
-            "images_per_s": batch / timing.median_s,
-            "peak_mb": memory.peak_bytes / 2**20, "peak_increase_mb": memory.increase_bytes / 2**20,
-            "memory_method": memory.method,
-        }
+        shape = (batch, 3, size, size) if phase == INFER_IMAGES else (batch, c, s, s)
+        return _infer_step(backbone, model, _inputs(shape, self.device), size, phase == INFER_IMAGES,
+                           self.device, variant)
+
+    def measure(self, variants: Sequence[Variant], phase: str, requested: int) -> List[Dict[str, object]]:
+        batch = self.spec.batch_on(self.device, requested)
+        steps = {variant: self._step(variant, phase, batch) for variant in variants}
+        timings, memory = measure_interleaved(steps, self.device, self.settings, peak_memory=True)
+        for variant in variants:
+            self.detector(variant)[1].eval()
+        return [_detector_row(self.spec, v, phase, requested, batch, timings[v], memory[v]) for v in variants]
 
 
 def run_spec(spec: DetectorSpec, device: torch.device, settings: Optional[TimingSettings] = None,
              variants: Optional[List[Variant]] = None, progress: bool = True) -> Dict[str, object]:
-    """All measurements of one spec: {'spec', 'size', 'rows', 'notes'}."""
+    """All measurements of one spec: {'spec', 'preset', 'size', 'rows', 'notes'}. The variants
+    that differ only in their kernels are measured together, interleaved."""
     settings = settings or default_timing(device, model=True)
     variants = variants or default_variants(device)[0]
-    runner = _Runner(spec, device, settings, variants)
-    notes: List[str] = []
+    groups: Dict[Tuple[str, bool], List[Variant]] = {}
+    for variant in variants:
+        groups.setdefault((variant.precision, variant.compiled), []).append(variant)
+    runner = _Runner(spec, device, settings)
+    jobs = [(phase, b) for b in spec.infer_batches for phase in (INFER_FEATURES, INFER_IMAGES)]
+    jobs.append((TRAIN_STEP, spec.train_batch))
     rows: List[Dict[str, object]] = []
-    bar = tqdm(desc=spec.preset, disable=not progress, leave=False,
-               total=len(variants) * (2 * len(spec.infer_batches) + 1))
-    # Batch 1 first for every variant: the CPU batch reductions are estimated from it.
-    per_image: Dict[str, float] = {}
-    for variant in variants:
-        for phase in (INFER_FEATURES, INFER_IMAGES):
-            row = runner.measure(variant, phase, 1, 1)
-            rows.append(row)
-            bar.update()
-            if variant == variants[0]:
-                per_image[phase] = row["ms"] / 1e3
-    plan = {}
-    for requested in sorted(set(spec.infer_batches) - {1}):
-        plan[("infer", requested)] = requested
-    plan[("train", spec.train_batch)] = spec.train_batch
-    if device.type == "cpu":
-        estimates = {"infer": max(per_image.values()), "train": TRAIN_COST_FACTOR * per_image[INFER_FEATURES]}
-        for (kind, requested) in plan:
-            batch = cpu_batch(requested, estimates[kind], CPU_CALL_CAP_S[kind])
-            plan[(kind, requested)] = batch
-            if batch != requested:
-                notes.append(f"{spec.preset}: {kind} batch {requested} reduced to {batch} on CPU (estimated "
-                             f"{estimates[kind] * requested:.0f} s per call at batch {requested}, cap "
-                             f"{CPU_CALL_CAP_S[kind]:.0f} s); the CUDA run uses {requested}.")
-    for variant in variants:
-        for (kind, requested), batch in plan.items():
-            phases = (INFER_FEATURES, INFER_IMAGES) if kind == "infer" else (TRAIN_STEP,)
-            for phase in phases:
-                rows.append(runner.measure(variant, phase, requested, batch))
-                bar.update()
-    bar.close()
+    for group in tqdm(list(groups.values()), desc=spec.preset, disable=not progress, leave=False):
+        for phase, requested in jobs:
+            rows.extend(runner.measure(group, phase, requested))
+    notes = [f"{spec.preset}: {kind} batch {requested} run as {spec.batch_on(device, requested)} on CPU "
+             f"(cpu_max_batch={spec.cpu_max_batch}); a CUDA run uses {requested}."
+             for kind, requested in [*(("inference", b) for b in spec.infer_batches), ("training", spec.train_batch)]
+             if spec.batch_on(device, requested) != requested]
     return {"spec": spec.title, "preset": spec.preset, "size": model_size(spec, device), "rows": rows,
             "notes": notes}
 

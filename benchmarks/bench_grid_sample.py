@@ -43,7 +43,7 @@ import grad_ext
 import grad_ext.reference as reference
 from gradad.config import ModelConfig
 
-from benchmarks.timing import TimingSettings, default_timing, input_copies, measure
+from benchmarks.timing import TimingSettings, default_timing, input_copies, measure_interleaved
 
 # GRAD's shapes: C = 216 feature channels (EfficientNet-B4), 28×28 features, local grid 8×8,
 # global grid 4×4 storing whole C×28×28 maps.
@@ -249,9 +249,9 @@ class _Deterministic:
 
 def run_case(case: SampleCase, direction: str, device: torch.device, settings: TimingSettings,
              copy_gbps: Optional[float] = None) -> Dict[str, object]:
-    """Times one case in one direction on both sides; returns a result row (times in ms,
-    bandwidth in GB/s, speed-up = reference time / ext time). An error of the reference side
-    (e.g. an op without a deterministic implementation) is recorded in 'reference_error'."""
+    """Times one case in one direction on both sides, interleaved; returns a result row (times
+    in ms, bandwidth in GB/s, speed-up = reference time / ext time). An error of the reference
+    side (e.g. an op without a deterministic implementation) is recorded in 'reference_error'."""
     elem = torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
     per_copy = elem * (math.prod(case.input_shape) + math.prod(case.grid_shape) + math.prod(case.output_shape))
     inputs = _make_inputs(case, device, input_copies(per_copy, device))
@@ -262,13 +262,15 @@ def run_case(case: SampleCase, direction: str, device: torch.device, settings: T
         "deterministic": case.deterministic, "jitter": case.jitter, "reference": case.reference_name,
         "bytes": moved, "flops": work, "copies": len(inputs),
     }
-    timings = {}
+    steps = {"ext": _step(ext_sampler(case), inputs, direction),
+             "reference": _step(reference_sampler(case), inputs, direction)}
     with _Deterministic(case.deterministic):
-        timings["ext"] = measure(_step(ext_sampler(case), inputs, direction), device, settings)
         try:
-            timings["reference"] = measure(_step(reference_sampler(case), inputs, direction), device, settings)
+            steps["reference"](0)  # e.g. an op without a deterministic implementation raises here
         except RuntimeError as exc:
             row["reference_error"] = str(exc).splitlines()[0]
+            del steps["reference"]
+        timings, _ = measure_interleaved(steps, device, settings)
     for side in ("ext", "reference"):
         timing = timings.get(side)
         seconds = timing.median_s if timing else None

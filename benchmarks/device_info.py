@@ -84,6 +84,14 @@ def git_commit() -> Dict[str, Optional[object]]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+def load_average() -> Optional[list]:
+    """The system's 1, 5 and 15-minute load averages (how busy a shared machine was), or None."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def environment(device: torch.device) -> Dict[str, object]:
     """Device, versions, threads and commit, for results.json."""
     import grad_ext
@@ -101,6 +109,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "cpu": cpu_model_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": load_average(),
         "grad_ext": grad_ext.info(),
         "git": git_commit(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -49,6 +49,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _load_remark(env: Dict, results: Dict) -> str:
+    loads = [l[0] for l in (env.get("load_average"), results.get("load_average_end")) if l]
+    if env.get("device_type") == "cpu" and loads and env.get("cpu_count") and max(loads) > env["cpu_count"]:
+        return " (above the CPU count: other processes competed for the CPU, timings are noisy)"
+    return ""
+
+
 def _environment_md(results: Dict) -> List[str]:
     env = results["environment"]
     git = env.get("git") or {}
@@ -66,7 +73,10 @@ def _environment_md(results: Dict) -> List[str]:
         ("measured copy bandwidth", f"{copy['gbps']:.1f} GB/s (copy_ of {copy['bytes'] / 2 / 2**20:.0f} MiB, "
                                     f"read + write counted)"),
         ("measured float32 matmul", f"{mm['gflops']:.1f} GFLOP/s ({mm['side']}² matrices)"),
-        ("suite wall time", f"{results.get('wall_time_s', 0):.0f} s"),
+        ("suite wall time", f"{results.get('wall_time_s', 0):.0f} s ("
+                            + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("part_wall_time_s", {}).items()) + ")"),
+        ("load average 1/5/15 min, start → end", f"{env.get('load_average')} → {results.get('load_average_end')}"
+                                                 + _load_remark(env, results)),
     ]
     timing = results.get("timing", {})
     for name, settings in timing.items():

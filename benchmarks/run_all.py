@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 import torch
 
 from benchmarks import bench_detector, bench_grid_sample, bench_refine
-from benchmarks.device_info import (device_name, device_slug, environment, measure_copy_bandwidth,
+from benchmarks.device_info import (device_name, device_slug, environment, load_average, measure_copy_bandwidth,
                                     measure_matmul_throughput, resolve_device)
 from benchmarks.reporting import write_results
 from benchmarks.timing import TimingSettings, default_timing
@@ -75,19 +75,27 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
     }
     notes = results["notes"]
     copy_gbps = results["roofs"]["copy_bandwidth"]["gbps"]
+    part_times = results["part_wall_time_s"] = {}
     if "grid_sample" in parts:
+        begin = time.perf_counter()
         results["grid_sample"] = bench_grid_sample.run(device, kernel_timing, grid_cases, copy_gbps, progress)
+        part_times["grid_sample"] = time.perf_counter() - begin
         if device.type == "cpu":
             notes.append("grid_sample bfloat16 drop-in case: CUDA only (the CPU kernels are float32/float64).")
     if "detector" in parts:
+        begin = time.perf_counter()
         results["detector"] = bench_detector.run(device, model_timing, detector_specs, progress)
+        part_times["detector"] = time.perf_counter() - begin
         notes.extend(results["detector"]["notes"])
         notes.extend(f"{spec.preset}: backbone weights '{spec.backbone_weights}'"
                      + (" — random weights, the timings are valid but the detector's outputs are meaningless"
                         if spec.backbone_weights == "random" else "") for spec in detector_specs)
     if "refine" in parts:
+        begin = time.perf_counter()
         results["refine"] = run_refine(refine or refine_config(device))
+        part_times["refine"] = time.perf_counter() - begin
     results["wall_time_s"] = time.perf_counter() - started
+    results["load_average_end"] = load_average()
     folder = os.path.join(out_root, device_slug(device))
     write_results(results, folder)
     return folder, results

@@ -3,7 +3,8 @@
 A measurement calls ``step(i)`` with a running index ``i`` (so that the step can rotate between
 input copies): ``warmup`` untimed calls, then repetitions whose number is chosen from the time
 of the first timed call so that the measurement takes about ``budget_s`` seconds, clamped to
-``[min_reps, max_reps]``. The result is the median. CUDA calls are timed with CUDA events after
+``[min_reps, max_reps]``. The result is the median. Sides that are compared are measured
+interleaved (:func:`measure_interleaved`), so a busy spell of a shared machine slows both. CUDA calls are timed with CUDA events after
 ``torch.cuda.synchronize``; CPU calls with ``time.perf_counter``.
 
 Peak memory: CUDA ``max_memory_allocated`` after ``reset_peak_memory_stats``; CPU the process's
@@ -21,14 +22,15 @@ import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 
 @dataclass(frozen=True)
 class TimingSettings:
-    """How one measurement is repeated. budget_s: the wanted duration of the timed repetitions."""
+    """How one measurement is repeated. budget_s: the wanted duration of the timed repetitions
+    (of all sides together when sides are interleaved)."""
 
     warmup: int
     min_reps: int
@@ -42,10 +44,10 @@ class TimingSettings:
 
 
 # CPU: few repetitions (a 2-core machine must get through the suite in minutes); CUDA: many.
-CPU_TIMING = TimingSettings(warmup=2, min_reps=5, max_reps=15, budget_s=1.0)
-CUDA_TIMING = TimingSettings(warmup=10, min_reps=20, max_reps=200, budget_s=0.5)
+CPU_TIMING = TimingSettings(warmup=2, min_reps=5, max_reps=15, budget_s=2.0)
+CUDA_TIMING = TimingSettings(warmup=10, min_reps=20, max_reps=200, budget_s=1.0)
 # Whole-model steps take seconds on a CPU: one warm-up, a median of at least three.
-CPU_MODEL_TIMING = TimingSettings(warmup=1, min_reps=3, max_reps=5, budget_s=6.0)
+CPU_MODEL_TIMING = TimingSettings(warmup=1, min_reps=3, max_reps=5, budget_s=10.0)
 CUDA_MODEL_TIMING = TimingSettings(warmup=5, min_reps=10, max_reps=50, budget_s=2.0)
 
 
@@ -92,19 +94,40 @@ def _time_call(step: Callable[[int], object], index: int, device: torch.device) 
 
 def measure(step: Callable[[int], object], device: torch.device, settings: TimingSettings) -> Timing:
     """Times ``step(i)`` (i = 0, 1, 2, ...) on ``device``; see the module docstring."""
-    index = 0
-    for _ in range(settings.warmup):
-        step(index)
-        index += 1
+    return measure_interleaved({"step": step}, device, settings)[0]["step"]
+
+
+def measure_interleaved(steps: Dict[str, Callable[[int], object]], device: torch.device, settings: TimingSettings,
+                        peak_memory: bool = False) -> Tuple[Dict[str, Timing], Dict[str, "PeakMemory"]]:
+    """Times several steps side by side: warm-up calls of each, then rounds in which every
+    step is called once in turn, so that all of them see the same machine load (other
+    processes on a shared CPU, GPU clocks). The number of rounds comes from the first round
+    and ``settings.budget_s`` (clamped to [min_reps, max_reps]). Returns ({name: Timing},
+    {name: PeakMemory of that step's first timed call} when ``peak_memory``, else {})."""
+    if not steps:
+        raise ValueError("measure_interleaved needs at least one step")
+    for index in range(settings.warmup):
+        for step in steps.values():
+            step(index)
     synchronize(device)
-    times: List[float] = [_time_call(step, index, device)]
-    index += 1
-    wanted = int(settings.budget_s / times[0]) if times[0] > 0 else settings.max_reps
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    memory: Dict[str, PeakMemory] = {}
+    index = settings.warmup
+    for name, step in steps.items():
+        if peak_memory:
+            with PeakMemory(device) as memory[name]:
+                times[name].append(_time_call(step, index, device))
+        else:
+            times[name].append(_time_call(step, index, device))
+    first_round = sum(t[0] for t in times.values())
+    wanted = int(settings.budget_s / first_round) if first_round > 0 else settings.max_reps
     reps = min(max(wanted, settings.min_reps), settings.max_reps)
     for _ in range(reps - 1):
-        times.append(_time_call(step, index, device))
         index += 1
-    return Timing(statistics.median(times), min(times), max(times), len(times), settings.warmup)
+        for name, step in steps.items():
+            times[name].append(_time_call(step, index, device))
+    timings = {name: Timing(statistics.median(t), min(t), max(t), len(t), settings.warmup) for name, t in times.items()}
+    return timings, memory
 
 
 # ---- caches and input copies ---------------------------------------------------------------

@@ -13,7 +13,7 @@ from benchmarks import bench_detector, bench_grid_sample, bench_refine, run_all
 from benchmarks.bench_grid_sample import FORWARD, FORWARD_BACKWARD, SampleCase
 from benchmarks.device_info import resolve_device, slugify
 from benchmarks.reporting import PLOT_FILES, RESULTS_JSON, RESULTS_MD
-from benchmarks.timing import PeakMemory, TimingSettings, measure
+from benchmarks.timing import PeakMemory, TimingSettings, measure, measure_interleaved
 
 CPU = torch.device("cpu")
 ONE_REP = TimingSettings(warmup=0, min_reps=1, max_reps=1, budget_s=0.0)
@@ -189,6 +189,16 @@ def test_measure_repetitions_follow_the_settings():
     calls.clear()
     measure(calls.append, CPU, TimingSettings(warmup=0, min_reps=1, max_reps=6, budget_s=1e6))
     assert len(calls) == 6
+
+
+def test_interleaved_sides_alternate():
+    calls = []
+    steps = {"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))}
+    timings, memory = measure_interleaved(steps, CPU, TimingSettings(warmup=1, min_reps=2, max_reps=2, budget_s=0.0),
+                                          peak_memory=True)
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert timings["a"].reps == timings["b"].reps == 2
+    assert set(memory) == {"a", "b"} and all(m.peak_bytes > 0 for m in memory.values())
     with pytest.raises(ValueError):
         TimingSettings(warmup=0, min_reps=3, max_reps=2, budget_s=1.0)
 
@@ -203,10 +213,12 @@ def test_peak_memory_sees_an_allocation():
 
 
 def test_cpu_batch_reduction():
-    assert bench_detector.cpu_batch(32, 0.1, 6.0) == 32          # 3.2 s fits
-    assert bench_detector.cpu_batch(32, 1.0, 6.0) == 4           # 6 fit -> power of two 4
-    assert bench_detector.cpu_batch(64, 100.0, 6.0) == 1         # nothing fits: one image
-    assert bench_detector.cpu_batch(64, 0.5, 12.0) == 16         # 24 fit -> 16
+    spec = bench_detector.DetectorSpec("s", "grad", "random", cpu_max_batch=4)
+    assert spec.batch_on(CPU, 32) == 4 and spec.batch_on(CPU, 2) == 2
+    assert spec.batch_on(torch.device("cuda"), 32) == 32  # only CPU runs are reduced
+    assert bench_detector.DetectorSpec("s", "grad", "random").batch_on(CPU, 64) == 64
+    with pytest.raises(ValueError, match="positive"):
+        bench_detector.DetectorSpec("s", "grad", "random", cpu_max_batch=0)
 
 
 def test_speedups_pair_ext_with_reference():
