@@ -50,6 +50,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> al
           at::empty({kStatsRows, g.B, g.H, g.W}, opts.dtype(stats_dtype(rec.scalar_type())))};
 }
 
+// The gradient of an input, contiguous; an empty tensor when it is not asked for.
+inline at::Tensor allocate_refine_grad(const at::Tensor& input, bool requires_grad) {
+  const auto opts = input.options().memory_format(at::MemoryFormat::Contiguous);
+  return requires_grad ? at::empty(input.sizes(), opts) : at::empty({0}, opts);
+}
+
 // A defined upstream gradient made contiguous after its shape and dtype are checked; an
 // undefined one (the output was not used) stays undefined.
 inline at::Tensor upstream_grad(const c10::optional<at::Tensor>& grad, at::IntArrayRef shape, const at::Tensor& rec,

@@ -7,8 +7,9 @@ For a reconstruction ``rec`` and the backbone features ``feat`` (both (B, C, H, 
     anomaly_map = ||feat - refined||_2 over channels   = |1 - sim| * ||rec - feat||_2
     loss       = mean over B, C, H, W of (refined - feat)^2
 
-The kernel reads each input once in the forward pass and once in the backward pass and never
-builds a (B, C, H, W) temporary: only four channel sums per pixel are needed.
+The kernel reads each input once in the forward pass and once in the backward pass and builds
+no (B, C, H, W) temporary (beyond a contiguous copy of a non-contiguous input): four channel
+sums per pixel are all it needs.
 """
 from __future__ import annotations
 

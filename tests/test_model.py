@@ -18,25 +18,6 @@ from gradad.config import (
 )
 from gradad.model import GRAD
 
-if not hasattr(grad_ext, "refine"):
-    # Temporary stand-in until grad_ext.refine / grad_ext.reference.refine are merged; remove then.
-    from typing import NamedTuple, Optional
-
-    class _RefineOutput(NamedTuple):
-        sim: torch.Tensor
-        anomaly_map: torch.Tensor
-        loss: torch.Tensor
-        refined: Optional[torch.Tensor]
-
-    def _refine_stand_in(rec, feat, mse_weight=0.3, cos_weight=0.7, mse_threshold=10.0, return_refined=False):
-        mse = (rec - feat).pow(2).mean(1)
-        sim = mse_weight * (mse < mse_threshold).to(rec.dtype) + cos_weight * F.cosine_similarity(rec, feat, dim=1)
-        refined = sim[:, None] * feat + (1 - sim[:, None]) * rec
-        return _RefineOutput(sim, (feat - refined).norm(dim=1), F.mse_loss(refined, feat),
-                             refined if return_refined else None)
-
-    grad_ext.refine = grad_ext.reference.refine = _refine_stand_in
-
 C, S, B = 16, 8, 3  # small features for fast tests
 
 

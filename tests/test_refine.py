@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import grad_ext
 from grad_ext import reference
-from grad_ext.refine import COS_WEIGHT, MSE_THRESHOLD, MSE_WEIGHT, RefineOutput
+from grad_ext.refine import COS_WEIGHT, COSINE_EPS, MSE_THRESHOLD, MSE_WEIGHT, RefineOutput
 
 PARAMS = dict(mse_weight=MSE_WEIGHT, cos_weight=COS_WEIGHT, mse_threshold=MSE_THRESHOLD)
 OUTPUT_NAMES = ("sim", "anomaly_map", "loss", "refined")
@@ -92,7 +92,7 @@ def test_map_and_loss_follow_the_definition():
 # ---- the cosine ----------------------------------------------------------------------------
 
 def cosine_test_pair():
-    """Pixels with ordinary norms, norms below eps = 1e-8, zero vectors and large norms."""
+    """Pixels with ordinary norms, norms below COSINE_EPS = 1e-8, zero vectors and large norms."""
     rec, feat = make_pair((2, 6, 3, 4), seed=5)
     rec[0, :, 0, 0] *= 1e-10       # ||rec|| < eps
     feat[0, :, 0, 1] *= 1e-11      # ||feat|| < eps
@@ -111,7 +111,7 @@ def test_cosine_matches_functional_values_and_gradients():
     feat.requires_grad_(True)
     # mse_weight = 0, cos_weight = 1: sim is the cosine itself
     sim = grad_ext.refine(rec, feat, mse_weight=0.0, cos_weight=1.0).sim
-    cos = F.cosine_similarity(rec, feat, dim=1, eps=1e-8)
+    cos = F.cosine_similarity(rec, feat, dim=1, eps=COSINE_EPS)
     torch.testing.assert_close(sim, cos, rtol=1e-12, atol=1e-14)
 
     weight = upstream_weights({"sim": sim.shape})["sim"]

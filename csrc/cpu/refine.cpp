@@ -233,10 +233,8 @@ std::tuple<at::Tensor, at::Tensor> refine_backward_cpu(
   const RefineGeometry g = describe_refine(rec_, feat_);
   check_cpu_dtype(rec_);
   const RefineUpstream up = check_refine_backward(grad_sim, grad_map, grad_loss, grad_refined, rec_, stats_, g);
-  // A gradient that is not asked for comes back as an empty tensor.
-  const auto opts = rec_.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor grad_rec = rec_requires_grad ? at::empty(rec_.sizes(), opts) : at::empty({0}, opts);
-  at::Tensor grad_feat = feat_requires_grad ? at::empty(feat_.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor grad_rec = allocate_refine_grad(rec_, rec_requires_grad);
+  at::Tensor grad_feat = allocate_refine_grad(feat_, feat_requires_grad);
   if (!rec_requires_grad && !feat_requires_grad) return {grad_rec, grad_feat};
   const at::Tensor rec = rec_.contiguous(), feat = feat_.contiguous(), stats = stats_.contiguous();
   AT_DISPATCH_FLOATING_TYPES(rec.scalar_type(), "refine_backward_cpu", [&] {

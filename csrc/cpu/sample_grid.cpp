@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "grid_common.h"
@@ -43,16 +45,67 @@ JitterParams cpu_jitter(double std, double prob, int64_t mode, const c10::option
   return make_jitter(static_cast<float>(std), static_cast<float>(prob), static_cast<int>(mode), s[0], s[1]);
 }
 
-template <typename scalar_t, int D>
+// Corners of a tile of points in structure-of-arrays form, so the per-channel loops below
+// run over points with compile-time corner counts. Invalid corners get weight 0 and offset 0;
+// a tile where any point has an invalid corner (or a non-finite bias) takes the checked path.
+template <typename acc_t, int K, int D>
+struct CornerTile {
+  int64_t off[K][kPointTile];
+  acc_t w[K][kPointTile];
+  acc_t dw[K][D][kPointTile];
+  unsigned valid[kPointTile];
+  acc_t bias[kPointTile];
+  int64_t count = 0;
+  bool checked = false;
+
+  template <typename scalar_t>
+  void fill(const scalar_t* grid, int64_t first_point, int64_t count_, const GridGeometry& g, int interpolation,
+            int padding, bool align_corners, const JitterParams& jitter, bool with_grad) {
+    count = count_;
+    checked = false;
+    const NonFinitePolicy policy = cpu_policy(D);
+    PointCorners<acc_t, D> pc;
+    for (int64_t i = 0; i < count; ++i) {
+      point_corners<scalar_t, D>(grid, first_point + i, g, interpolation, padding, align_corners, policy, jitter,
+                                 with_grad, pc);
+      valid[i] = pc.valid;
+      bias[i] = pc.bias;
+      if (pc.valid != (1u << K) - 1u || pc.bias != acc_t(0)) checked = true;
+      for (int k = 0; k < K; ++k) {
+        const bool ok = pc.valid >> k & 1u;
+        off[k][i] = ok ? pc.offset[k] : 0;
+        w[k][i] = ok ? pc.weight[k] : acc_t(0);
+        if (with_grad)
+          for (int a = 0; a < D; ++a) dw[k][a][i] = ok ? corner_weight_grad(pc, k, a) : acc_t(0);
+      }
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, int K, int D, bool CHECKED>
+void forward_rows(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict__ table, scalar_t* __restrict__ out,
+                  int64_t c0, int64_t c1, int64_t S, int64_t P) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const scalar_t* __restrict__ row = table + c * S;
+    scalar_t* __restrict__ orow = out + c * P;
+    for (int64_t i = 0; i < t.count; ++i) {
+      acc_t acc = CHECKED ? t.bias[i] : acc_t(0);
+      for (int k = 0; k < K; ++k) {
+        if (CHECKED && !(t.valid[i] >> k & 1u)) continue;
+        acc += t.w[k][i] * static_cast<acc_t>(row[t.off[k][i]]);
+      }
+      orow[i] = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
+template <typename scalar_t, int D, int K>
 void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
                     int interpolation, int padding, bool align_corners, const JitterParams& jitter) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* in = input.data_ptr<scalar_t>();
   const scalar_t* gr = grid.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
-  const NonFinitePolicy policy = cpu_policy(D);
-  const int K = interpolation == kNearest ? 1 : (1 << D);
-
   const int64_t tiles_per_batch = ceil_div(g.P, kPointTile);
   const int64_t point_tiles = g.N * tiles_per_batch;
   const int64_t threads = at::get_num_threads();
@@ -60,48 +113,55 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
 
   at::parallel_for(0, point_tiles * channel_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<PointCorners<acc_t, D>> pcs(kPointTile);
+    auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pt = task / channel_tiles, ct = task % channel_tiles;
       const int64_t n = pt / tiles_per_batch;
       const int64_t p0 = (pt % tiles_per_batch) * kPointTile, p1 = std::min(g.P, p0 + kPointTile);
-      for (int64_t p = p0; p < p1; ++p) {
-        point_corners<scalar_t, D>(gr, n * g.P + p, g, interpolation, padding, align_corners, policy, jitter,
-                                   false, pcs[p - p0]);
-      }
+      tile->fill(gr, n * g.P + p0, p1 - p0, g, interpolation, padding, align_corners, jitter, false);
       const scalar_t* table = in + (g.N_in == 1 ? 0 : n) * g.C * g.S;
+      scalar_t* obase = o + n * g.C * g.P + p0;
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
-      for (int64_t c = c0; c < c1; ++c) {
-        const scalar_t* row = table + c * g.S;
-        scalar_t* orow = o + (n * g.C + c) * g.P;
-        for (int64_t p = p0; p < p1; ++p) {
-          const PointCorners<acc_t, D>& pc = pcs[p - p0];
-          acc_t acc = pc.bias;
-          for (int k = 0; k < K; ++k) {
-            if (pc.valid >> k & 1u) acc += pc.weight[k] * static_cast<acc_t>(row[pc.offset[k]]);
-          }
-          orow[p] = static_cast<scalar_t>(acc);
-        }
-      }
+      if (tile->checked) forward_rows<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
+      else forward_rows<scalar_t, acc_t, K, D, false>(*tile, table, obase, c0, c1, g.S, g.P);
     }
   });
 }
 
-template <typename scalar_t, int D>
+// Accumulates one tile of points over channels [c0, c1): the input gradient into whole rows
+// (owned by the calling task) and the grid gradient per point into gacc[a][i].
+template <typename scalar_t, typename acc_t, int K, int D, bool NEED_INPUT, bool NEED_GRID, bool CHECKED>
+void backward_rows(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict__ table,
+                   scalar_t* __restrict__ gtable, const scalar_t* __restrict__ gout, acc_t* __restrict__ gacc,
+                   int64_t c0, int64_t c1, int64_t S, int64_t P) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const scalar_t* __restrict__ row = table + c * S;
+    scalar_t* __restrict__ grow = NEED_INPUT ? gtable + c * S : nullptr;
+    const scalar_t* __restrict__ gorow = gout + c * P;
+    for (int64_t i = 0; i < t.count; ++i) {
+      const acc_t gv = static_cast<acc_t>(gorow[i]);
+      for (int k = 0; k < K; ++k) {
+        if (CHECKED && !(t.valid[i] >> k & 1u)) continue;
+        const int64_t off = t.off[k][i];
+        if (NEED_INPUT) grow[off] += static_cast<scalar_t>(t.w[k][i] * gv);
+        if (NEED_GRID) {
+          const acc_t v = gv * static_cast<acc_t>(row[off]);
+          for (int a = 0; a < D; ++a) gacc[a * kPointTile + i] += t.dw[k][a][i] * v;
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int D, int K, bool NEED_INPUT, bool NEED_GRID>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& grid,
                      at::Tensor& grad_input, at::Tensor& grad_grid, const GridGeometry& g, int interpolation,
                      int padding, bool align_corners, const JitterParams& jitter) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int KMax = 1 << D;
-  const bool bilinear = interpolation == kBilinear;
-  const int K = bilinear ? KMax : 1;
-  const bool need_input = grad_input.numel() > 0;
-  const bool need_grid = grad_grid.numel() > 0 && bilinear;
   const scalar_t* in = input.data_ptr<scalar_t>();
   const scalar_t* gr = grid.data_ptr<scalar_t>();
   const scalar_t* go = grad_out.data_ptr<scalar_t>();
-  scalar_t* gi = need_input ? grad_input.data_ptr<scalar_t>() : nullptr;
-  const NonFinitePolicy policy = cpu_policy(D);
+  scalar_t* gi = NEED_INPUT ? grad_input.data_ptr<scalar_t>() : nullptr;
 
   // Tasks own (table batch, channel tile); the grid gradient is summed per channel tile
   // into its own slice of `partial` and reduced in a fixed order afterwards.
@@ -111,71 +171,51 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   const int64_t total_points = g.N * g.P;
   at::Tensor partial;
   acc_t* part = nullptr;
-  if (need_grid) {
-    partial = at::zeros({channel_tiles, total_points, D}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (NEED_GRID) {
+    partial = at::zeros({channel_tiles, D, total_points}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     part = partial.data_ptr<acc_t>();
   }
 
   at::parallel_for(0, g.N_in * channel_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<PointCorners<acc_t, D>> pcs(kPointTile);
-    std::vector<acc_t> dw(kPointTile * KMax * D);
-    std::vector<acc_t> gacc(kPointTile * D);
+    auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
+    std::vector<acc_t> gacc(NEED_GRID ? kPointTile * D : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / channel_tiles, ct = task % channel_tiles;
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
       const int64_t n_begin = g.N_in == 1 ? 0 : b, n_end = g.N_in == 1 ? g.N : b + 1;
       const scalar_t* table = in + b * g.C * g.S;
-      scalar_t* gtable = need_input ? gi + b * g.C * g.S : nullptr;
+      scalar_t* gtable = NEED_INPUT ? gi + b * g.C * g.S : nullptr;
       for (int64_t n = n_begin; n < n_end; ++n) {
         for (int64_t p0 = 0; p0 < g.P; p0 += kPointTile) {
           const int64_t p1 = std::min(g.P, p0 + kPointTile);
-          for (int64_t p = p0; p < p1; ++p) {
-            PointCorners<acc_t, D>& pc = pcs[p - p0];
-            point_corners<scalar_t, D>(gr, n * g.P + p, g, interpolation, padding, align_corners, policy, jitter,
-                                       need_grid, pc);
-            if (need_grid) {
-              for (int k = 0; k < KMax; ++k)
-                for (int a = 0; a < D; ++a) dw[((p - p0) * KMax + k) * D + a] = corner_weight_grad(pc, k, a);
-            }
-          }
+          tile->fill(gr, n * g.P + p0, p1 - p0, g, interpolation, padding, align_corners, jitter, NEED_GRID);
           std::fill(gacc.begin(), gacc.end(), acc_t(0));
-          for (int64_t c = c0; c < c1; ++c) {
-            const scalar_t* row = table + c * g.S;
-            scalar_t* grow = need_input ? gtable + c * g.S : nullptr;
-            const scalar_t* gorow = go + (n * g.C + c) * g.P;
-            for (int64_t p = p0; p < p1; ++p) {
-              const PointCorners<acc_t, D>& pc = pcs[p - p0];
-              const acc_t gval = static_cast<acc_t>(gorow[p]);
-              for (int k = 0; k < K; ++k) {
-                if (!(pc.valid >> k & 1u)) continue;
-                if (need_input) grow[pc.offset[k]] += static_cast<scalar_t>(pc.weight[k] * gval);
-                if (need_grid) {
-                  const acc_t v = gval * static_cast<acc_t>(row[pc.offset[k]]);
-                  const acc_t* d = &dw[((p - p0) * KMax + k) * D];
-                  for (int a = 0; a < D; ++a) gacc[(p - p0) * D + a] += d[a] * v;
-                }
-              }
+          const scalar_t* gout = go + n * g.C * g.P + p0;
+          if (tile->checked)
+            backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+          else
+            backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, false>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+          if (NEED_GRID) {
+            for (int a = 0; a < D; ++a) {
+              acc_t* dst = part + (ct * D + a) * total_points + n * g.P + p0;
+              for (int64_t i = 0; i < p1 - p0; ++i) dst[i] += gacc[a * kPointTile + i];
             }
-          }
-          if (need_grid) {
-            acc_t* dst = part + (ct * total_points + n * g.P + p0) * D;
-            for (int64_t i = 0; i < (p1 - p0) * D; ++i) dst[i] += gacc[i];
           }
         }
       }
     }
   });
 
-  // Nearest: the output is piecewise constant in the coordinates, its gradient stays 0.
-  if (!need_grid) return;
+  if (!NEED_GRID) return;  // nearest: the output is piecewise constant, its grid gradient stays 0
   scalar_t* gg = grad_grid.data_ptr<scalar_t>();
+  const NonFinitePolicy policy = cpu_policy(D);
   at::parallel_for(0, total_points, 256, [&](int64_t begin, int64_t end) {
     PointCorners<acc_t, D> pc;
     for (int64_t i = begin; i < end; ++i) {
       point_corners<scalar_t, D>(gr, i, g, interpolation, padding, align_corners, policy, jitter, true, pc);
       for (int a = 0; a < D; ++a) {
         acc_t s = pc.grad_bias[a];
-        for (int64_t ct = 0; ct < channel_tiles; ++ct) s += part[(ct * total_points + i) * D + a];
+        for (int64_t ct = 0; ct < channel_tiles; ++ct) s += part[(ct * D + a) * total_points + i];
         gg[i * D + (D - 1 - a)] = static_cast<scalar_t>(s * pc.mult[a]);
       }
     }
@@ -210,8 +250,13 @@ at::Tensor sample_grid_cpu(const at::Tensor& input_, const at::Tensor& grid_, in
   const JitterParams jitter = cpu_jitter(jitter_std, jitter_prob, jitter_mode, jitter_seed);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sample_grid_cpu", [&] {
     dispatch_dim(g.D, [&](auto dim) {
-      forward_kernel<scalar_t, decltype(dim)::value>(input, grid, out, g, static_cast<int>(interpolation),
-                                                     static_cast<int>(padding), align_corners, jitter);
+      constexpr int D = decltype(dim)::value;
+      auto run = [&](auto k) {
+        forward_kernel<scalar_t, D, decltype(k)::value>(input, grid, out, g, static_cast<int>(interpolation),
+                                                        static_cast<int>(padding), align_corners, jitter);
+      };
+      if (interpolation == kNearest) run(std::integral_constant<int, 1>{});
+      else run(std::integral_constant<int, 1 << D>{});
     });
   });
   return out;
@@ -231,9 +276,24 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(
   const JitterParams jitter = cpu_jitter(jitter_std, jitter_prob, jitter_mode, jitter_seed);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sample_grid_backward_cpu", [&] {
     dispatch_dim(g.D, [&](auto dim) {
-      backward_kernel<scalar_t, decltype(dim)::value>(gout, input, grid, grad_input, grad_grid, g,
-                                                      static_cast<int>(interpolation), static_cast<int>(padding),
-                                                      align_corners, jitter);
+      constexpr int D = decltype(dim)::value;
+      auto run = [&](auto k, auto need_input, auto need_grid) {
+        backward_kernel<scalar_t, D, decltype(k)::value, decltype(need_input)::value, decltype(need_grid)::value>(
+            gout, input, grid, grad_input, grad_grid, g, static_cast<int>(interpolation), static_cast<int>(padding),
+            align_corners, jitter);
+      };
+      using T = std::true_type;
+      using F = std::false_type;
+      constexpr auto bilinear = std::integral_constant<int, 1 << D>{};
+      if (interpolation == kNearest) {
+        if (input_requires_grad) run(std::integral_constant<int, 1>{}, T{}, F{});
+      } else if (input_requires_grad && grid_requires_grad) {
+        run(bilinear, T{}, T{});
+      } else if (input_requires_grad) {
+        run(bilinear, T{}, F{});
+      } else {
+        run(bilinear, F{}, T{});
+      }
     });
   });
   return {grad_input, grad_grid};

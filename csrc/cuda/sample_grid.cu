@@ -476,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cuda(
       const int64_t fixed = table_fixed_smem<acc_t, D>();
       const int64_t row_bytes = (g.S + 1) * static_cast<int64_t>(sizeof(acc_t));
       const int64_t max_slice = ((kSmemBudget - fixed) / row_bytes) / 32 * 32;
-      if (input_requires_grad && max_slice >= 32) {
+      if (input_requires_grad && max_slice >= 32 && g.N_in <= 65535) {
         // Table kernel: gradient rows on chip.
         const int64_t slice = std::min<int64_t>(max_slice, ceil_div(g.C, 32) * 32);
         const int64_t slices = ceil_div(g.C, slice);

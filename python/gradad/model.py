@@ -218,10 +218,13 @@ class GRAD(nn.Module):
         grid = self.global_grid
         coords = self.global_coordinates(features).to(grid.dtype)  # (B, d)
         b = coords.shape[0]
-        # one table, B points: the reference code's grid_sample(G_g[None], v_g.view(1, B, 1, 2))
-        points = _sampling_grid(coords[None])
-        sample = grad_ext.grid_sample if self.cfg.kernels == "ext" else grad_ext.reference.grid_sample
-        sampled = sample(grid[None], points, "bilinear", "zeros", False)  # (1, C·H·W, B, 1, ...)
+        if self.cfg.kernels == "ext":
+            # One shared table, one point per image: the output is already (B, C·H·W, 1, ...),
+            # so no transpose is needed.
+            sampled = grad_ext.grid_sample(grid[None], _sampling_grid(coords[:, None]), "bilinear", "zeros", False)
+            return sampled.reshape(b, self.in_channels, *features.shape[2:])
+        # the reference code's grid_sample(G_g[None], v_g.view(1, B, 1, 2)) and its transpose
+        sampled = grad_ext.reference.grid_sample(grid[None], _sampling_grid(coords[None]), "bilinear", "zeros", False)
         return sampled.reshape(grid.shape[0], b).t().reshape(b, self.in_channels, *features.shape[2:])
 
     # ---- forward -------------------------------------------------------------------------
