@@ -264,6 +264,7 @@ def speedups(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
         out.append({"spec": ext["spec"], "precision": ext["precision"], "compiled": ext["compiled"],
                     "phase": ext["phase"], "batch": ext["batch"], "requested_batch": ext["requested_batch"],
                     "ext_ms": ext["ms"], "reference_ms": ref["ms"], "speedup": ref["ms"] / ext["ms"],
+                    "ext_min_ms": ext["min_ms"], "reference_min_ms": ref["min_ms"],
                     "ext_peak_increase_mb": ext["peak_increase_mb"],
                     "reference_peak_increase_mb": ref["peak_increase_mb"]})
     return out

@@ -276,6 +276,7 @@ def run_case(case: SampleCase, direction: str, device: torch.device, settings: T
         timing = timings.get(side)
         seconds = timing.median_s if timing else None
         row[f"{side}_ms"] = seconds * 1e3 if seconds else None
+        row[f"{side}_min_ms"] = timing.min_s * 1e3 if timing else None
         row[f"{side}_reps"] = timing.reps if timing else 0
         row[f"{side}_gbps"] = moved / seconds / 1e9 if seconds else None
         row[f"{side}_gflops"] = work / seconds / 1e9 if seconds else None

@@ -91,15 +91,18 @@ def _grid_sample_md(rows: Sequence[Dict]) -> List[str]:
     out = ["## grid_sample: grad_ext vs torch", "",
            "Speed-up = reference time / grad_ext time (median). Bandwidth = bytes that must move "
            "(formula in bench_grid_sample.py) / time; '% copy' = fraction of the measured copy bandwidth. "
-           "Forward runs under no_grad; forward+backward computes the table and grid gradients.", ""]
+           "Forward runs under no_grad; forward+backward computes the table and grid gradients. "
+           "Times are medians; the fastest repetition is shown beside them (a wide gap means a busy machine).", ""]
     table = []
     for r in rows:
         ref = _fmt(r["reference_ms"], ".3f") if not r.get("reference_error") else f"error: {r['reference_error']}"
         table.append((r["label"], r["direction"], r["reference"], _fmt(r["ext_ms"], ".3f"), ref,
+                      f"{_fmt(r['ext_min_ms'], '.3f')} / {_fmt(r['reference_min_ms'], '.3f')}",
                       _fmt(r["speedup"], ".2f", "×"), f"{r['bytes'] / 2**20:.3g}", _fmt(r["ext_gbps"], ".3g"),
                       _fmt(r["ext_copy_fraction"] and 100 * r["ext_copy_fraction"], ".0f", "%"),
                       _fmt(r["reference_gbps"], ".3g"), f"{r['ext_reps']}/{r['reference_reps']}"))
-    out += [markdown_table(("case", "direction", "reference", "ext ms", "ref ms", "speed-up", "MiB moved",
+    out += [markdown_table(("case", "direction", "reference", "ext ms", "ref ms", "min ms ext / ref", "speed-up",
+                            "MiB moved",
                             "ext GB/s", "ext % copy", "ref GB/s", "reps ext/ref"), table), ""]
     det = _deterministic_rows(rows)
     if det:
@@ -148,12 +151,14 @@ def _detector_md(detector: Optional[Dict]) -> List[str]:
                    and x["batch"] == r["batch"] and x["precision"] == r["precision"] and x["compiled"] == r["compiled"])
         preset = next(s["preset"] for s in detector["specs"] if s["spec"] == r["spec"])
         rows.append((preset, variant, r["phase"], batch, _fmt(r["ext_ms"], ".1f"), _fmt(r["reference_ms"], ".1f"),
+                     f"{_fmt(r['ext_min_ms'], '.1f')} / {_fmt(r['reference_min_ms'], '.1f')}",
                      _fmt(r["speedup"], ".2f", "×"), _fmt(ext["images_per_s"], ".1f"),
                      _fmt(r["ext_peak_increase_mb"], ".0f"), _fmt(r["reference_peak_increase_mb"], ".0f")))
     method = next((x["memory_method"] for s in detector["specs"] for x in s["rows"]), "")
     out += ["### Speed and memory", "",
             f"Peak memory: increase over the memory in use before the measurement ({method}).", "",
-            markdown_table(("spec", "variant", "phase", "batch", "ext ms", "ref ms", "speed-up", "ext images/s",
+            markdown_table(("spec", "variant", "phase", "batch", "ext ms", "ref ms", "min ms ext / ref", "speed-up",
+                            "ext images/s",
                             "ext peak MiB", "ref peak MiB"), rows), ""]
     return out
 

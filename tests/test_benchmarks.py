@@ -224,7 +224,7 @@ def test_cpu_batch_reduction():
 def test_speedups_pair_ext_with_reference():
     def row(kernels, phase, batch, ms):
         return {"spec": "s", "precision": "float32", "compiled": False, "phase": phase, "batch": batch,
-                "requested_batch": batch, "kernels": kernels, "ms": ms, "peak_increase_mb": 1.0}
+                "requested_batch": batch, "kernels": kernels, "ms": ms, "min_ms": ms, "peak_increase_mb": 1.0}
     rows = [row("ext", "p", 1, 2.0), row("reference", "p", 1, 6.0), row("ext", "p", 4, 5.0),
             row("reference", "q", 4, 1.0)]
     out = bench_detector.speedups(rows)
