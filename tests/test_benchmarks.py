@@ -1,0 +1,249 @@
+"""Smoke tests of the benchmark suite: its core functions on tiny shapes with one repetition,
+and the files it writes (no assertions on timings)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from benchmarks import bench_detector, bench_grid_sample, bench_refine, run_all
+from benchmarks.bench_grid_sample import FORWARD, FORWARD_BACKWARD, SampleCase
+from benchmarks.device_info import resolve_device, slugify
+from benchmarks.reporting import PLOT_FILES, RESULTS_JSON, RESULTS_MD
+from benchmarks.timing import PeakMemory, TimingSettings, measure, measure_interleaved
+
+CPU = torch.device("cpu")
+ONE_REP = TimingSettings(warmup=0, min_reps=1, max_reps=1, budget_s=0.0)
+
+TINY_CASES = [
+    SampleCase("global", "global B=2", (1, 8, 4, 4), (1, 2, 1, 2), batch=2),
+    SampleCase("local", "local B=1", (1, 4, 8, 8), (1, 3, 3, 2), batch=1),
+    SampleCase("local", "local B=2", (1, 4, 8, 8), (2, 3, 3, 2), batch=2),
+    SampleCase("1-D", "1-D", (2, 3, 5), (2, 4, 1)),
+    SampleCase("4-D", "4-D", (1, 2, 2, 2, 2, 2), (1, 2, 2, 2, 2, 4)),
+    SampleCase("deterministic", "local B=2 deterministic", (1, 4, 8, 8), (2, 3, 3, 2), batch=2, deterministic=True,
+               directions=(FORWARD_BACKWARD,)),
+    SampleCase("jitter", "local B=2 jitter", (1, 4, 8, 8), (2, 3, 3, 2), batch=2, jitter=True),
+]
+TINY_SPEC = bench_detector.DetectorSpec("tiny lite", "lite-demo", "random", infer_batches=(1, 2), train_batch=2,
+                                        model_overrides=(("input_size", 32), ("num_blocks", 1)))
+TINY_REFINE = bench_refine.BenchConfig(batch=2, channels=4, height=3, width=3, warmup=0, repeats=1)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    folder, results = run_all.run_suite(str(out), CPU, grid_cases=TINY_CASES, detector_specs=[TINY_SPEC],
+                                        refine=TINY_REFINE, kernel_timing=ONE_REP, model_timing=ONE_REP,
+                                        roof_sizes=(1 << 20, 32), progress=False)
+    return out, folder, results
+
+
+# ---- the files ------------------------------------------------------------------------------
+
+def test_results_folder_is_named_after_the_device(suite):
+    out, folder, results = suite
+    assert os.path.dirname(folder) == str(out)
+    assert os.path.basename(folder).startswith("cpu-")
+    assert os.path.basename(folder) == results["environment"]["device_slug"]
+
+
+def test_results_json_is_complete(suite):
+    _, folder, _ = suite
+    with open(os.path.join(folder, RESULTS_JSON), encoding="utf-8") as handle:
+        data = json.load(handle)
+    env = data["environment"]
+    assert env["torch"] == torch.__version__
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert env["git"]["commit"] is None or len(env["git"]["commit"]) == 40
+    assert data["roofs"]["copy_bandwidth"]["gbps"] > 0 and data["roofs"]["matmul"]["gflops"] > 0
+    rows = data["grid_sample"]
+    expected = [(c.label, d) for c in TINY_CASES for d in c.directions]
+    assert [(r["label"], r["direction"]) for r in rows] == expected
+    for r in rows:
+        assert r["ext_ms"] > 0 and r["reference_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["reference_ms"] / r["ext_ms"])
+        assert r["ext_gbps"] == pytest.approx(r["bytes"] / (r["ext_ms"] / 1e3) / 1e9)
+        assert r["ext_copy_fraction"] == pytest.approx(r["ext_gbps"] / data["roofs"]["copy_bandwidth"]["gbps"])
+        assert r["ext_reps"] == r["reference_reps"] == 1
+    # detector: batch 1 and 2 inference both ways, one training step, for both kernels
+    det_rows = data["detector"]["specs"][0]["rows"]
+    measured = {(r["kernels"], r["phase"], r["batch"]) for r in det_rows}
+    for kernels in ("ext", "reference"):
+        for batch in (1, 2):
+            assert (kernels, bench_detector.INFER_FEATURES, batch) in measured
+            assert (kernels, bench_detector.INFER_IMAGES, batch) in measured
+        assert (kernels, bench_detector.TRAIN_STEP, 2) in measured
+    assert len(data["detector"]["speedups"]) == 5
+    assert all(r["peak_mb"] > 0 for r in det_rows)
+    size = data["detector"]["specs"][0]["size"]
+    assert size["parameters"] == sum(v for k, v in size["parameter_breakdown"].items() if k != "total")
+    assert size["feature_shape"] == [152, 4, 4]  # Lite0: 40 + 112 channels at 32 / 8
+    assert data["refine"]["status"] == "ok" and len(data["refine"]["rows"]) == 2
+    assert any("random weights" in note for note in data["notes"])
+
+
+def test_results_markdown_has_a_row_per_measurement(suite):
+    _, folder, results = suite
+    with open(os.path.join(folder, RESULTS_MD), encoding="utf-8") as handle:
+        text = handle.read()
+    lines = text.splitlines()
+    assert lines[0].startswith("# ")
+    # every table row has as many cells as its header
+    tables, current = [], []
+    for line in lines + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    for table in tables:
+        widths = {row.replace("\\|", "").count("|") for row in table}
+        assert len(widths) == 1, table
+        assert set(table[1].strip("|").split("|")) == {"---"}
+    grid_table = next(t for t in tables if "ext GB/s" in t[0])
+    assert len(grid_table) - 2 == len(results["grid_sample"])
+    for case in TINY_CASES:
+        assert f"| {case.label} |" in text
+    for file in PLOT_FILES.values():
+        assert f"({file})" in text
+
+
+def test_plots_are_valid_pngs(suite):
+    _, folder, _ = suite
+    for file in PLOT_FILES.values():
+        path = os.path.join(folder, file)
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+
+
+def test_no_temporary_files_are_left(suite):
+    _, folder, _ = suite
+    expected = {RESULTS_JSON, RESULTS_MD, *PLOT_FILES.values()}
+    assert set(os.listdir(folder)) == expected
+
+
+# ---- core functions -------------------------------------------------------------------------
+
+def test_default_cases_are_the_issue_shapes():
+    cases = {c.label: c for c in bench_grid_sample.default_cases(CPU)}
+    for b in (1, 16, 64):
+        assert cases[f"global B={b}"].input_shape == (1, 216 * 28 * 28, 4, 4)
+        assert cases[f"global B={b}"].grid_shape == (1, b, 1, 2)
+        assert cases[f"local B={b}"].input_shape == (1, 216, 8, 8)
+        assert cases[f"local B={b}"].grid_shape == (b, 28, 28, 2)
+    groups = {c.group for c in cases.values()}
+    assert {"drop-in 2-D", "drop-in 3-D", "1-D", "4-D", "deterministic", "jitter"} <= groups
+    assert all(c.dtype == "float32" for c in cases.values())  # bfloat16 only on CUDA
+    assert cases["local B=64"].reference_name == "F.grid_sample(table.repeat(B))"
+    assert cases["global B=64"].reference_name == "F.grid_sample"
+
+
+def test_bytes_moved_by_hand():
+    case = SampleCase("local", "local", (1, 4, 8, 8), (2, 3, 3, 2))
+    # P = 18 points, C = 4, d = 2, table T = 256 elements, corners touched 18 * 4 * 4 = 288 > T
+    forward = 256 + 18 * 2 + 18 * 4
+    backward = 18 * 4 + 18 * 2 + 256 + 256 + 18 * 2
+    assert bench_grid_sample.bytes_moved(case, FORWARD) == 4 * forward
+    assert bench_grid_sample.bytes_moved(case, FORWARD_BACKWARD) == 4 * (forward + backward)
+    # a large table sampled at few points: only the touched corners count as read
+    sparse = SampleCase("global", "global", (1, 100, 4, 4), (1, 1, 1, 2))
+    assert bench_grid_sample.bytes_moved(sparse, FORWARD) == 4 * (100 * 4 + 2 + 100)
+    assert bench_grid_sample.flops(case, FORWARD) == 2 * 4 * 18 * 4
+
+
+def test_bad_cases_are_rejected():
+    with pytest.raises(ValueError, match="grid"):
+        SampleCase("x", "x", (1, 4, 8, 8), (2, 3, 3, 3))
+    with pytest.raises(ValueError, match="batch"):
+        SampleCase("x", "x", (3, 4, 8, 8), (2, 3, 3, 2))
+    with pytest.raises(ValueError, match="directions"):
+        SampleCase("x", "x", (1, 4, 8, 8), (2, 3, 3, 2), directions=("sideways",))
+
+
+@pytest.mark.parametrize("case", [c for c in TINY_CASES if not c.jitter], ids=lambda c: c.label)
+def test_both_sides_compute_the_same_sampling(case):
+    """The benchmark compares like with like: ext and reference sides agree with F.grid_sample
+    (2-D) or with each other (1-D, 4-D)."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(case.input_shape, generator=gen, dtype=torch.float64)
+    grid = torch.rand(case.grid_shape, generator=gen, dtype=torch.float64) * 2.2 - 1.1
+    ext = bench_grid_sample.ext_sampler(case)(table, grid)
+    ref = bench_grid_sample.reference_sampler(case)(table, grid)
+    torch.testing.assert_close(ext, ref)
+    if case.dim == 2:
+        expanded = table.expand(case.grid_shape[0], *table.shape[1:])
+        torch.testing.assert_close(ext, F.grid_sample(expanded, grid, align_corners=False))
+
+
+def test_measure_repetitions_follow_the_settings():
+    calls = []
+    timing = measure(calls.append, CPU, TimingSettings(warmup=2, min_reps=3, max_reps=4, budget_s=0.0))
+    assert calls == [0, 1, 2, 3, 4]  # 2 warm-up + 3 timed, running index for input rotation
+    assert timing.reps == 3 and timing.min_s <= timing.median_s <= timing.max_s
+    calls.clear()
+    measure(calls.append, CPU, TimingSettings(warmup=0, min_reps=1, max_reps=6, budget_s=1e6))
+    assert len(calls) == 6
+
+
+def test_interleaved_sides_alternate():
+    calls = []
+    steps = {"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))}
+    timings, memory = measure_interleaved(steps, CPU, TimingSettings(warmup=1, min_reps=2, max_reps=2, budget_s=0.0),
+                                          peak_memory=True)
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert timings["a"].reps == timings["b"].reps == 2
+    assert set(memory) == {"a", "b"} and all(m.peak_bytes > 0 for m in memory.values())
+    with pytest.raises(ValueError):
+        TimingSettings(warmup=0, min_reps=3, max_reps=2, budget_s=1.0)
+
+
+def test_peak_memory_sees_an_allocation():
+    size = 256 << 20
+    with PeakMemory(CPU) as memory:
+        block = torch.ones(size // 4)  # written, so resident
+        del block
+    assert memory.increase_bytes >= 0.8 * size
+    assert memory.peak_bytes >= memory.increase_bytes
+
+
+def test_cpu_batch_reduction():
+    spec = bench_detector.DetectorSpec("s", "grad", "random", cpu_max_batch=4)
+    assert spec.batch_on(CPU, 32) == 4 and spec.batch_on(CPU, 2) == 2
+    assert spec.batch_on(torch.device("cuda"), 32) == 32  # only CPU runs are reduced
+    assert bench_detector.DetectorSpec("s", "grad", "random").batch_on(CPU, 64) == 64
+    with pytest.raises(ValueError, match="positive"):
+        bench_detector.DetectorSpec("s", "grad", "random", cpu_max_batch=0)
+
+
+def test_speedups_pair_ext_with_reference():
+    def row(kernels, phase, batch, ms):
+        return {"spec": "s", "precision": "float32", "compiled": False, "phase": phase, "batch": batch,
+                "requested_batch": batch, "kernels": kernels, "ms": ms, "min_ms": ms, "peak_increase_mb": 1.0}
+    rows = [row("ext", "p", 1, 2.0), row("reference", "p", 1, 6.0), row("ext", "p", 4, 5.0),
+            row("reference", "q", 4, 1.0)]
+    out = bench_detector.speedups(rows)
+    assert len(out) == 1 and out[0]["batch"] == 1 and math.isclose(out[0]["speedup"], 3.0)
+
+
+def test_slugs_and_devices():
+    assert slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert slugify("AMD EPYC 7B13 64-Core Processor") == "amd-epyc-7b13-64-core-processor"
+    assert resolve_device("cpu") == CPU
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_run_suite_rejects_unknown_parts(tmp_path):
+    with pytest.raises(ValueError, match="parts"):
+        run_all.run_suite(str(tmp_path), CPU, parts=["grid_sample", "bogus"])
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "bogus"])
