@@ -187,6 +187,37 @@ def test_training_a_stage_leaves_the_frozen_grids_unchanged(stage):
     assert all(p.requires_grad for p in model.parameters()) and not model.training
 
 
+def test_without_abnormal_branch_training_is_grad_training():
+    # GRAD trained by hand with the same recipe (AdamW groups, clipping, StepLR, same shuffling)
+    features = make_features(batch=8)
+    train = TrainConfig(batch_size=4, seed=3)
+    model = build_bigrid(abnormal_branch=False, abnormal_epochs=0, normal_epochs=2)
+    torch.manual_seed(0)
+    grad = GRAD(small_config(), C, S)
+    optimizer = torch.optim.AdamW(grad.param_groups(train.lr_grid, train.lr), weight_decay=train.weight_decay)
+    shuffle = torch.Generator().manual_seed(train.seed)
+    torch.manual_seed(9)
+    grad.train()
+    for _ in range(2):
+        for index in torch.randperm(8, generator=shuffle).split(4):
+            optimizer.zero_grad()
+            grad(features[index]).loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(grad.parameters()), train.grad_clip)
+            optimizer.step()
+    torch.manual_seed(9)
+    history = train_bigrid(model, features, train, progress=False, max_seconds=1e6)
+    assert history["stage"] == ["normal", "normal"] and len(history["seconds"]) == 2
+    for (name, p), q in zip(grad.named_parameters(), model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_max_seconds_stops_after_the_first_epoch_past_the_budget():
+    model = build_bigrid(abnormal_epochs=3, normal_epochs=3)
+    history = train_bigrid(model, make_features(batch=4), TrainConfig(batch_size=4), progress=False,
+                           max_seconds=1e-9)
+    assert history["stage"] == ["abnormal"]
+
+
 # ---- loss, schedule, end to end --------------------------------------------------------------
 
 def test_contrastive_loss_against_a_loop():
@@ -254,8 +285,10 @@ def test_bad_use_raises():
     plain = build_bigrid(abnormal_branch=False)
     with pytest.raises(RuntimeError, match="abnormal_branch=False"):
         plain.abnormal_response(make_features())
-    with pytest.raises(ValueError, match="abnormal branch"):
+    with pytest.raises(ValueError, match="no abnormal branch"):
         train_bigrid(plain, make_features(), TrainConfig(), progress=False)
+    with pytest.raises(ValueError, match="max_seconds"):
+        train_bigrid(build_bigrid(), make_features(), TrainConfig(), progress=False, max_seconds=0)
     model = build_bigrid()
     with pytest.raises(ValueError, match="stage"):
         bigrid_stage_parameters(model, "both")

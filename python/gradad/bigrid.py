@@ -22,6 +22,7 @@ jitter, so in training mode the two branches see independently jittered local co
 from __future__ import annotations
 
 import math
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -183,10 +184,11 @@ def bigrid_stage_loss(model: BiGridGRAD, features: Tensor, stage: str,
                       paster: Optional[FeatureBlockPaster] = None) -> Tensor:
     """The training loss of one batch ``features`` (B, C, H, W): stage 'abnormal' pastes FBP
     blobs with ``paster`` and returns the contrastive loss on channel 0 of a; stage 'normal'
-    returns GRAD's loss of the combined model on the clean features."""
-    _check_stage(model, stage)
-    if stage == "normal":
+    returns GRAD's loss of the combined model on the clean features (of GRAD itself when the
+    model has no abnormal branch)."""
+    if stage == "normal" and isinstance(model, BiGridGRAD):
         return model(features).loss
+    _check_stage(model, stage)
     if paster is None:
         raise ValueError("stage 'abnormal' needs a FeatureBlockPaster (paster)")
     pasted, mask = paster(features)
@@ -202,19 +204,30 @@ def stage_plan(bigrid: BiGridConfig) -> List[str]:
 
 
 def train_bigrid(model: BiGridGRAD, features: Tensor, train_cfg: TrainConfig,
-                 device: Optional[torch.device] = None, progress: bool = True) -> Dict[str, List]:
+                 device: Optional[torch.device] = None, progress: bool = True,
+                 max_seconds: Optional[float] = None) -> Dict[str, List]:
     """Two-stage training of ``model`` on cached normal features (N, C, H, W), following
-    :func:`stage_plan` of ``model.bigrid``.
+    :func:`stage_plan` of ``model.bigrid``. A model without the abnormal branch accepts a plan
+    of 'normal' epochs only (abnormal_epochs = 0): that is plain GRAD training. max_seconds:
+    stop after the first epoch that ends past this wall-clock budget (None: the whole plan).
 
     One AdamW over all parameters (grids at train_cfg.lr_grid, the rest at train_cfg.lr, weight
     decay), gradient-norm clipping, StepLR stepped per epoch over the whole plan; the frozen
     grids have requires_grad False during a stage, so they get no gradient and AdamW leaves them
     as they are. Batches are shuffled and FBP drawn from generators seeded with train_cfg.seed.
     Leaves every parameter trainable and the model in eval mode.
-    Returns {'stage': [...], 'loss': [mean batch loss per epoch]}."""
+    Returns {'stage': [...], 'loss': [mean batch loss per epoch], 'seconds': [end time of
+    each epoch since the start]}."""
     if not isinstance(train_cfg, TrainConfig):
         raise TypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
-    _check_stage(model, "normal")
+    if not isinstance(model, BiGridGRAD):
+        raise TypeError(f"model must be a BiGridGRAD, got {type(model).__name__}")
+    plan = stage_plan(model.bigrid)
+    if not model.has_abnormal_branch and "abnormal" in plan:
+        raise ValueError("the plan has abnormal-stage epochs but the model has no abnormal branch "
+                         "(bigrid.abnormal_branch=False); set bigrid.abnormal_epochs=0 to train it as GRAD")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be None or > 0, got {max_seconds!r}")
     if not isinstance(features, Tensor) or features.dim() != 4 or features.shape[0] == 0:
         raise ValueError(f"features must be a non-empty (N, C, H, W) tensor, got "
                          f"{getattr(features, 'shape', type(features).__name__)}")
@@ -229,13 +242,14 @@ def train_bigrid(model: BiGridGRAD, features: Tensor, train_cfg: TrainConfig,
     optimizer = torch.optim.AdamW(model.param_groups(train_cfg.lr_grid, train_cfg.lr),
                                   weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, train_cfg.lr_step, train_cfg.lr_gamma)
-    plan = stage_plan(bigrid)
-    history: Dict[str, List] = {"stage": [], "loss": []}
+    history: Dict[str, List] = {"stage": [], "loss": [], "seconds": []}
+    start = time.perf_counter()
     batches_per_epoch = math.ceil(features.shape[0] / train_cfg.batch_size)
     model.train()
     try:
         for stage in tqdm(plan, desc="bi-grid epochs", disable=not progress):
-            set_bigrid_stage(model, stage)
+            if model.has_abnormal_branch:
+                set_bigrid_stage(model, stage)
             trainable = [p for p in model.parameters() if p.requires_grad]
             order = torch.randperm(features.shape[0], generator=shuffle)
             total = 0.0
@@ -254,6 +268,9 @@ def train_bigrid(model: BiGridGRAD, features: Tensor, train_cfg: TrainConfig,
             scheduler.step()
             history["stage"].append(stage)
             history["loss"].append(total / batches_per_epoch)
+            history["seconds"].append(time.perf_counter() - start)
+            if max_seconds is not None and history["seconds"][-1] > max_seconds:
+                break
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
