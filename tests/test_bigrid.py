@@ -13,7 +13,9 @@ from gradad.bigrid import (
     BiGridGRAD, ChannelStandardize, bigrid_stage_loss, bigrid_stage_parameters, contrastive_loss, set_bigrid_stage,
     stage_plan, train_bigrid,
 )
-from gradad.config import BiGridConfig, ModelConfig, TrainConfig, apply_overrides, preset_config
+from gradad.config import (
+    BiGridConfig, ModelConfig, TrainConfig, apply_overrides, dump_config, load_config, preset_config,
+)
 from gradad.fbp import FBP_PRESETS, FeatureBlockPaster
 from gradad.model import GRAD
 
@@ -277,6 +279,15 @@ def test_presets_and_overrides():
         BiGridConfig(schedule="random")
     with pytest.raises(ValueError, match="cannot both be 0"):
         BiGridConfig(abnormal_epochs=0, normal_epochs=0)
+
+
+def test_bigrid_section_round_trips_through_yaml(tmp_path):
+    cfg = apply_overrides(preset_config("bigrid-lite"), ["bigrid.schedule=alternating", "bigrid.cycles=3"])
+    dump_config(cfg, tmp_path / "run.yaml")
+    assert load_config(tmp_path / "run.yaml") == cfg
+    (tmp_path / "bad.yaml").write_text("bigrid:\n  lambda: 0.5\n")
+    with pytest.raises(KeyError, match="bigrid.lambda"):
+        load_config(tmp_path / "bad.yaml")
 
 
 def test_bad_use_raises():
