@@ -1,7 +1,7 @@
 """Run configuration: every default of a GRAD run in one place, loadable from and dumpable to YAML.
 
-A :class:`Config` groups four sections (``model``, ``train``, ``data``, ``eval``) and the output
-folder. Defaults follow the reference code (spec §2); the paper's variants are behind switches
+A :class:`Config` groups five sections (``model``, ``train``, ``data``, ``eval``, ``bigrid``) and
+the output folder. Defaults follow the reference code (spec §2); the paper's variants are behind switches
 (``model.fusion='paper'``, ``model.jitter_mode='pixel'``) and in the ``'grad-paper'`` preset.
 
 - :func:`load_config` / :func:`dump_config`: YAML files (missing keys take their defaults,
@@ -33,6 +33,9 @@ MAX_GRID_DIM = 4
 CACHE_MODES = ("memory", "disk", "none")
 ON_ERROR = ("raise", "skip")
 PROTOCOLS = ("strict", "paper")
+BIGRID_COMBINES = ("learned", "fixed")
+BIGRID_SCHEDULES = ("sequential", "alternating")
+FBP_PRESET_NAMES = ("reference", "paper")  # the keys of gradad.fbp.FBP_PRESETS
 DEFAULT_OUTPUT_DIR = "runs/grad"
 
 
@@ -174,13 +177,56 @@ class EvalConfig:
 
 
 @dataclass
+class BiGridConfig:
+    """Bi-Grid GRAD (spec §3), read by :mod:`gradad.bigrid` (the plain GRAD model ignores it).
+
+    abnormal_branch: build the abnormal grids (false: the model is GRAD). combine: 'learned'
+    (reference code: x̂ = x̂_n + w·x̂_a, w learnable, initialised to abnormal_weight_init) or
+    'fixed' (paper: x̂ = λ·x̂_n + (1 − λ)·x̂_a with λ = mix_lambda; the spec gives no value for
+    λ). standardize_eps: eps of the per-channel standardisation of the abnormal sampled
+    features. contrastive_threshold: th of the truncated-L1 loss. fbp: FBP preset ('reference'
+    or 'paper'); fbp_per_image: one blob per image instead of per batch; fbp_blobs: blobs per
+    draw. schedule: 'sequential' (abnormal_epochs of stage 1, then normal_epochs of stage 2) or
+    'alternating' (that pair repeated ``cycles`` times)."""
+
+    abnormal_branch: bool = True
+    combine: str = "learned"
+    abnormal_weight_init: float = -0.2
+    mix_lambda: float = 0.5
+    standardize_eps: float = 1e-5
+    contrastive_threshold: float = 0.5
+    fbp: str = "reference"
+    fbp_per_image: bool = False
+    fbp_blobs: int = 1
+    schedule: str = "sequential"
+    abnormal_epochs: int = 25
+    normal_epochs: int = 25
+    cycles: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("bigrid", "combine", self.combine, BIGRID_COMBINES)
+        _check_range("bigrid", "mix_lambda", self.mix_lambda, 0, 1)
+        _check_range("bigrid", "standardize_eps", self.standardize_eps, 0)
+        _check_range("bigrid", "contrastive_threshold", self.contrastive_threshold, 0)
+        _check_choice("bigrid", "fbp", self.fbp, FBP_PRESET_NAMES)
+        _check_range("bigrid", "fbp_blobs", self.fbp_blobs, 1)
+        _check_choice("bigrid", "schedule", self.schedule, BIGRID_SCHEDULES)
+        _check_range("bigrid", "abnormal_epochs", self.abnormal_epochs, 0)
+        _check_range("bigrid", "normal_epochs", self.normal_epochs, 0)
+        _check_range("bigrid", "cycles", self.cycles, 1)
+        if self.abnormal_epochs + self.normal_epochs == 0:
+            raise ValueError("bigrid.abnormal_epochs and bigrid.normal_epochs cannot both be 0")
+
+
+@dataclass
 class Config:
-    """A whole run: the four sections and the folder its outputs go to."""
+    """A whole run: the sections and the folder its outputs go to."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bigrid: BiGridConfig = field(default_factory=BiGridConfig)
     output_dir: str = DEFAULT_OUTPUT_DIR
 
     @property
@@ -189,7 +235,8 @@ class Config:
         return self.model.input_size if self.data.image_size is None else self.data.image_size
 
 
-SECTIONS: Dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "eval": EvalConfig}
+SECTIONS: Dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "eval": EvalConfig,
+                             "bigrid": BiGridConfig}
 
 
 # ---- type conversion ----------------------------------------------------------------------
@@ -366,11 +413,27 @@ def _lite_demo() -> Config:
     )
 
 
+def _bigrid() -> Config:
+    # Bi-Grid GRAD as the paper builds it: EfficientNet-B6 (72 + 200 = 272 channels), input 256
+    # -> 32×32 features, ResNet ('paper') fusion; reference-code combination and FBP.
+    return Config(model=ModelConfig(backbone="efficientnet_b6", input_size=256, fusion="paper"),
+                  bigrid=BiGridConfig(), output_dir="runs/bigrid")
+
+
+def _bigrid_lite() -> Config:
+    # The CPU-sized Lite demo with the abnormal branch: few epochs per stage.
+    base = _lite_demo()
+    return dataclasses.replace(base, bigrid=BiGridConfig(abnormal_epochs=5, normal_epochs=5),
+                               output_dir="runs/bigrid-lite")
+
+
 PRESETS: Dict[str, Callable[[], Config]] = {
     "grad": _grad,
     "grad-s": _grad_s,
     "grad-paper": _grad_paper,
     "lite-demo": _lite_demo,
+    "bigrid": _bigrid,
+    "bigrid-lite": _bigrid_lite,
 }
 
 
