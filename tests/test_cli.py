@@ -104,6 +104,23 @@ def test_train_test_predict_end_to_end(layout, tmp_path, capsys):
     assert [r["path"] for r in csv_rows] == [r["path"] for r in results["images"]]
 
 
+def test_train_model_bigrid_runs_both_stages_then_tests_and_predicts(mvtec, tmp_path, capsys):
+    run = tmp_path / "bigrid"
+    assert run_cli("train", "--model", "bigrid", "--dataset", "mvtec", "--root", mvtec, "--out", run, *TINY_TRAIN,
+                   "--set", "bigrid.abnormal_epochs=1", "--set", "bigrid.normal_epochs=1") == 0
+    assert "(2 epochs" in capsys.readouterr().out
+    stored = read_checkpoint(run)
+    assert stored["config"]["model"]["architecture"] == "bigrid" and stored["epoch"] == 2
+    assert any(key.startswith("abnormal.") for key in stored["model"])
+    assert run_cli("test", "--checkpoint", run, "--out", tmp_path / "report", "--no-progress") == 0
+    _check_test_report(tmp_path / "report", ("a", "b"))
+    folder = mvtec / "a" / "test" / "broken"
+    assert run_cli("predict", folder, "--checkpoint", run, "--out", tmp_path / "predicted", "--no-progress") == 0
+    # a bigrid checkpoint is not a GRAD one: asking for the other architecture is refused
+    err = _error(capsys, "test", "--checkpoint", run, "--set", "model.architecture=grad", "--no-progress")
+    assert "model.architecture" in err
+
+
 def test_predict_in_chunks_gives_the_same_scores(trained, mvtec, tmp_path, monkeypatch):
     import gradad.inference
 

@@ -246,11 +246,14 @@ class Interrupt(KeyboardInterrupt):
 
 
 def _interrupt_epoch(monkeypatch, at_epoch):
+    """Interrupt a run that starts at epoch 0 when it begins epoch ``at_epoch`` (0-based)."""
     original = training._run_epoch
+    started = []
 
     def run_epoch(*args, **kwargs):
-        if args[7] == at_epoch:  # the epoch argument (0-based)
+        if len(started) == at_epoch:
             raise Interrupt()
+        started.append(True)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(training, "_run_epoch", run_epoch)
@@ -367,3 +370,80 @@ def test_two_process_ddp_equals_one_process_with_the_same_total_batch(mvtec, tmp
     for key in single:
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ Bi-Grid GRAD
+
+
+def bigrid_config(root, abnormal_epochs=2, normal_epochs=1, **train_values) -> Config:
+    cfg = tiny_config(root, **train_values)
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, architecture="bigrid"),
+        bigrid=dataclasses.replace(cfg.bigrid, abnormal_epochs=abnormal_epochs, normal_epochs=normal_epochs))
+
+
+def test_bigrid_trains_the_stages_of_its_schedule(mvtec, tmp_path, monkeypatch):
+    from gradad.bigrid import BiGridGRAD
+    from gradad.inference import load_model
+
+    cfg = bigrid_config(mvtec, abnormal_epochs=2, normal_epochs=1, epochs=7)  # train.epochs is not used
+    stages, states = [], []
+    original = training._run_epoch
+
+    def run_epoch(objective, *args, **kwargs):
+        stages.append(args[6])  # the stage argument
+        states.append({k: v.clone() for k, v in objective.model.state_dict().items()})
+        return original(objective, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_run_epoch", run_epoch)
+    result = train(cfg, tmp_path, options=SPLIT, progress=False)
+    assert stages == ["abnormal", "abnormal", "normal"] and result.epochs == 3
+    stored = read_checkpoint(tmp_path)
+    assert stored["epoch"] == 3 and stored["complete"] and len(stored["epoch_losses"]) == 3
+    final = stored["model"]
+    # stage 1 leaves the normal grids as initialised, stage 2 the abnormal grids as stage 1 left them
+    normal_names = [k for k in final if not k.startswith("abnormal.") and k.endswith("grid")]
+    abnormal_names = [k for k in final if k.startswith("abnormal.") and k.endswith("grid")]
+    assert normal_names and abnormal_names
+    for k in normal_names:
+        assert torch.equal(states[0][k], states[2][k]) and not torch.equal(states[2][k], final[k]), k
+    for k in abnormal_names:
+        assert not torch.equal(states[0][k], states[2][k]) and torch.equal(states[2][k], final[k]), k
+    loaded = load_model(tmp_path, device="cpu")
+    assert isinstance(loaded.model, BiGridGRAD) and loaded.model.has_abnormal_branch
+
+
+def test_bigrid_resume_across_the_stages_equals_an_uninterrupted_run(mvtec, tmp_path, monkeypatch):
+    cfg = bigrid_config(mvtec, abnormal_epochs=2, normal_epochs=2)
+    train(cfg, tmp_path / "straight", options=SPLIT, progress=False)
+    with monkeypatch.context() as patch:
+        _interrupt_epoch(patch, at_epoch=3)  # stops inside stage 2
+        with pytest.raises(Interrupt):
+            train(cfg, tmp_path / "resumed", options=SPLIT, progress=False)
+    assert read_checkpoint(tmp_path / "resumed")["epoch"] == 3
+    train(cfg, tmp_path / "resumed", resume=True, options=SPLIT, progress=False)
+    straight, resumed = read_checkpoint(tmp_path / "straight"), read_checkpoint(tmp_path / "resumed")
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key
+    assert straight["epoch_losses"] == resumed["epoch_losses"]
+
+
+def test_bigrid_without_abnormal_branch_refuses_abnormal_epochs(mvtec, tmp_path):
+    cfg = bigrid_config(mvtec)
+    cfg = dataclasses.replace(cfg, bigrid=dataclasses.replace(cfg.bigrid, abnormal_branch=False))
+    with pytest.raises(ValueError, match="abnormal_epochs"):
+        train(cfg, tmp_path, options=SPLIT, progress=False)
+
+
+def test_two_process_ddp_trains_bigrid_in_step(mvtec, tmp_path):
+    # FBP draws differ per shard, so DDP is not compared with one process here; the two
+    # processes must end with identical weights (gradients synchronised in both stages).
+    cfg = bigrid_config(mvtec, abnormal_epochs=1, normal_epochs=1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_blocks=0, jitter_prob=0.0))
+    split = TrainingSplit(val_fraction=1 / 3)
+    port = _free_port()
+    mp.spawn(_ddp_worker, args=(2, port, cfg, str(tmp_path / "ddp" / "run"), split), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
+    assert any(k.startswith("abnormal.") for k in rank0)
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)

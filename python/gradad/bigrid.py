@@ -21,16 +21,13 @@ jitter, so in training mode the two branches see independently jittered local co
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .config import BiGridConfig, ModelConfig, TrainConfig
-from .fbp import FeatureBlockPaster, fbp_settings
+from .fbp import FeatureBlockPaster
 from .model import GRAD
 
 STAGES = ("abnormal", "normal")
@@ -207,72 +204,20 @@ def train_bigrid(model: BiGridGRAD, features: Tensor, train_cfg: TrainConfig,
                  device: Optional[torch.device] = None, progress: bool = True,
                  max_seconds: Optional[float] = None) -> Dict[str, List]:
     """Two-stage training of ``model`` on cached normal features (N, C, H, W), following
-    :func:`stage_plan` of ``model.bigrid``. A model without the abnormal branch accepts a plan
-    of 'normal' epochs only (abnormal_epochs = 0): that is plain GRAD training. max_seconds:
-    stop after the first epoch that ends past this wall-clock budget (None: the whole plan).
+    :func:`stage_plan` of ``model.bigrid``: :func:`gradad.training.train_on_features` (the epoch
+    loop of ``gradad train``) with that plan. A model without the abnormal branch accepts a
+    plan of 'normal' epochs only (abnormal_epochs = 0): that is plain GRAD training.
+    max_seconds: stop after the first epoch that ends past this wall-clock budget (None: the
+    whole plan). During a stage the grids it freezes have requires_grad False, so they get no
+    gradient and AdamW leaves them as they are. Leaves every parameter trainable and the model
+    in eval mode. Returns {'stage': [...], 'loss': [mean batch loss per epoch], 'seconds':
+    [end time of each epoch since the start]}."""
+    from .training import train_on_features  # training imports this module
 
-    One AdamW over all parameters (grids at train_cfg.lr_grid, the rest at train_cfg.lr, weight
-    decay), gradient-norm clipping, StepLR stepped per epoch over the whole plan; the frozen
-    grids have requires_grad False during a stage, so they get no gradient and AdamW leaves them
-    as they are. Batches are shuffled and FBP drawn from generators seeded with train_cfg.seed.
-    Leaves every parameter trainable and the model in eval mode.
-    Returns {'stage': [...], 'loss': [mean batch loss per epoch], 'seconds': [end time of
-    each epoch since the start]}."""
-    if not isinstance(train_cfg, TrainConfig):
-        raise TypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
     if not isinstance(model, BiGridGRAD):
         raise TypeError(f"model must be a BiGridGRAD, got {type(model).__name__}")
     plan = stage_plan(model.bigrid)
     if not model.has_abnormal_branch and "abnormal" in plan:
         raise ValueError("the plan has abnormal-stage epochs but the model has no abnormal branch "
                          "(bigrid.abnormal_branch=False); set bigrid.abnormal_epochs=0 to train it as GRAD")
-    if max_seconds is not None and not max_seconds > 0:
-        raise ValueError(f"max_seconds must be None or > 0, got {max_seconds!r}")
-    if not isinstance(features, Tensor) or features.dim() != 4 or features.shape[0] == 0:
-        raise ValueError(f"features must be a non-empty (N, C, H, W) tensor, got "
-                         f"{getattr(features, 'shape', type(features).__name__)}")
-    device = device if device is not None else next(model.parameters()).device
-    model.to(device)
-    bigrid = model.bigrid
-    paster = FeatureBlockPaster(
-        fbp_settings(bigrid.fbp, per_image=bigrid.fbp_per_image, num_blobs=bigrid.fbp_blobs), seed=train_cfg.seed)
-    shuffle = torch.Generator().manual_seed(train_cfg.seed)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.param_groups(train_cfg.lr_grid, train_cfg.lr),
-                                  weight_decay=train_cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, train_cfg.lr_step, train_cfg.lr_gamma)
-    history: Dict[str, List] = {"stage": [], "loss": [], "seconds": []}
-    start = time.perf_counter()
-    batches_per_epoch = math.ceil(features.shape[0] / train_cfg.batch_size)
-    model.train()
-    try:
-        for stage in tqdm(plan, desc="bi-grid epochs", disable=not progress):
-            if model.has_abnormal_branch:
-                set_bigrid_stage(model, stage)
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            order = torch.randperm(features.shape[0], generator=shuffle)
-            total = 0.0
-            for index in order.split(train_cfg.batch_size):
-                batch = features[index].to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = bigrid_stage_loss(model, batch, stage, paster)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite {stage}-stage loss {loss.item()} at epoch "
-                                             f"{len(history['loss']) + 1}")
-                loss.backward()
-                if train_cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip)
-                optimizer.step()
-                total += loss.item()
-            scheduler.step()
-            history["stage"].append(stage)
-            history["loss"].append(total / batches_per_epoch)
-            history["seconds"].append(time.perf_counter() - start)
-            if max_seconds is not None and history["seconds"][-1] > max_seconds:
-                break
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.eval()
-    return history
+    return train_on_features(model, features, train_cfg, plan, device, progress, max_seconds)

@@ -2,8 +2,8 @@
 
 Every command builds its config in the same order, each step overriding the previous one:
 the preset (--preset) or, for test/predict, the checkpoint's own config, or the defaults;
-then the YAML file (--config); then the shortcut flags (--dataset, --root, --classes,
---device, --out); then each --set section.key=value in order.
+then the YAML file (--config); then the shortcut flags (--model, --dataset, --root,
+--classes, --device, --out); then each --set section.key=value in order.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import warnings
 from typing import Optional, Sequence
 
 from . import __version__
-from .config import PRESETS, Config, apply_overrides, dump_config, load_config, preset_config
+from .config import ARCHITECTURES, PRESETS, Config, apply_overrides, dump_config, load_config, preset_config
 
 # The demo: ELPV solar cells, offline EfficientNet-Lite weights, sized for a small CPU.
 DEMO_PRESET = "lite-demo"
+DEMO_BIGRID_PRESET = "bigrid-lite"
 DEMO_DATASET = "elpv"
 DEMO_OUT = "runs/demo"
 DEMO_MAX_TRAIN_IMAGES = 400
@@ -31,11 +32,16 @@ USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectory
                RuntimeError, FloatingPointError, ImportError)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, with_preset: bool = True) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, with_preset: bool = True,
+                      with_model: bool = False) -> None:
     group = parser.add_argument_group("configuration")
     group.add_argument("--config", metavar="YAML", help="YAML config file (missing keys keep the defaults)")
     if with_preset:
         group.add_argument("--preset", choices=sorted(PRESETS), help="named starting config")
+    if with_model:
+        group.add_argument("--model", choices=ARCHITECTURES,
+                           help="grad, or bigrid: Bi-Grid GRAD trained in the stages of the bigrid "
+                           "section (model.architecture)")
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set train.epochs=10 (repeatable)")
     group.add_argument("--dataset", help="dataset name: mvtec, visa, goodsad, folder or elpv (data.dataset)")
@@ -56,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model; writes <out>/checkpoint.pt",
                                 description="Train GRAD on the normal training images of a dataset.")
-    _add_config_flags(train)
+    _add_config_flags(train, with_model=True)
     train.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     _add_split_flags(train)
 
@@ -83,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Train on ELPV normal cells with the offline "
                                "EfficientNet-Lite backbone, evaluate on the ELPV test split and write "
                                "the report to --out.")
-    _add_config_flags(demo, with_preset=False)
+    _add_config_flags(demo, with_preset=False, with_model=True)
     _add_split_flags(demo, max_train_images=DEMO_MAX_TRAIN_IMAGES, val_fraction=DEMO_VAL_FRACTION)
     return parser
 
@@ -111,6 +117,8 @@ def build_config(args: argparse.Namespace, base: Optional[Config] = None) -> Con
     if args.config:
         cfg = load_config(args.config, base=cfg)
     shortcuts = []
+    if getattr(args, "model", None) is not None:
+        shortcuts.append(f"model.architecture={args.model}")
     if args.dataset is not None:
         shortcuts.append(f"data.dataset={args.dataset}")
     if args.root is not None:
@@ -184,8 +192,10 @@ def _command_predict(args: argparse.Namespace) -> int:
 
 
 def demo_config(args: argparse.Namespace) -> Config:
-    """The demo's config: the 'lite-demo' preset on ELPV, then the user's flags."""
-    base = apply_overrides(preset_config(DEMO_PRESET), [f"data.dataset={DEMO_DATASET}", "data.root=none"])
+    """The demo's config: the 'lite-demo' preset ('bigrid-lite' with --model bigrid) on ELPV,
+    then the user's flags."""
+    preset = DEMO_BIGRID_PRESET if getattr(args, "model", None) == "bigrid" else DEMO_PRESET
+    base = apply_overrides(preset_config(preset), [f"data.dataset={DEMO_DATASET}", "data.root=none"])
     return build_config(args, base=base)
 
 
@@ -227,9 +237,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
-    hidden_bars = {"TQDM_DISABLE": "1"} if args.no_progress else {}
-    previous = {key: os.environ.get(key) for key in hidden_bars}
-    os.environ.update(hidden_bars)  # also the bars of the evaluation and report modules
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as error:
@@ -243,10 +250,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     finally:
         warnings.formatwarning = previous_format
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-

@@ -23,6 +23,8 @@ import yaml
 
 from .io_utils import atomic_write_text
 
+# 'grad': GRAD (spec §2); 'bigrid': Bi-Grid GRAD (spec §3), configured by the bigrid section.
+ARCHITECTURES = ("grad", "bigrid")
 FUSIONS = ("crad", "crad-s", "paper")
 # Blocks of the fusion network when ModelConfig.num_blocks is None: 11 MobileNetV3
 # bottlenecks in the reference code, 7 ResNet basic blocks in the paper.
@@ -54,7 +56,8 @@ def _check_range(section: str, name: str, value: Any, low: float, high: float = 
 class ModelConfig:
     """The GRAD model (spec §2) and the backbone whose features it reads.
 
-    fusion: 'crad' (reference code: MobileNetV3 bottlenecks, expansion 4C), 'crad-s' (expansion
+    architecture: 'grad' or 'bigrid' (Bi-Grid GRAD, spec §3: adds the abnormal grids of the
+    ``bigrid`` section and trains in the stages of its schedule instead of train.epochs). fusion: 'crad' (reference code: MobileNetV3 bottlenecks, expansion 4C), 'crad-s' (expansion
     C) or 'paper' (ResNet basic blocks). num_blocks: fusion depth, None for the variant's default
     (:data:`DEFAULT_NUM_BLOCKS`). local/global_grid_dim: coordinate dimension 1..4;
     local/global_grid_res: lattice points per axis. jitter_mode: 'batch' (reference code: one
@@ -62,6 +65,7 @@ class ModelConfig:
     'reference' (the reference code's pure-torch formulation).
     """
 
+    architecture: str = "grad"
     backbone: str = "efficientnet_b4"
     backbone_weights: str = "imagenet"
     input_size: int = 224
@@ -83,6 +87,7 @@ class ModelConfig:
     kernels: str = "ext"
 
     def __post_init__(self) -> None:
+        _check_choice("model", "architecture", self.architecture, ARCHITECTURES)
         _check_range("model", "input_size", self.input_size, 1)
         _check_choice("model", "fusion", self.fusion, FUSIONS)
         if self.num_blocks is not None:
@@ -416,14 +421,16 @@ def _lite_demo() -> Config:
 def _bigrid() -> Config:
     # Bi-Grid GRAD as the paper builds it: EfficientNet-B6 (72 + 200 = 272 channels), input 256
     # -> 32×32 features, ResNet ('paper') fusion; reference-code combination and FBP.
-    return Config(model=ModelConfig(backbone="efficientnet_b6", input_size=256, fusion="paper"),
+    return Config(model=ModelConfig(architecture="bigrid", backbone="efficientnet_b6", input_size=256,
+                                    fusion="paper"),
                   bigrid=BiGridConfig(), output_dir="runs/bigrid")
 
 
 def _bigrid_lite() -> Config:
     # The CPU-sized Lite demo with the abnormal branch: few epochs per stage.
     base = _lite_demo()
-    return dataclasses.replace(base, bigrid=BiGridConfig(abnormal_epochs=5, normal_epochs=5),
+    return dataclasses.replace(base, model=dataclasses.replace(base.model, architecture="bigrid"),
+                               bigrid=BiGridConfig(abnormal_epochs=5, normal_epochs=5),
                                output_dir="runs/bigrid-lite")
 
 

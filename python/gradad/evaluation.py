@@ -173,10 +173,12 @@ def _class_masks(name: str, records: list[EvalRecord]) -> list[np.ndarray] | Non
     return masks
 
 
-def evaluate(records: Iterable[EvalRecord], protocol: str) -> dict[str, dict[str, float | None]]:
+def evaluate(records: Iterable[EvalRecord], protocol: str,
+             progress: bool = True) -> dict[str, dict[str, float | None]]:
     """Per-class §5 metrics and their mean over classes.
 
-    Args: records, one :class:`EvalRecord` per test image; protocol 'paper' or 'strict'.
+    Args: records, one :class:`EvalRecord` per test image; protocol 'paper' or 'strict';
+    progress: show a progress bar over the classes.
     Returns: {class_name: metrics, ..., 'mean': metrics}, where metrics maps every key of
     ``gradad.metrics.METRIC_KEYS`` to a float, or None for pixel metrics of classes without
     masks. The mean ignores None values and is None when every class has None.
@@ -192,7 +194,8 @@ def evaluate(records: Iterable[EvalRecord], protocol: str) -> dict[str, dict[str
     if MEAN_KEY in by_class:
         raise ValueError(f"class name {MEAN_KEY!r} is reserved for the mean over classes")
     results: dict[str, dict[str, float | None]] = {}
-    for name, class_records in tqdm(by_class.items(), desc=f"evaluate ({protocol})", unit="class"):
+    for name, class_records in tqdm(by_class.items(), desc=f"evaluate ({protocol})", unit="class",
+                                         disable=not progress):
         maps = torch.stack([torch.as_tensor(r.anomaly_map) for r in class_records])
         sizes = [r.image_size for r in class_records]
         maps_out, scores = postprocess(maps, protocol, sizes)

@@ -40,7 +40,9 @@ from .training import (
     extract_features,
     feature_cache,
     library_versions,
+    build_model,
     model_feature_size,
+    planned_epochs,
     read_checkpoint,
     resolve_device,
     score_features,
@@ -53,8 +55,10 @@ HEATMAP_DIR = "heatmaps"
 PREDICT_CLASS = "predict"
 # predict scores images in chunks of this many, so memory does not grow with their number
 PREDICT_CHUNK = 32
-# Config keys a test/predict run may change without making the checkpoint's model unfit.
+# Config keys a test/predict run must keep as the checkpoint has them: they shape the model.
 MODEL_KEYS = ("model.",)
+# The bigrid keys that shape a Bi-Grid model (the schedule keys do not).
+BIGRID_KEYS = ("bigrid.abnormal_branch", "bigrid.combine", "bigrid.mix_lambda", "bigrid.standardize_eps")
 
 
 @dataclass
@@ -89,7 +93,8 @@ def load_model(path: str | os.PathLike, cfg: Optional[Config] = None, device: st
     stored = read_checkpoint(path)
     where = stored["path"]
     cfg = config_from_dict(stored["config"]) if cfg is None else cfg
-    differences = config_differences(stored["config"], config_to_dict(cfg), prefixes=MODEL_KEYS)
+    keys = MODEL_KEYS + (BIGRID_KEYS if cfg.model.architecture == "bigrid" else ())
+    differences = config_differences(stored["config"], config_to_dict(cfg), prefixes=keys)
     if cfg.image_size != stored["image_size"]:
         differences.append(f"image size: checkpoint {stored['image_size']}, now {cfg.image_size}")
     if differences:
@@ -103,14 +108,14 @@ def load_model(path: str | os.PathLike, cfg: Optional[Config] = None, device: st
     if backbone.out_channels != stored["in_channels"]:
         raise ValueError(f"checkpoint {where} expects {stored['in_channels']} feature channels, the "
                          f"backbone {backbone.name!r} gives {backbone.out_channels}")
-    model = GRAD(cfg.model, backbone.out_channels, model_feature_size(cfg, backbone))
+    model = build_model(cfg, backbone.out_channels, model_feature_size(cfg, backbone))
     try:
         model.load_state_dict(stored["model"])
     except RuntimeError as error:
         raise ValueError(f"checkpoint {where}: its weights do not fit the model of its config: {error}") from error
     if not stored.get("complete"):
         raise ValueError(f"checkpoint {where} is from an unfinished training ({stored['epoch']} of "
-                         f"{cfg.train.epochs} epochs); finish it with `gradad train --resume`")
+                         f"{planned_epochs(cfg)} epochs); finish it with `gradad train --resume`")
     model.to(torch_device).eval()
     return LoadedModel(model, backbone, cfg, stored, torch_device)
 
@@ -282,7 +287,7 @@ def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], out_dir:
             names.append(_file_stem(records[i].class_name, records[i].defect_type,
                                     os.path.splitext(os.path.basename(records[i].path))[0]))
         paths = save_heatmap_overlays(os.path.join(out_dir, HEATMAP_DIR), images, heat, _unique(names),
-                                      scores=[scores[i] for i in shown])
+                                      scores=[scores[i] for i in shown], progress=progress)
         files += [str(p) for p in paths]
     return TestOutput(results, format_table(results), files)
 
@@ -381,7 +386,8 @@ def predict(loaded: LoadedModel, paths: Sequence[str | os.PathLike], out_dir: st
         images = [load_rgb(r, None if protocol == "strict" else cfg.image_size) for r in dataset.records]
         heatmaps = save_heatmap_overlays(os.path.join(out_dir, HEATMAP_DIR), images, list(smoothed),
                                          [name_of[r.path] for r in dataset.records],
-                                         vmin=0.0 if vmax else None, vmax=vmax, scores=list(scores))
+                                         vmin=0.0 if vmax else None, vmax=vmax, scores=list(scores),
+                                         progress=False)
         results += [{"path": r.path, "score": float(s), "anomalous": bool(s > threshold_value),
                      "heatmap": str(h)} for r, s, h in zip(dataset.records, scores, heatmaps)]
     summary = {"checkpoint": loaded.path, "threshold": threshold_value, "threshold_source": source,

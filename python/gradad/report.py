@@ -102,7 +102,7 @@ def _check_file_stem(name: str) -> None:
 def save_heatmap_overlays(out_dir: str | os.PathLike, images: Sequence[np.ndarray],
                           maps: Sequence[np.ndarray], names: Sequence[str],
                           vmin: float | None = None, vmax: float | None = None,
-                          scores: Sequence[float] | None = None) -> list[Path]:
+                          scores: Sequence[float] | None = None, progress: bool = True) -> list[Path]:
     """One PNG per image, ``<out_dir>/<name>.png``: original | anomaly heatmap over it.
 
     Args:
@@ -112,6 +112,7 @@ def save_heatmap_overlays(out_dir: str | os.PathLike, images: Sequence[np.ndarra
         vmin, vmax: colour range of the heatmap; None → min / max over all maps, so that
             colours are comparable between images.
         scores: image scores shown in the titles; None → the maximum of each map.
+        progress: show a progress bar.
     Returns: the written paths.
     """
     if not len(images) == len(maps) == len(names):
@@ -136,7 +137,7 @@ def save_heatmap_overlays(out_dir: str | os.PathLike, images: Sequence[np.ndarra
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (image, amap, name) in enumerate(tqdm(list(zip(images, maps, names)), desc="heatmaps",
-                                                 unit="image")):
+                                                 unit="image", disable=not progress)):
         score = float(amap.max()) if scores is None else float(scores[i])
         figure = Figure(figsize=(8, 4), dpi=FIGURE_DPI)
         left, right = figure.subplots(1, 2)

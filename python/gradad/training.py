@@ -40,10 +40,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import FeatureExtractor, build_backbone
-from .config import Config, config_to_dict
+from .bigrid import BiGridGRAD, bigrid_stage_loss, set_bigrid_stage, stage_plan
+from .config import Config, TrainConfig, config_to_dict
 from .data import AnomalyDataset, FeatureCache, ImageRecord, list_dataset
 from .datasets.image_io import image_size_of
 from .evaluation import postprocess
+from .fbp import FeatureBlockPaster, fbp_settings
 from .io_utils import atomic_write_bytes
 from .model import GRAD
 
@@ -56,7 +58,8 @@ VALIDATION_FRACTION = 0.1
 THRESHOLD_QUANTILE = 0.99
 # Config fields that may differ between an interrupted run and its resumption: they change
 # neither the model nor the order of the training samples.
-RESUMABLE_CHANGES = ("train.epochs", "train.device", "train.num_workers", "output_dir")
+RESUMABLE_CHANGES = ("train.epochs", "bigrid.abnormal_epochs", "bigrid.normal_epochs", "bigrid.cycles",
+                     "train.device", "train.num_workers", "output_dir")
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,74 @@ def model_feature_size(cfg: Config, backbone: FeatureExtractor) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Models and their training objective
+
+
+def build_model(cfg: Config, in_channels: int, feature_size: int) -> GRAD:
+    """The model ``cfg.model.architecture`` names, on the CPU: GRAD, or BiGridGRAD configured by
+    ``cfg.bigrid``, for features of ``in_channels`` channels and size ``feature_size``²."""
+    if cfg.model.architecture == "bigrid":
+        return BiGridGRAD(cfg.model, cfg.bigrid, in_channels, feature_size)
+    return GRAD(cfg.model, in_channels, feature_size)
+
+
+def epoch_stages(cfg: Config) -> List[Optional[str]]:
+    """What every epoch trains, in order: None (GRAD's loss) train.epochs times for GRAD; for
+    Bi-Grid GRAD the stage names of :func:`gradad.bigrid.stage_plan`."""
+    if cfg.model.architecture == "bigrid":
+        plan = list(stage_plan(cfg.bigrid))
+        if not cfg.bigrid.abnormal_branch and "abnormal" in plan:
+            raise ValueError("bigrid.abnormal_branch=False leaves no abnormal grid for the "
+                             f"bigrid.abnormal_epochs={cfg.bigrid.abnormal_epochs} stage-1 epochs; set it to 0")
+        return plan
+    return [None] * cfg.train.epochs
+
+
+def planned_epochs(cfg: Config) -> int:
+    """The number of epochs a complete training of ``cfg`` runs."""
+    return len(epoch_stages(cfg))
+
+
+class TrainingObjective(torch.nn.Module):
+    """The loss of one batch as a module (so DistributedDataParallel can wrap it):
+    ``objective(features (B, C, h, w), stage) -> loss``. Stage None is the model's own loss
+    (GRAD's); 'abnormal' / 'normal' are the Bi-Grid stages (:func:`gradad.bigrid.bigrid_stage_loss`,
+    FBP drawn by ``paster``, re-seeded per epoch by :meth:`start_epoch`)."""
+
+    def __init__(self, model: GRAD, seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.seed = seed
+        self.paster = None
+        if isinstance(model, BiGridGRAD) and model.has_abnormal_branch:
+            bigrid = model.bigrid
+            self.paster = FeatureBlockPaster(fbp_settings(bigrid.fbp, per_image=bigrid.fbp_per_image,
+                                                          num_blobs=bigrid.fbp_blobs))
+
+    def start_epoch(self, epoch: int, stage: Optional[str]) -> None:
+        """Freeze what ``stage`` does not train (Bi-Grid) and re-seed FBP from (seed, epoch), so
+        a resumed run draws the same blobs as an uninterrupted one."""
+        if stage is None:
+            return
+        if not isinstance(self.model, BiGridGRAD):
+            raise ValueError(f"stage {stage!r} needs a BiGridGRAD model, got {type(self.model).__name__}")
+        if self.model.has_abnormal_branch:
+            set_bigrid_stage(self.model, stage)
+        if self.paster is not None:
+            self.paster.seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+
+    def finish(self) -> None:
+        """Make every parameter trainable again (after the last stage)."""
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, features: torch.Tensor, stage: Optional[str] = None) -> torch.Tensor:
+        if stage is None:
+            return self.model(features).loss
+        return bigrid_stage_loss(self.model, features, stage, self.paster)
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -371,28 +442,29 @@ def _epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int) -> 
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _run_epoch(model: torch.nn.Module, source: _BatchSource, batches: List[List[int]],
-               optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
-               context: DistributedContext, epoch: int, progress: bool) -> float:
-    """One pass over ``batches``; returns the mean loss over all processes' samples."""
-    model.train()
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.amp_bf16 else nullcontext())
-    parameters = [p for p in model.parameters() if p.requires_grad]
+def _run_epoch(objective: torch.nn.Module, source: _BatchSource, batches: List[List[int]],
+               optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, device: torch.device,
+               context: DistributedContext, stage: Optional[str], desc: str, progress: bool) -> float:
+    """One pass over ``batches`` of ``objective`` (a TrainingObjective, maybe DDP-wrapped) in
+    ``stage``; returns the mean loss over all processes' samples."""
+    objective.train()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if train_cfg.amp_bf16 else nullcontext())
+    parameters = [p for p in objective.parameters() if p.requires_grad]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     samples = torch.zeros((), dtype=torch.float64, device=device)
     bar = tqdm(total=sum(len(b) for b in batches) * context.world_size, unit="img", leave=False,
-               desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not (progress and context.is_main))
+               desc=desc, disable=not (progress and context.is_main))
     started = time.perf_counter()
     for features in source.batches(batches):
         with autocast:
-            loss = model(features).loss
+            loss = objective(features, stage)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch + 1}; "
+            raise FloatingPointError(f"training loss became {loss.item()} in {desc}; "
                                      f"lower train.lr / train.lr_grid or check the input features")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, cfg.train.grad_clip)
+        if train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, train_cfg.grad_clip)
         optimizer.step()
         loss_sum += loss.detach().double() * len(features)
         samples += len(features)
@@ -404,6 +476,63 @@ def _run_epoch(model: torch.nn.Module, source: _BatchSource, batches: List[List[
         dist.all_reduce(loss_sum)
         dist.all_reduce(samples)
     return float(loss_sum / samples.clamp_min(1))
+
+
+def _epoch_desc(epoch: int, total: int, stage: Optional[str]) -> str:
+    return f"epoch {epoch + 1}/{total}" + (f" ({stage})" if stage else "")
+
+
+def make_optimizer(model: GRAD, train_cfg: TrainConfig):
+    """AdamW (grids at lr_grid, the rest at lr, weight decay) and its StepLR, stepped per epoch."""
+    optimizer = torch.optim.AdamW(model.param_groups(train_cfg.lr_grid, train_cfg.lr),
+                                  weight_decay=train_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train_cfg.lr_step, gamma=train_cfg.lr_gamma)
+    return optimizer, scheduler
+
+
+def train_on_features(model: GRAD, features: torch.Tensor, train_cfg: TrainConfig,
+                      stages: Sequence[Optional[str]], device: Optional[torch.device] = None,
+                      progress: bool = True, max_seconds: Optional[float] = None) -> Dict[str, List]:
+    """Train ``model`` in memory on features (N, C, h, w), one epoch per entry of ``stages``
+    (see :func:`epoch_stages`), with the same objective, optimiser and epoch loop as
+    :func:`train` but no files. Batches are shuffled by a generator seeded with train_cfg.seed.
+    max_seconds: stop after the first epoch that ends past this wall-clock budget (None: all).
+    Leaves every parameter trainable and the model in eval mode. Returns {'stage': [...],
+    'loss': [mean loss per epoch], 'seconds': [end time of each epoch since the start]}."""
+    if not isinstance(train_cfg, TrainConfig):
+        raise TypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be None or > 0, got {max_seconds!r}")
+    if not isinstance(features, torch.Tensor) or features.dim() != 4 or features.shape[0] == 0:
+        raise ValueError(f"features must be a non-empty (N, C, H, W) tensor, got "
+                         f"{getattr(features, 'shape', type(features).__name__)}")
+    device = device if device is not None else next(model.parameters()).device
+    model.to(device)
+    objective = TrainingObjective(model, train_cfg.seed)
+    objective.finish()
+    optimizer, scheduler = make_optimizer(model, train_cfg)
+    shuffle = torch.Generator().manual_seed(train_cfg.seed)
+    source = _BatchSource(features, None, None, device, 0)
+    history: Dict[str, List] = {"stage": [], "loss": [], "seconds": []}
+    start = time.perf_counter()
+    try:
+        for epoch in tqdm(range(len(stages)), desc="training", unit="epoch", disable=not progress):
+            stage = stages[epoch]
+            objective.start_epoch(epoch, stage)
+            order = torch.randperm(features.shape[0], generator=shuffle)
+            batches = [chunk.tolist() for chunk in order.split(train_cfg.batch_size)]
+            loss = _run_epoch(objective, source, batches, optimizer, train_cfg, device, DistributedContext(),
+                              stage, _epoch_desc(epoch, len(stages), stage), progress)
+            scheduler.step()
+            history["stage"].append(stage)
+            history["loss"].append(loss)
+            history["seconds"].append(time.perf_counter() - start)
+            if max_seconds is not None and history["seconds"][-1] > max_seconds:
+                break
+    finally:
+        objective.finish()
+        model.eval()
+    return history
 
 
 @torch.no_grad()
@@ -500,57 +629,65 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, options: T
         dist.barrier()
 
     feature_size = model_feature_size(cfg, backbone)
+    stages = epoch_stages(cfg)
+    total_epochs = len(stages)
     seed_everything(cfg.train.seed)
-    model = GRAD(cfg.model, backbone.out_channels, feature_size).to(device)
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr_grid, cfg.train.lr),
-                                  weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.train.lr_step,
-                                                gamma=cfg.train.lr_gamma)
+    model = build_model(cfg, backbone.out_channels, feature_size).to(device)
+    objective = TrainingObjective(model, cfg.train.seed)
+    optimizer, scheduler = make_optimizer(model, cfg.train)
     start_epoch, losses = 0, []
     if stored is not None:
         model.load_state_dict(stored["model"])
         optimizer.load_state_dict(stored["optimizer"])
         scheduler.load_state_dict(stored["scheduler"])
         start_epoch, losses = stored["epoch"], list(stored["epoch_losses"])
-        if start_epoch > cfg.train.epochs:
-            raise ValueError(f"{checkpoint_path} already holds {start_epoch} epochs, more than "
-                             f"train.epochs={cfg.train.epochs}")
+        if start_epoch > total_epochs:
+            raise ValueError(f"{checkpoint_path} already holds {start_epoch} epochs, more than the "
+                             f"{total_epochs} this config trains")
         set_rng_state(stored["rng"])
     elif context.enabled:
         torch.manual_seed(cfg.train.seed + context.rank)  # different jitter draws per process
 
-    if context.enabled:
-        if cfg.train.batch_size % context.world_size:
-            raise ValueError(f"train.batch_size={cfg.train.batch_size} is the total over processes and "
-                             f"must be divisible by the {context.world_size} processes")
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        trained = model
+    if context.enabled and cfg.train.batch_size % context.world_size:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is the total over processes and "
+                         f"must be divisible by the {context.world_size} processes")
     per_process_batch = cfg.train.batch_size // context.world_size
     sampler = DistributedSampler(range(len(train_set)), num_replicas=context.world_size, rank=context.rank,
                                  shuffle=True, seed=cfg.train.seed)
     source = _BatchSource(features, train_set, backbone, device, cfg.train.num_workers)
     new_losses: List[float] = []
-    epochs = tqdm(range(start_epoch, cfg.train.epochs), desc="training", unit="epoch",
-                  initial=start_epoch, total=cfg.train.epochs, disable=not show)
+    epochs = tqdm(range(start_epoch, total_epochs), desc="training", unit="epoch",
+                  initial=start_epoch, total=total_epochs, disable=not show)
+    trained, trained_stage = None, object()
     for epoch in epochs:
+        stage = stages[epoch]
+        objective.start_epoch(epoch, stage)
+        if trained is None or stage != trained_stage:
+            # DDP registers the parameters that require grad when it wraps, so it wraps again
+            # whenever a Bi-Grid stage freezes other grids; the abnormal stage leaves the
+            # normal fusion network unused, hence find_unused_parameters for Bi-Grid.
+            trained = objective if not context.enabled else DistributedDataParallel(
+                objective, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=stage is not None)
+            trained_stage = stage
         loss = _run_epoch(trained, source, _epoch_batches(sampler, epoch, per_process_batch), optimizer,
-                          cfg, device, context, epoch, progress)
+                          cfg.train, device, context, stage, _epoch_desc(epoch, total_epochs, stage), progress)
         scheduler.step()
         new_losses.append(loss)
         epochs.set_postfix(loss=f"{loss:.4g}", lr=f"{scheduler.get_last_lr()[-1]:.2g}")
-        if context.is_main and epoch + 1 < cfg.train.epochs:
+        if context.is_main and epoch + 1 < total_epochs:
             save_checkpoint(checkpoint_path, _checkpoint_payload(
                 cfg, model, backbone, epoch + 1, optimizer, scheduler, losses + new_losses, options,
                 None, complete=False))
     epochs.close()
+    objective.finish()
     # The finished model: validation scores and threshold, then the complete checkpoint (also
     # when a resumed run had nothing left to train but its last checkpoint was not complete).
     if context.is_main and not (stored is not None and stored.get("complete")
-                                and start_epoch == cfg.train.epochs):
+                                and start_epoch == total_epochs):
         validation = _validate(model, backbone, val_records, cache, cfg, device, options, show)
         save_checkpoint(checkpoint_path, _checkpoint_payload(
-            cfg, model, backbone, cfg.train.epochs, optimizer, scheduler, losses + new_losses, options,
+            cfg, model, backbone, total_epochs, optimizer, scheduler, losses + new_losses, options,
             validation, complete=True))
     if context.enabled:
         dist.barrier()  # nobody reads the checkpoint before rank 0 has written it
@@ -607,11 +744,12 @@ def train(cfg: Config, out_dir: Optional[str | os.PathLike] = None, *, resume: b
                                         context, device)
         checkpoints.append(path)
         losses.append(class_losses)
-    return TrainResult(checkpoints, losses, cfg.train.epochs)
+    return TrainResult(checkpoints, losses, planned_epochs(cfg))
 
 
 __all__ = [
-    "CHECKPOINT_NAME", "THRESHOLD_QUANTILE", "TrainResult", "TrainingSplit", "VALIDATION_FRACTION",
+    "CHECKPOINT_NAME", "TrainingObjective", "build_model", "epoch_stages", "make_optimizer", "planned_epochs",
+    "train_on_features", "THRESHOLD_QUANTILE", "TrainResult", "TrainingSplit", "VALIDATION_FRACTION",
     "config_differences", "extract_features", "feature_cache", "finish_distributed", "init_distributed",
     "read_checkpoint", "resolve_device", "save_checkpoint", "score_features", "split_training_records",
     "train",
