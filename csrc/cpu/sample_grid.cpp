@@ -99,6 +99,39 @@ void forward_rows(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict__
   }
 }
 
+// The same tile with the channel loop innermost: a point's corners stay in registers while
+// it walks down the channels. Better when the task's rows of the table fit in cache (small
+// tables, e.g. GRAD's 8x8 local grid): fewer loads per output, and in the backward pass no
+// chain of read-modify-writes on one cell (consecutive updates go to different rows).
+template <typename scalar_t, typename acc_t, int K, int D, bool CHECKED>
+void forward_points(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict__ table,
+                    scalar_t* __restrict__ out, int64_t c0, int64_t c1, int64_t S, int64_t P) {
+  for (int64_t i = 0; i < t.count; ++i) {
+    int64_t off[K];
+    acc_t w[K];
+    for (int k = 0; k < K; ++k) {
+      const bool ok = !CHECKED || (t.valid[i] >> k & 1u);
+      off[k] = ok ? t.off[k][i] : 0;
+      w[k] = ok ? t.w[k][i] : acc_t(0);
+    }
+    const unsigned valid = t.valid[i];
+    const acc_t bias = CHECKED ? t.bias[i] : acc_t(0);
+    const scalar_t* __restrict__ row = table + c0 * S;
+    scalar_t* __restrict__ o = out + c0 * P + i;
+    for (int64_t c = c0; c < c1; ++c, row += S, o += P) {
+      acc_t acc = bias;
+      for (int k = 0; k < K; ++k) {
+        if (CHECKED && !(valid >> k & 1u)) continue;
+        acc += w[k] * static_cast<acc_t>(row[off[k]]);
+      }
+      *o = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
+// Channel tiles whose table rows take at most this many bytes use the channel-inner loops.
+constexpr int64_t kChannelInnerBytes = 64 * 1024;
+
 template <typename scalar_t, int D, int K>
 void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
                     int interpolation, int padding, bool align_corners, const JitterParams& jitter) {
@@ -111,6 +144,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   const int64_t threads = at::get_num_threads();
   const int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(4 * threads, point_tiles), 1, g.C));
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
+  const bool channel_inner = channel_tile * g.S * static_cast<int64_t>(sizeof(scalar_t)) <= kChannelInnerBytes;
 
   at::parallel_for(0, point_tiles * channel_tiles, 1, [&](int64_t begin, int64_t end) {
     auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
@@ -122,8 +156,14 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
       const scalar_t* table = in + (g.N_in == 1 ? 0 : n) * g.C * g.S;
       scalar_t* obase = o + n * g.C * g.P + p0;
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
-      if (tile->checked) forward_rows<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
-      else forward_rows<scalar_t, acc_t, K, D, false>(*tile, table, obase, c0, c1, g.S, g.P);
+      if (channel_inner) {
+        if (tile->checked) forward_points<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
+        else forward_points<scalar_t, acc_t, K, D, false>(*tile, table, obase, c0, c1, g.S, g.P);
+      } else if (tile->checked) {
+        forward_rows<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
+      } else {
+        forward_rows<scalar_t, acc_t, K, D, false>(*tile, table, obase, c0, c1, g.S, g.P);
+      }
     }
   });
 }
@@ -153,6 +193,41 @@ void backward_rows(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict_
   }
 }
 
+template <typename scalar_t, typename acc_t, int K, int D, bool NEED_INPUT, bool NEED_GRID, bool CHECKED>
+void backward_points(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict__ table,
+                     scalar_t* __restrict__ gtable, const scalar_t* __restrict__ gout, acc_t* __restrict__ gacc,
+                     int64_t c0, int64_t c1, int64_t S, int64_t P) {
+  for (int64_t i = 0; i < t.count; ++i) {
+    int64_t off[K];
+    acc_t w[K], dw[K][D];
+    for (int k = 0; k < K; ++k) {
+      const bool ok = !CHECKED || (t.valid[i] >> k & 1u);
+      off[k] = ok ? t.off[k][i] : 0;
+      w[k] = ok ? t.w[k][i] : acc_t(0);
+      for (int a = 0; a < D; ++a) dw[k][a] = (NEED_GRID && ok) ? t.dw[k][a][i] : acc_t(0);
+    }
+    const unsigned valid = t.valid[i];
+    acc_t ga[D] = {};
+    const scalar_t* __restrict__ row = table + c0 * S;
+    scalar_t* __restrict__ grow = NEED_INPUT ? gtable + c0 * S : nullptr;
+    const scalar_t* __restrict__ go = gout + c0 * P + i;
+    for (int64_t c = c0; c < c1; ++c, row += S, go += P) {
+      const acc_t gv = static_cast<acc_t>(*go);
+      for (int k = 0; k < K; ++k) {
+        if (CHECKED && !(valid >> k & 1u)) continue;
+        if (NEED_INPUT) grow[off[k]] += static_cast<scalar_t>(w[k] * gv);
+        if (NEED_GRID) {
+          const acc_t v = gv * static_cast<acc_t>(row[off[k]]);
+          for (int a = 0; a < D; ++a) ga[a] += dw[k][a] * v;
+        }
+      }
+      if (NEED_INPUT) grow += S;
+    }
+    if (NEED_GRID)
+      for (int a = 0; a < D; ++a) gacc[a * kPointTile + i] += ga[a];
+  }
+}
+
 template <typename scalar_t, int D, int K, bool NEED_INPUT, bool NEED_GRID>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& grid,
                      at::Tensor& grad_input, at::Tensor& grad_grid, const GridGeometry& g, int interpolation,
@@ -168,6 +243,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   const int64_t threads = at::get_num_threads();
   const int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
+  const bool channel_inner = channel_tile * g.S * static_cast<int64_t>(sizeof(scalar_t)) <= kChannelInnerBytes;
   const int64_t total_points = g.N * g.P;
   at::Tensor partial;
   acc_t* part = nullptr;
@@ -191,10 +267,16 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
           tile->fill(gr, n * g.P + p0, p1 - p0, g, interpolation, padding, align_corners, jitter, NEED_GRID);
           std::fill(gacc.begin(), gacc.end(), acc_t(0));
           const scalar_t* gout = go + n * g.C * g.P + p0;
-          if (tile->checked)
+          if (channel_inner) {
+            if (tile->checked)
+              backward_points<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+            else
+              backward_points<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, false>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+          } else if (tile->checked) {
             backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
-          else
+          } else {
             backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, false>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+          }
           if (NEED_GRID) {
             for (int a = 0; a < D; ++a) {
               acc_t* dst = part + (ct * D + a) * total_points + n * g.P + p0;
