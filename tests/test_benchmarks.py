@@ -247,3 +247,20 @@ def test_run_suite_rejects_unknown_parts(tmp_path):
         run_all.run_suite(str(tmp_path), CPU, parts=["grid_sample", "bogus"])
     with pytest.raises(SystemExit):
         run_all.main(["--only", "bogus"])
+
+
+def test_bigrid_synthetic_dataset_is_an_mvtec_class_with_masks_on_the_defects(tmp_path):
+    from benchmarks import bigrid_vs_grad_synthetic as synthetic
+    from gradad.data import list_dataset, load_mask
+
+    root = synthetic.make_dataset(str(tmp_path), n_train=2, n_test=6, seed=0)
+    train = list_dataset("mvtec", root, "train", None)
+    test = list_dataset("mvtec", root, "test", None)
+    assert len(train) == 2 and all(r.label == 0 for r in train)
+    assert sorted(r.label for r in test) == [0, 0, 1, 1, 1, 1]
+    for record in test:
+        mask = load_mask(record)
+        if record.label == 0:
+            assert mask is None or not mask.any()
+        else:  # a defect covers a small part of the image
+            assert 0 < mask.mean() < 0.05
