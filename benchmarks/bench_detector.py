@@ -3,7 +3,7 @@ pure-torch formulation (``ModelConfig.kernels = 'ext' | 'reference'``).
 
 Per configuration (:data:`DEFAULT_SPECS`: the paper's EfficientNet-B4 GRAD, with random
 backbone weights because only its timing matters here, and the Lite demo with its real
-offline EfficientNet-Lite0 weights) and per variant (kernels; on CUDA also bfloat16
+offline EfficientNet-Lite1 weights) and per variant (kernels; on CUDA also bfloat16
 autocast and torch.compile):
 
 - inference from cached features: ``model.anomaly_map(features, image_size)`` (eval mode);
@@ -78,7 +78,7 @@ class DetectorSpec:
 
 DEFAULT_SPECS = (
     DetectorSpec("GRAD, EfficientNet-B4 (RANDOM backbone weights: timing only)", "grad", "random", cpu_max_batch=4),
-    DetectorSpec("Lite demo, EfficientNet-Lite0 (ImageNet weights)", "lite-demo", "imagenet"),
+    DetectorSpec("Lite demo, EfficientNet-Lite1 (ImageNet weights)", "lite-demo", "imagenet"),
 )
 
 

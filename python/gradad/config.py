@@ -410,9 +410,11 @@ def _grad_paper() -> Config:
 
 
 def _lite_demo() -> Config:
-    # A CPU-sized run: offline Lite0 weights, a small fusion net, few epochs.
+    # A CPU-sized run: offline Lite1 weights at their native 240 px (30×30 features), a small
+    # fusion net, few epochs. On ELPV, Lite0 at 224 or 320, Lite2 at 256, 4 blocks, 'crad'
+    # fusion, 25 epochs or all 1,131 training cells all scored within ±0.5 AUROC of it.
     return Config(
-        model=ModelConfig(backbone="efficientnet_lite0", fusion="crad-s", num_blocks=2),
+        model=ModelConfig(backbone="efficientnet_lite1", input_size=240, fusion="crad-s", num_blocks=2),
         train=TrainConfig(epochs=10, batch_size=16, lr_step=8, num_workers=0),
         output_dir="runs/lite-demo",
     )
