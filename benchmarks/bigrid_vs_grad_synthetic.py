@@ -115,9 +115,9 @@ def main(argv=None) -> int:
         root = make_dataset(os.path.join(work, "data"), args.train, args.test, args.seed)
         rows = {"GRAD": run_model("grad", "lite-demo", root, work, args.seed),
                 "Bi-Grid GRAD": run_model("bigrid", "bigrid-lite", root, work, args.seed)}
-    print(f"{'model':<14}" + "".join(f"{k:>13}" for k in (*METRICS, "train_seconds")))
+    print(f"{'model':<14}" + "".join(f"{k:>15}" for k in (*METRICS, "train_seconds")))
     for name, row in rows.items():
-        print(f"{name:<14}" + "".join(f"{row[k]:>13.4f}" if k in METRICS else f"{row[k]:>13}"
+        print(f"{name:<14}" + "".join(f"{row[k]:>15.4f}" if k in METRICS else f"{row[k]:>15}"
                                       for k in (*METRICS, "train_seconds")))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
