@@ -3,6 +3,8 @@
 // (meta) kernels are registered from Python in grad_ext/_ops.py.
 #include <torch/library.h>
 
+#include <string>
+
 #ifndef GRAD_EXT_NO_PYTHON
 #include <Python.h>
 // An empty Python module so that `import grad_ext._C` loads this library and runs the
@@ -24,6 +26,9 @@ bool compiled_with_cuda() {
   return false;
 #endif
 }
+
+// Defined in cpu/sample_grid.cpp: "avx2" or "baseline", the SIMD build of the CPU loops in use.
+std::string cpu_simd();
 
 TORCH_LIBRARY(grad_ext, m) {
   // Multilinear (or nearest) sampling of a d-dimensional table, d = 1..4.
@@ -56,6 +61,7 @@ TORCH_LIBRARY(grad_ext, m) {
       "Tensor rec, Tensor feat, Tensor stats, float mse_weight, float cos_weight, "
       "bool rec_requires_grad, bool feat_requires_grad) -> (Tensor, Tensor)");
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
+  m.def("cpu_simd() -> str", &cpu_simd);
 }
 
 }  // namespace grad_ext

@@ -15,11 +15,16 @@ __version__ = "0.1.0"
 
 
 def info() -> dict:
-    """Which backends were compiled in, and the versions they were built for."""
+    """Which backends were compiled in, and the versions they were built for.
+
+    ``cpu_simd`` is the instruction set the CPU kernels' vector loops run with: ``'avx2'``
+    (AVX2 + FMA, picked at run time when the CPU has it) or ``'baseline'`` (forced with the
+    environment variable ``GRAD_EXT_CPU_SIMD=baseline``)."""
     return {
         "version": __version__,
         "torch": torch.__version__,
         "cpu": True,
+        "cpu_simd": ops.cpu_simd(),
         "cuda": bool(ops.compiled_with_cuda()),
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),

@@ -1,5 +1,8 @@
 """grad_ext.grid_sample against F.grid_sample, the pure-torch reference and gradcheck."""
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,6 +119,21 @@ def test_many_channel_small_table_matches_f_grid_sample(form, d, padding, align)
     torch.testing.assert_close(ext_grads[1], ref_grads[1], rtol=1e-10, atol=1e-10)
 
 
+def _assert_matches_f_grid_sample(table, grid, mode, padding, align, gen):
+    """float64 values and both gradients of a (possibly shared) table against F.grid_sample."""
+    n = grid.shape[0]
+    ext = grad_ext.grid_sample(table, grid, mode, padding, align)
+    ref = F.grid_sample(table.expand(n, *table.shape[1:]), grid, mode, padding, align)
+    torch.testing.assert_close(ext, ref, rtol=1e-12, atol=1e-12)
+    gout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(ext, (table, grid), gout, allow_unused=True),
+                    torch.autograd.grad(ref, (table, grid), gout, allow_unused=True)):
+        if a is None or b is None:
+            assert mode == "nearest"  # its grid gradient is zero: F.grid_sample returns None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
 # Many points per table cell (GRAD's local grid): the CPU backward adds the table gradient
 # into private row copies; shared and per-image tables, every padding.
 @pytest.mark.parametrize("shared", [True, False])
@@ -125,16 +143,92 @@ def test_many_points_per_cell_match_f_grid_sample(shared, mode, padding):
     n, c = 5, 7
     table = torch.randn(1 if shared else n, c, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     grid = ((torch.rand(n, 9, 11, 2, generator=gen, dtype=torch.float64) * 2 - 1) * 1.2).requires_grad_()
-    gout = torch.randn(n, c, 9, 11, generator=gen, dtype=torch.float64)
-    ext = grad_ext.grid_sample(table, grid, mode, padding, False)
-    ref = F.grid_sample(table.expand(n, -1, -1, -1), grid, mode, padding, False)
-    torch.testing.assert_close(ext, ref, rtol=1e-12, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(ext, (table, grid), gout, allow_unused=True),
-                    torch.autograd.grad(ref, (table, grid), gout, allow_unused=True)):
-        if b is None or a is None:
-            assert mode == "nearest"
-            continue
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    _assert_matches_f_grid_sample(table, grid, mode, padding, False, gen)
+
+
+# Small tables are sampled in (cell, channel) layout, kLanes = 8 channels at a time in blocks
+# of 64: channel counts around those sizes, several blocks, points partly and wholly outside.
+@pytest.mark.parametrize("channels", [1, 7, 8, 9, 70, 130])
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("mode,align", list(itertools.product(MODES, [False, True])))
+def test_channel_blocks_match_f_grid_sample(channels, d, shared, mode, align):
+    gen = torch.Generator().manual_seed(hash((channels, d, shared, mode, align)) % 2**31)
+    n = 3
+    table = torch.randn(1 if shared else n, channels, *[3] * d, generator=gen, dtype=torch.float64,
+                        requires_grad=True)
+    grid = ((torch.rand(n, *[5] * d, d, generator=gen, dtype=torch.float64) * 2 - 1) * 1.5).requires_grad_()
+    _assert_matches_f_grid_sample(table, grid, mode, "zeros", align, gen)
+
+
+def test_corners_outside_ignore_non_finite_table_values_and_gradients():
+    # Corners outside the table must add nothing, not 0 * inf: F.grid_sample skips them.
+    table = torch.randn(1, 20, 4, 4, dtype=torch.float64)
+    table[0, :, 0, 0] = float("inf")
+    table[0, :, 3, 3] = float("nan")
+    table.requires_grad_()
+    grid = torch.tensor([[[[-1.2, 0.1], [0.3, 0.9], [5.0, 5.0]],
+                          [[0.0, 0.0], [0.9, -0.2], [-5.0, 0.5]]]], dtype=torch.float64)
+    ext = grad_ext.grid_sample(table, grid, "bilinear", "zeros", False)
+    ref = F.grid_sample(table, grid, "bilinear", "zeros", False)
+    torch.testing.assert_close(ext, ref, equal_nan=True)
+    assert torch.isfinite(ext[0, :, 0, 0]).all() and torch.isfinite(ext[0, :, 1, 1]).all()  # valid corners finite
+    # a NaN output gradient at points wholly outside must not reach the table gradient
+    gout = torch.randn(ref.shape, dtype=torch.float64)
+    gout[0, :, 0, 2] = float("nan")
+    gout[0, :, 1, 2] = float("inf")
+    ext_grad, = torch.autograd.grad(ext, table, gout)
+    ref_grad, = torch.autograd.grad(ref, table, gout)
+    torch.testing.assert_close(ext_grad, ref_grad, equal_nan=True)
+    assert torch.isfinite(ext_grad).all()
+
+
+def test_baseline_simd_build_matches_f_grid_sample(tmp_path):
+    # The vector loops are compiled for the baseline ISA and for AVX2; the environment
+    # variable forces the baseline one, which this CPU would otherwise not run.
+    script = tmp_path / "baseline.py"
+    script.write_text(
+        "import torch, torch.nn.functional as F, grad_ext\n"
+        "assert grad_ext.info()['cpu_simd'] == 'baseline', grad_ext.info()\n"
+        "gen = torch.Generator().manual_seed(0)\n"
+        "for shared in (True, False):\n"
+        "    table = torch.randn(1 if shared else 4, 37, 8, 8, generator=gen, requires_grad=True)\n"
+        "    grid = ((torch.rand(4, 6, 7, 2, generator=gen) * 2 - 1) * 1.2).requires_grad_()\n"
+        "    gout = torch.randn(4, 37, 6, 7, generator=gen)\n"
+        "    ext = grad_ext.grid_sample(table, grid, align_corners=False)\n"
+        "    ref = F.grid_sample(table.expand(4, -1, -1, -1), grid, align_corners=False)\n"
+        "    torch.testing.assert_close(ext, ref, rtol=1e-5, atol=1e-5)\n"
+        "    for a, b in zip(torch.autograd.grad(ext, (table, grid), gout), torch.autograd.grad(ref, (table, grid), gout)):\n"
+        "        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)\n"
+        "print('ok')\n")
+    env = {**os.environ, "GRAD_EXT_CPU_SIMD": "baseline"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    bad = subprocess.run([sys.executable, "-c", "import grad_ext; grad_ext.info()"],
+                         env={**os.environ, "GRAD_EXT_CPU_SIMD": "sse9"}, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "GRAD_EXT_CPU_SIMD must be" in bad.stderr
+
+
+@pytest.mark.parametrize("huge_pages", ["0", "1"])
+def test_large_outputs_with_and_without_huge_pages(monkeypatch, huge_pages):
+    # Outputs of 8 MiB and more are advised to use transparent huge pages unless turned off.
+    monkeypatch.setenv("GRAD_EXT_HUGE_PAGES", huge_pages)
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(1, 64, 8, 8, generator=gen, requires_grad=True)
+    grid = (torch.rand(48, 28, 28, 2, generator=gen) * 2 - 1).requires_grad_()
+    ext = grad_ext.grid_sample(table, grid)
+    ref = F.grid_sample(table.expand(48, -1, -1, -1), grid, align_corners=False)
+    assert ext.numel() * ext.element_size() >= 8 << 20
+    torch.testing.assert_close(ext, ref, rtol=1e-5, atol=1e-5)
+    gout = torch.randn(ref.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(ext, (table, grid), gout), torch.autograd.grad(ref, (table, grid), gout)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_bad_huge_pages_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GRAD_EXT_HUGE_PAGES", "yes")
+    with pytest.raises(RuntimeError, match="GRAD_EXT_HUGE_PAGES must be '0' or '1'"):
+        grad_ext.grid_sample(torch.randn(1, 64, 8, 8), torch.rand(48, 28, 28, 2) * 2 - 1)
 
 
 def test_many_channel_small_table_with_non_finite_points_matches_f_grid_sample():

@@ -9,11 +9,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "grid_common.h"
+#include "huge_pages.h"
 #include "philox.h"
 #include "sample_grid.h"
 
@@ -56,13 +60,15 @@ struct CornerTile {
   unsigned valid[kPointTile];
   acc_t bias[kPointTile];
   int64_t count = 0;
-  bool checked = false;
+  bool checked = false;  // some point has an invalid corner or a non-zero bias
+  bool biased = false;   // some point has a non-zero (non-finite) bias
 
   template <typename scalar_t>
   void fill(const scalar_t* grid, int64_t first_point, int64_t count_, const GridGeometry& g, int interpolation,
             int padding, bool align_corners, const JitterParams& jitter, bool with_grad) {
     count = count_;
     checked = false;
+    biased = false;
     const NonFinitePolicy policy = cpu_policy(D);
     PointCorners<acc_t, D> pc;
     for (int64_t i = 0; i < count; ++i) {
@@ -71,6 +77,7 @@ struct CornerTile {
       valid[i] = pc.valid;
       bias[i] = pc.bias;
       if (pc.valid != (1u << K) - 1u || pc.bias != acc_t(0)) checked = true;
+      if (pc.bias != acc_t(0)) biased = true;
       for (int k = 0; k < K; ++k) {
         const bool ok = pc.valid >> k & 1u;
         off[k][i] = ok ? pc.offset[k] : 0;
@@ -99,44 +106,207 @@ void forward_rows(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict__
   }
 }
 
-// Channels walked per point before moving to the next point: the chunk's table rows, gradient
-// rows and output lines stay in L1.
-constexpr int64_t kChannelChunk = 16;
+// ---- Cell-major loops for small tables ------------------------------------------------------
+// With a copy of the table in (cell, channel) layout, a point's corner rows are contiguous
+// runs of channels, so the channel loop runs kLanes channels at a time in SIMD registers.
+// Outputs (and output gradients) are (channel, point) rows; they go through a small
+// point-major scratch block that is transposed on the way out (in). The loops are written
+// once with GCC/Clang vector types and compiled twice on x86: for the baseline ISA and for
+// AVX2+FMA, picked at run time.
+constexpr int64_t kLanes = 8;
+constexpr int64_t kCellBlock = 64;                     // channels per scratch block (a multiple of kLanes)
+constexpr int64_t kScratchStride = kCellBlock + kLanes;  // not a power of two: spreads the rows over cache sets
 
-// The same tile with the channel loop innermost: a point's corners stay in registers while
-// it walks down the channels. Better when the task's rows of the table fit in cache (small
-// tables, e.g. GRAD's 8x8 local grid): fewer loads per output, and in the backward pass no
-// chain of read-modify-writes on one cell (consecutive updates go to different rows).
-template <typename scalar_t, typename acc_t, int K, int D, bool CHECKED>
-void forward_points(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict__ table,
-                    scalar_t* __restrict__ out, int64_t c_begin, int64_t c_end, int64_t S, int64_t P) {
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += kChannelChunk) {
-    const int64_t c1 = std::min(c_end, c0 + kChannelChunk);
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+#define GRAD_EXT_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) || defined(__i386__)
+#define GRAD_EXT_AVX2_DISPATCH 1
+#endif
+
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+};
+template <typename T>
+using simd_t = typename Simd<T>::type;
+
+template <typename T>
+GRAD_EXT_INLINE simd_t<T> load_lanes(const T* p) {
+  simd_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+GRAD_EXT_INLINE void store_lanes(T* p, simd_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// (N_in, C, S) input -> (N_in, S + 1, Cp) with Cp = C rounded up to kLanes, padded with zeros.
+// Row S is all zeros: invalid corners (weight 0) point there, so they add exact zeros even
+// when the table holds inf or NaN.
+at::Tensor cell_major(const at::Tensor& input, const GridGeometry& g) {
+  at::Tensor t = at::zeros({g.N_in, g.S + 1, round_up(g.C, kLanes)}, input.options());
+  t.narrow(1, 0, g.S).narrow(2, 0, g.C).copy_(input.view({g.N_in, g.C, g.S}).transpose(1, 2));
+  return t;
+}
+
+// The arguments of both cell-major loops; `cells` is this table batch's (S + 1, Cp) copy.
+template <typename T, int K, int D>
+struct CellsCall {
+  const CornerTile<T, K, D>* tile;
+  const T* cells;
+  int64_t Cp;
+  int64_t zero_cell;  // S: the zero row of `cells` (and a discarded row of gradT)
+  int64_t c_begin, c_end, P;
+  T* scratch;  // kPointTile x kScratchStride
+  // forward
+  T* out;
+  // backward: gradT is the task's (S + 1, Wt) input gradient in cell-major layout from channel
+  // c_begin; gacc[a * kPointTile + i] the grid gradient of point i
+  const T* gout;
+  T* gradT;
+  int64_t Wt;
+  T* gacc;
+};
+
+template <typename T, int K, int D>
+GRAD_EXT_INLINE int64_t corner_cell(const CellsCall<T, K, D>& a, int k, int64_t i) {
+  return (a.tile->valid[i] >> k & 1u) ? a.tile->off[k][i] : a.zero_cell;
+}
+
+template <typename T, int K, int D>
+GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, K, D>& a) {
+  using V = simd_t<T>;
+  const CornerTile<T, K, D>& t = *a.tile;
+  for (int64_t b0 = a.c_begin; b0 < a.c_end; b0 += kCellBlock) {
+    const int64_t b1 = std::min(a.c_end, b0 + kCellBlock), width = round_up(b1 - b0, kLanes);
     for (int64_t i = 0; i < t.count; ++i) {
-      int64_t off[K];
-      acc_t w[K];
-      for (int k = 0; k < K; ++k) {
-        const bool ok = !CHECKED || (t.valid[i] >> k & 1u);
-        off[k] = ok ? t.off[k][i] : 0;
-        w[k] = ok ? t.w[k][i] : acc_t(0);
+      const T* rows[K];
+      for (int k = 0; k < K; ++k) rows[k] = a.cells + corner_cell(a, k, i) * a.Cp + b0;
+      T* o = a.scratch + i * kScratchStride;
+      for (int64_t c = 0; c < width; c += kLanes) {
+        V acc = load_lanes(rows[0] + c) * t.w[0][i];
+        for (int k = 1; k < K; ++k) acc += load_lanes(rows[k] + c) * t.w[k][i];
+        store_lanes(o + c, acc);
       }
-      const unsigned valid = t.valid[i];
-      const acc_t bias = CHECKED ? t.bias[i] : acc_t(0);
-      const scalar_t* __restrict__ row = table + c0 * S;
-      scalar_t* __restrict__ o = out + c0 * P + i;
-      for (int64_t c = c0; c < c1; ++c, row += S, o += P) {
-        acc_t acc = bias;
+    }
+    for (int64_t c = b0; c < b1; ++c) {
+      T* __restrict__ orow = a.out + c * a.P;
+      const T* __restrict__ s = a.scratch + (c - b0);
+      for (int64_t i = 0; i < t.count; ++i) orow[i] = s[i * kScratchStride];
+    }
+  }
+}
+
+template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
+GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, K, D>& a) {
+  using V = simd_t<T>;
+  const CornerTile<T, K, D>& t = *a.tile;
+  for (int64_t b0 = a.c_begin; b0 < a.c_end; b0 += kCellBlock) {
+    const int64_t b1 = std::min(a.c_end, b0 + kCellBlock), width = round_up(b1 - b0, kLanes);
+    for (int64_t c = b0; c < b0 + width; ++c) {
+      T* __restrict__ s = a.scratch + (c - b0);
+      if (c < b1) {
+        const T* __restrict__ gorow = a.gout + c * a.P;
+        for (int64_t i = 0; i < t.count; ++i) s[i * kScratchStride] = gorow[i];
+      } else {  // padding lanes must be 0, not stale values: they meet the table's zero padding
+        for (int64_t i = 0; i < t.count; ++i) s[i * kScratchStride] = T(0);
+      }
+    }
+    for (int64_t i = 0; i < t.count; ++i) {
+      if (t.valid[i] == 0u) continue;  // entirely outside: contributes nothing (even for a NaN gradient)
+      const T* rows[K];
+      T* grows[K];
+      for (int k = 0; k < K; ++k) {
+        const int64_t cell = corner_cell(a, k, i);
+        rows[k] = a.cells + cell * a.Cp + b0;
+        grows[k] = a.gradT + cell * a.Wt + (b0 - a.c_begin);
+      }
+      const T* gv = a.scratch + i * kScratchStride;
+      V sum[K] = {};
+      for (int64_t c = 0; c < width; c += kLanes) {
+        const V g = load_lanes(gv + c);
         for (int k = 0; k < K; ++k) {
-          if (CHECKED && !(valid >> k & 1u)) continue;
-          acc += w[k] * static_cast<acc_t>(row[off[k]]);
+          if (NEED_GRID) sum[k] += g * load_lanes(rows[k] + c);
+          if (NEED_INPUT) store_lanes(grows[k] + c, load_lanes(grows[k] + c) + g * t.w[k][i]);
         }
-        *o = static_cast<scalar_t>(acc);
+      }
+      if (NEED_GRID) {
+        T corner[K];
+        for (int k = 0; k < K; ++k) {
+          T s = T(0);
+          for (int l = 0; l < kLanes; ++l) s += sum[k][l];
+          corner[k] = s;
+        }
+        for (int d = 0; d < D; ++d) {
+          T ga = T(0);
+          for (int k = 0; k < K; ++k) ga += t.dw[k][d][i] * corner[k];
+          a.gacc[d * kPointTile + i] += ga;
+        }
       }
     }
   }
 }
 
-// Channel tiles whose table rows take at most this many bytes use the channel-inner loops.
+template <typename T, int K, int D>
+void forward_cells_base(const CellsCall<T, K, D>& a) { forward_cells_impl(a); }
+template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
+void backward_cells_base(const CellsCall<T, K, D>& a) { backward_cells_impl<T, K, D, NEED_INPUT, NEED_GRID>(a); }
+
+#ifdef GRAD_EXT_AVX2_DISPATCH
+template <typename T, int K, int D>
+__attribute__((target("avx2,fma"))) void forward_cells_avx2(const CellsCall<T, K, D>& a) { forward_cells_impl(a); }
+template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
+__attribute__((target("avx2,fma"))) void backward_cells_avx2(const CellsCall<T, K, D>& a) {
+  backward_cells_impl<T, K, D, NEED_INPUT, NEED_GRID>(a);
+}
+#endif
+
+// The SIMD level of the cell-major loops: the best this CPU has, unless the environment
+// variable GRAD_EXT_CPU_SIMD asks for "baseline" (to compare or test the portable build).
+bool pick_avx2() {
+  const char* env = std::getenv("GRAD_EXT_CPU_SIMD");
+  const std::string want = env ? env : "auto";
+  TORCH_CHECK(want == "auto" || want == "baseline" || want == "avx2",
+              "GRAD_EXT_CPU_SIMD must be 'auto', 'baseline' or 'avx2', got '", want, "'");
+#ifdef GRAD_EXT_AVX2_DISPATCH
+  const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  const bool has = false;
+#endif
+  TORCH_CHECK(want != "avx2" || has, "GRAD_EXT_CPU_SIMD=avx2, but this CPU or build has no AVX2+FMA");
+  return has && want != "baseline";
+}
+
+bool cpu_has_avx2() {
+  static const bool use = pick_avx2();
+  return use;
+}
+
+template <typename T, int K, int D>
+void forward_cells(const CellsCall<T, K, D>& a) {
+#ifdef GRAD_EXT_AVX2_DISPATCH
+  if (cpu_has_avx2()) return forward_cells_avx2(a);
+#endif
+  forward_cells_base(a);
+}
+
+template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
+void backward_cells(const CellsCall<T, K, D>& a) {
+#ifdef GRAD_EXT_AVX2_DISPATCH
+  if (cpu_has_avx2()) return backward_cells_avx2<T, K, D, NEED_INPUT, NEED_GRID>(a);
+#endif
+  backward_cells_base<T, K, D, NEED_INPUT, NEED_GRID>(a);
+}
+
+// Channel tiles whose table rows take at most this many bytes use the cell-major loops.
 constexpr int64_t kChannelInnerBytes = 64 * 1024;
 
 template <typename scalar_t, int D, int K>
@@ -149,23 +319,29 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   const int64_t tiles_per_batch = ceil_div(g.P, kPointTile);
   const int64_t point_tiles = g.N * tiles_per_batch;
   const int64_t threads = at::get_num_threads();
-  const int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(4 * threads, point_tiles), 1, g.C));
-  const int64_t channel_tiles = ceil_div(g.C, channel_tile);
+  int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(4 * threads, point_tiles), 1, g.C));
   const bool channel_inner = channel_tile * g.S * static_cast<int64_t>(sizeof(scalar_t)) <= kChannelInnerBytes;
+  if (channel_inner) channel_tile = round_up(channel_tile, kLanes);
+  const int64_t channel_tiles = ceil_div(g.C, channel_tile);
+  const at::Tensor cells = channel_inner ? cell_major(input, g) : at::Tensor();
+  const int64_t Cp = round_up(g.C, kLanes);
 
   at::parallel_for(0, point_tiles * channel_tiles, 1, [&](int64_t begin, int64_t end) {
     auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
+    std::vector<acc_t> scratch(channel_inner ? kPointTile * kScratchStride : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pt = task / channel_tiles, ct = task % channel_tiles;
       const int64_t n = pt / tiles_per_batch;
       const int64_t p0 = (pt % tiles_per_batch) * kPointTile, p1 = std::min(g.P, p0 + kPointTile);
       tile->fill(gr, n * g.P + p0, p1 - p0, g, interpolation, padding, align_corners, jitter, false);
-      const scalar_t* table = in + (g.N_in == 1 ? 0 : n) * g.C * g.S;
+      const int64_t b = g.N_in == 1 ? 0 : n;
+      const scalar_t* table = in + b * g.C * g.S;
       scalar_t* obase = o + n * g.C * g.P + p0;
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
       if (channel_inner) {
-        if (tile->checked) forward_points<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
-        else forward_points<scalar_t, acc_t, K, D, false>(*tile, table, obase, c0, c1, g.S, g.P);
+        if (tile->biased) forward_rows<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
+        else forward_cells<scalar_t, K, D>({tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0,
+                                             c1, g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
       } else if (tile->checked) {
         forward_rows<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
       } else {
@@ -200,55 +376,6 @@ void backward_rows(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict_
   }
 }
 
-// The grid gradient of a point is sum_k dW_k/da * sum_c gout[c] * table[c, off_k]: the
-// corner weights' derivatives do not depend on the channel, so the channel loop only sums
-// gout * value per corner, in two interleaved sets of accumulators (independent add chains).
-template <typename scalar_t, typename acc_t, int K, int D, bool NEED_INPUT, bool NEED_GRID, bool CHECKED>
-void backward_points(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict__ table,
-                     scalar_t* __restrict__ gtable, const scalar_t* __restrict__ gout, acc_t* __restrict__ gacc,
-                     int64_t c_begin, int64_t c_end, int64_t S, int64_t P) {
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += kChannelChunk) {
-    const int64_t c1 = std::min(c_end, c0 + kChannelChunk);
-    for (int64_t i = 0; i < t.count; ++i) {
-      int64_t off[K];
-      acc_t w[K];
-      for (int k = 0; k < K; ++k) {
-        const bool ok = !CHECKED || (t.valid[i] >> k & 1u);
-        off[k] = ok ? t.off[k][i] : 0;
-        w[k] = ok ? t.w[k][i] : acc_t(0);
-      }
-      const unsigned valid = t.valid[i];
-      acc_t sum[2][K] = {};
-      const scalar_t* __restrict__ row = table + c0 * S;
-      scalar_t* __restrict__ grow = NEED_INPUT ? gtable + c0 * S : nullptr;
-      const scalar_t* __restrict__ go = gout + c0 * P + i;
-      auto channel = [&](int set, int64_t c) {
-        const acc_t gv = static_cast<acc_t>(go[(c - c0) * P]);
-        const scalar_t* __restrict__ r = row + (c - c0) * S;
-        for (int k = 0; k < K; ++k) {
-          if (CHECKED && !(valid >> k & 1u)) continue;
-          if (NEED_INPUT) grow[(c - c0) * S + off[k]] += static_cast<scalar_t>(w[k] * gv);
-          if (NEED_GRID) sum[set][k] += gv * static_cast<acc_t>(r[off[k]]);
-        }
-      };
-      int64_t c = c0;
-      for (; c + 1 < c1; c += 2) {
-        channel(0, c);
-        channel(1, c + 1);
-      }
-      if (c < c1) channel(0, c);
-      if (NEED_GRID) {
-        for (int a = 0; a < D; ++a) {
-          acc_t ga = acc_t(0);
-          for (int k = 0; k < K; ++k)
-            if (!CHECKED || (valid >> k & 1u)) ga += t.dw[k][a][i] * (sum[0][k] + sum[1][k]);
-          gacc[a * kPointTile + i] += ga;
-        }
-      }
-    }
-  }
-}
-
 template <typename scalar_t, int D, int K, bool NEED_INPUT, bool NEED_GRID>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& grid,
                      at::Tensor& grad_input, at::Tensor& grad_grid, const GridGeometry& g, int interpolation,
@@ -262,9 +389,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   // Tasks own (table batch, channel tile); the grid gradient is summed per channel tile
   // into its own slice of `partial` and reduced in a fixed order afterwards.
   const int64_t threads = at::get_num_threads();
-  const int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
-  const int64_t channel_tiles = ceil_div(g.C, channel_tile);
+  int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
   const bool channel_inner = channel_tile * g.S * static_cast<int64_t>(sizeof(scalar_t)) <= kChannelInnerBytes;
+  if (channel_inner) channel_tile = round_up(channel_tile, kLanes);
+  const int64_t channel_tiles = ceil_div(g.C, channel_tile);
+  const at::Tensor cells = channel_inner ? cell_major(input, g) : at::Tensor();
+  const int64_t Cp = round_up(g.C, kLanes);
   const int64_t total_points = g.N * g.P;
   at::Tensor partial;
   acc_t* part = nullptr;
@@ -276,12 +406,16 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   at::parallel_for(0, g.N_in * channel_tiles, 1, [&](int64_t begin, int64_t end) {
     auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
     std::vector<acc_t> gacc(NEED_GRID ? kPointTile * D : 0);
+    std::vector<acc_t> scratch(channel_inner ? kPointTile * kScratchStride : 0);
+    const int64_t Wt = channel_inner ? channel_tile : 0;  // a multiple of kLanes
+    std::vector<acc_t> gradT(NEED_INPUT ? (g.S + 1) * Wt : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / channel_tiles, ct = task % channel_tiles;
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
       const int64_t n_begin = g.N_in == 1 ? 0 : b, n_end = g.N_in == 1 ? g.N : b + 1;
       const scalar_t* table = in + b * g.C * g.S;
       scalar_t* gtable = NEED_INPUT ? gi + b * g.C * g.S : nullptr;
+      std::fill(gradT.begin(), gradT.end(), acc_t(0));
       for (int64_t n = n_begin; n < n_end; ++n) {
         for (int64_t p0 = 0; p0 < g.P; p0 += kPointTile) {
           const int64_t p1 = std::min(g.P, p0 + kPointTile);
@@ -289,10 +423,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
           std::fill(gacc.begin(), gacc.end(), acc_t(0));
           const scalar_t* gout = go + n * g.C * g.P + p0;
           if (channel_inner) {
-            if (tile->checked)
-              backward_points<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+            if (tile->biased)
+              backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
             else
-              backward_points<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, false>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+              backward_cells<scalar_t, K, D, NEED_INPUT, NEED_GRID>(
+                  {tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1, g.P, scratch.data(),
+                   nullptr, gout, gradT.data(), Wt, gacc.data()});
           } else if (tile->checked) {
             backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
           } else {
@@ -305,6 +441,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
             }
           }
         }
+      }
+      if (NEED_INPUT && channel_inner) {  // the cell-major part of this task's rows
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t s = 0; s < g.S; ++s) gtable[c * g.S + s] += static_cast<scalar_t>(gradT[s * Wt + c - c0]);
       }
     }
   });
@@ -450,7 +590,7 @@ at::Tensor sample_grid_cpu(const at::Tensor& input_, const at::Tensor& grid_, in
   const GridGeometry g = describe_call(input_, grid_);
   check_cpu_dtype(input_);
   check_jitter(jitter_std, jitter_prob, jitter_mode, jitter_seed, input_);
-  at::Tensor out = at::empty(g.out_shape, input_.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output(g.out_shape, input_.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor input = input_.contiguous(), grid = grid_.contiguous();
   const JitterParams jitter = cpu_jitter(jitter_std, jitter_prob, jitter_mode, jitter_seed);
@@ -478,8 +618,8 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(
   const GridGeometry g = describe_call(input_, grid_);
   check_cpu_dtype(input_);
   // A gradient that is not asked for comes back as an empty tensor.
-  at::Tensor grad_input = input_requires_grad ? at::zeros(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
-  at::Tensor grad_grid = grid_requires_grad ? at::zeros(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options());
+  at::Tensor grad_input = input_requires_grad ? zeros_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
+  at::Tensor grad_grid = grid_requires_grad ? zeros_output(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options());
   if (g.N * g.C * g.P == 0 || (!input_requires_grad && !grid_requires_grad)) return {grad_input, grad_grid};
   const at::Tensor input = input_.contiguous(), grid = grid_.contiguous(), gout = grad_output.contiguous();
   const JitterParams jitter = cpu_jitter(jitter_std, jitter_prob, jitter_mode, jitter_seed);
@@ -535,6 +675,8 @@ std::tuple<at::Tensor, at::Tensor> jitter_noise_cpu(const at::Tensor& seed, int6
 }
 
 }  // namespace
+
+std::string cpu_simd() { return cpu_has_avx2() ? "avx2" : "baseline"; }
 
 TORCH_LIBRARY_IMPL(grad_ext, CPU, m) {
   m.impl("sample_grid", &sample_grid_cpu);
