@@ -44,10 +44,10 @@ class TimingSettings:
 
 
 # CPU: few repetitions (a 2-core machine must get through the suite in minutes); CUDA: many.
-CPU_TIMING = TimingSettings(warmup=1, min_reps=5, max_reps=15, budget_s=2.0)
+CPU_TIMING = TimingSettings(warmup=3, min_reps=5, max_reps=15, budget_s=2.0)
 CUDA_TIMING = TimingSettings(warmup=10, min_reps=20, max_reps=200, budget_s=1.0)
-# Whole-model steps take seconds on a CPU: one warm-up, a median of at least three.
-CPU_MODEL_TIMING = TimingSettings(warmup=1, min_reps=3, max_reps=5, budget_s=10.0)
+# Whole-model steps take seconds on a CPU: one warm-up, a median of at least five.
+CPU_MODEL_TIMING = TimingSettings(warmup=1, min_reps=5, max_reps=11, budget_s=20.0)
 CUDA_MODEL_TIMING = TimingSettings(warmup=5, min_reps=10, max_reps=50, budget_s=2.0)
 
 

@@ -1,8 +1,10 @@
 // Outputs of many megabytes on the CPU: the kernels are the first to write them, and with 4 KiB
 // pages that first touch (one page fault and one page clear per page) can cost several times
 // the kernel itself. On Linux, advising transparent huge pages for the allocation makes it one
-// fault per 2 MiB. The advice is best effort (ignored where THP is off); set the environment
-// variable GRAD_EXT_HUGE_PAGES=0 to turn it off.
+// fault per 2 MiB. Opt in with the environment variable GRAD_EXT_HUGE_PAGES=1: on virtual
+// machines that hand freed memory back to their host, every fresh huge page is a slow host
+// fault, and the advice makes things slower, not faster. The advice is best effort (ignored
+// where THP is off).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -22,7 +24,7 @@ constexpr int64_t kHugePageMinBytes = 4 * static_cast<int64_t>(kHugePageBytes);
 // Read at every large allocation (cheap next to touching megabytes), so it can be changed at run time.
 inline bool huge_pages_enabled() {
   const char* env = std::getenv("GRAD_EXT_HUGE_PAGES");
-  const std::string value = env ? env : "1";
+  const std::string value = env ? env : "0";
   TORCH_CHECK(value == "0" || value == "1", "GRAD_EXT_HUGE_PAGES must be '0' or '1', got '", value, "'");
   return value == "1";
 }

@@ -211,7 +211,7 @@ def test_baseline_simd_build_matches_f_grid_sample(tmp_path):
 
 @pytest.mark.parametrize("huge_pages", ["0", "1"])
 def test_large_outputs_with_and_without_huge_pages(monkeypatch, huge_pages):
-    # Outputs of 8 MiB and more are advised to use transparent huge pages unless turned off.
+    # With GRAD_EXT_HUGE_PAGES=1, outputs of 8 MiB and more are advised to use transparent huge pages.
     monkeypatch.setenv("GRAD_EXT_HUGE_PAGES", huge_pages)
     gen = torch.Generator().manual_seed(3)
     table = torch.randn(1, 64, 8, 8, generator=gen, requires_grad=True)
