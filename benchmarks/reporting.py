@@ -169,12 +169,15 @@ def _refine_md(refine: Optional[Dict]) -> List[str]:
         return ["## refine", "", note, ""]
     cfg = refine.get("config", {})
     shape = "×".join(str(cfg.get(k, "?")) for k in ("batch", "channels", "height", "width"))
-    rows = [(r["case"], _fmt(r["grad_ext_ms"], ".3f"), _fmt(r["torch_ms"], ".3f"), _fmt(r["speedup"], ".2f", "×"))
+    rows = [(r["case"], _fmt(r["ext_ms"], ".3f"), _fmt(r["reference_ms"], ".3f"),
+             f"{_fmt(r['ext_min_ms'], '.3f')} / {_fmt(r['reference_min_ms'], '.3f')}", _fmt(r["speedup"], ".2f", "×"),
+             _fmt(r["bytes"] / 1e6, ".1f"), _fmt(r["ext_gbps"], ".1f"), _fmt(r["ext_copy_fraction"] and 100 * r["ext_copy_fraction"], ".0f", "%"))
             for r in refine["rows"]]
     return ["## refine: grad_ext.refine vs grad_ext.reference.refine", "",
             f"Shape {shape}, {cfg.get('dtype', '')}, median of {cfg.get('repeats', '?')} after "
-            f"{cfg.get('warmup', '?')} warm-up (benchmarks/bench_refine.py).", "",
-            markdown_table(("case", "grad_ext ms", "torch ms", "speed-up"), rows), ""]
+            f"{cfg.get('warmup', '?')} warm-up, both sides interleaved (benchmarks/bench_refine.py).", "",
+            markdown_table(("case", "grad_ext ms", "torch ms", "min ms ext / ref", "speed-up", "MB moved",
+                            "ext GB/s", "% copy"), rows), ""]
 
 
 def results_markdown(results: Dict) -> str:
@@ -264,7 +267,8 @@ def plot_refine_speedups(refine: Optional[Dict], path: str, device: str) -> None
 def plot_roofline(rows: Sequence[Dict], roofs: Dict, path: str, device: str) -> None:
     """Left: roofline (GFLOP/s vs FLOP/byte) under the measured copy bandwidth and matmul
     throughput, grad_ext filled, reference hollow. Right: achieved bandwidth per case against
-    the measured copy bandwidth."""
+    the measured copy bandwidth. ``rows``: grid_sample and refine rows (label, direction,
+    bytes, flops, ext_/reference_ gflops and gbps)."""
     copy_gbps, peak = roofs["copy_bandwidth"]["gbps"], roofs["matmul"]["gflops"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, max(4.5, 0.28 * len(rows) + 1.5)))
     if rows:
@@ -296,7 +300,7 @@ def plot_roofline(rows: Sequence[Dict], roofs: Dict, path: str, device: str) -> 
         right.legend(fontsize=8)
     left.set_xlabel("arithmetic intensity (FLOP / byte that must move)")
     left.set_ylabel("achieved GFLOP/s")
-    left.set_title(f"grid_sample roofline on {device}")
+    left.set_title(f"grid_sample and refine roofline on {device}")
     right.set_xlabel("achieved bandwidth (GB/s)")
     right.set_title("achieved bandwidth vs measured copy bandwidth")
     _save(fig, path)
@@ -351,12 +355,14 @@ def write_results(results: Dict, folder: str) -> Dict[str, str]:
     os.makedirs(folder, exist_ok=True)
     device = results["environment"]["device_name"]
     grid_rows = results.get("grid_sample", [])
+    refine = results.get("refine") or {}
+    refine_rows = refine.get("rows", []) if refine.get("status") == "ok" else []
     paths = {name: os.path.join(folder, file) for name, file in PLOT_FILES.items()}
     plotters: Dict[str, Callable[[], None]] = {
         "speedup_grid_sample": lambda: plot_grid_sample_speedups(grid_rows, paths["speedup_grid_sample"], device),
         "speedup_detector": lambda: plot_detector_speedups(results.get("detector"), paths["speedup_detector"], device),
         "speedup_refine": lambda: plot_refine_speedups(results.get("refine"), paths["speedup_refine"], device),
-        "roofline": lambda: plot_roofline(grid_rows, results["roofs"], paths["roofline"], device),
+        "roofline": lambda: plot_roofline(grid_rows + refine_rows, results["roofs"], paths["roofline"], device),
         "throughput": lambda: plot_throughput(grid_rows, results.get("detector"), paths["throughput"], device),
     }
     for plot in plotters.values():

@@ -40,9 +40,9 @@ def refine_config(device: torch.device) -> "bench_refine.BenchConfig":
     return bench_refine.BenchConfig(device=str(device), warmup=warmup, repeats=repeats)
 
 
-def run_refine(config: "bench_refine.BenchConfig") -> Dict[str, object]:
-    """The colleague's refine benchmark (benchmarks/bench_refine.py), as a results section."""
-    rows = bench_refine.run(config)
+def run_refine(config: "bench_refine.BenchConfig", copy_gbps: Optional[float] = None) -> Dict[str, object]:
+    """The refine benchmark (benchmarks/bench_refine.py), as a results section."""
+    rows = bench_refine.run(config, copy_gbps)
     return {"status": "ok", "config": dataclasses.asdict(config), "rows": rows}
 
 
@@ -92,7 +92,7 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
                         if spec.backbone_weights == "random" else "") for spec in detector_specs)
     if "refine" in parts:
         begin = time.perf_counter()
-        results["refine"] = run_refine(refine or refine_config(device))
+        results["refine"] = run_refine(refine or refine_config(device), copy_gbps)
         part_times["refine"] = time.perf_counter() - begin
     results["wall_time_s"] = time.perf_counter() - started
     results["load_average_end"] = load_average()

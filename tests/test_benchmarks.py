@@ -83,6 +83,10 @@ def test_results_json_is_complete(suite):
     assert size["parameters"] == sum(v for k, v in size["parameter_breakdown"].items() if k != "total")
     assert size["feature_shape"] == [152, 4, 4]  # Lite0: 40 + 112 channels at 32 / 8
     assert data["refine"]["status"] == "ok" and len(data["refine"]["rows"]) == 2
+    refine_rows = {r["direction"]: r for r in data["refine"]["rows"]}
+    elements = 2 * 4 * 3 * 3  # TINY_REFINE: B·C·H·W
+    assert refine_rows["forward+backward"]["bytes"] == 4 * 5 * elements  # rec, feat twice; grad rec once
+    assert all(r["ext_gbps"] > 0 and 0 < r["ext_copy_fraction"] for r in refine_rows.values())
     assert any("random weights" in note for note in data["notes"])
 
 
