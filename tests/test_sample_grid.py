@@ -161,6 +161,28 @@ def test_channel_blocks_match_f_grid_sample(channels, d, shared, mode, align):
     _assert_matches_f_grid_sample(table, grid, mode, "zeros", align, gen)
 
 
+# Tables too large for cache take the row-by-row loops when few corners read each cell and
+# the cell-major loops when many do (forward and backward choose separately).
+@pytest.mark.parametrize("points_side", [6, 40])
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_large_tables_match_f_grid_sample(points_side, d, shared, mode):
+    gen = torch.Generator().manual_seed(hash((points_side, d, shared, mode)) % 2**31)
+    n, c = 2, 64
+    side = 24 if d == 2 else 10  # 576 or 1000 cells: a task's 16+ channels exceed 64 KB with 2 threads
+    table = torch.randn(1 if shared else n, c, *[side] * d, generator=gen, dtype=torch.float64,
+                        requires_grad=True)
+    out = [points_side] * d if d == 2 else [points_side // 2, points_side // 2, 4]
+    grid = ((torch.rand(n, *out, d, generator=gen, dtype=torch.float64) * 2 - 1) * 1.1).requires_grad_()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the channel tiles, and so the loops chosen, depend on the thread count
+    try:
+        _assert_matches_f_grid_sample(table, grid, mode, "zeros", False, gen)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_corners_outside_ignore_non_finite_table_values_and_gradients():
     # Corners outside the table must add nothing, not 0 * inf: F.grid_sample skips them.
     table = torch.randn(1, 20, 4, 4, dtype=torch.float64)

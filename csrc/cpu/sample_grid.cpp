@@ -306,8 +306,21 @@ void backward_cells(const CellsCall<T, K, D>& a) {
   backward_cells_base<T, K, D, NEED_INPUT, NEED_GRID>(a);
 }
 
-// Channel tiles whose table rows take at most this many bytes use the cell-major loops.
+// When the cell-major loops are used: they pay one transposed copy of the table (and in the
+// backward pass a private (cell, channel) gradient block per thread), which is repaid when the
+// task's table rows fit in cache, or when each cell is read by many corners (the copy is one
+// streaming pass; the gathers and scatters it speeds up are K per point). The thresholds were
+// measured on the benchmark's drop-in shapes: the 2-D forward (4 reads per cell) is faster
+// row by row, its backward and the 3-D and 4-D cases (8 and more) cell-major.
 constexpr int64_t kChannelInnerBytes = 64 * 1024;
+constexpr int64_t kCellsForwardReadsPerCell = 8;
+constexpr int64_t kCellsBackwardReadsPerCell = 4;
+constexpr int64_t kCellsMaxPrivateBytes = 16 << 20;
+
+bool use_cells(const GridGeometry& g, int K, int64_t channel_tile, int64_t elem, int64_t reads_per_cell) {
+  if (channel_tile * g.S * elem <= kChannelInnerBytes) return true;
+  return g.N * g.P * K >= reads_per_cell * g.N_in * g.S;
+}
 
 template <typename scalar_t, int D, int K>
 void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
@@ -320,7 +333,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   const int64_t point_tiles = g.N * tiles_per_batch;
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(4 * threads, point_tiles), 1, g.C));
-  const bool channel_inner = channel_tile * g.S * static_cast<int64_t>(sizeof(scalar_t)) <= kChannelInnerBytes;
+  const bool channel_inner = use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsForwardReadsPerCell);
   if (channel_inner) channel_tile = round_up(channel_tile, kLanes);
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
   const at::Tensor cells = channel_inner ? cell_major(input, g) : at::Tensor();
@@ -390,7 +403,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   // into its own slice of `partial` and reduced in a fixed order afterwards.
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
-  const bool channel_inner = channel_tile * g.S * static_cast<int64_t>(sizeof(scalar_t)) <= kChannelInnerBytes;
+  const bool channel_inner =
+      use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell) &&
+      (g.S + 1) * round_up(channel_tile, kLanes) * static_cast<int64_t>(sizeof(acc_t)) <= kCellsMaxPrivateBytes;
   if (channel_inner) channel_tile = round_up(channel_tile, kLanes);
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
   const at::Tensor cells = channel_inner ? cell_major(input, g) : at::Tensor();
