@@ -312,13 +312,13 @@ void backward_cells(const CellsCall<T, K, D>& a) {
 // streaming pass; the gathers and scatters it speeds up are K per point). The thresholds were
 // measured on the benchmark's drop-in shapes: the 2-D forward (4 reads per cell) is faster
 // row by row, its backward and the 3-D and 4-D cases (8 and more) cell-major.
-constexpr int64_t kChannelInnerBytes = 64 * 1024;
+constexpr int64_t kCellsInCacheBytes = 64 * 1024;
 constexpr int64_t kCellsForwardReadsPerCell = 8;
 constexpr int64_t kCellsBackwardReadsPerCell = 4;
 constexpr int64_t kCellsMaxPrivateBytes = 16 << 20;
 
 bool use_cells(const GridGeometry& g, int K, int64_t channel_tile, int64_t elem, int64_t reads_per_cell) {
-  if (channel_tile * g.S * elem <= kChannelInnerBytes) return true;
+  if (channel_tile * g.S * elem <= kCellsInCacheBytes) return true;
   return g.N * g.P * K >= reads_per_cell * g.N_in * g.S;
 }
 
@@ -333,15 +333,15 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   const int64_t point_tiles = g.N * tiles_per_batch;
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(4 * threads, point_tiles), 1, g.C));
-  const bool channel_inner = use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsForwardReadsPerCell);
-  if (channel_inner) channel_tile = round_up(channel_tile, kLanes);
+  const bool by_cells = use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsForwardReadsPerCell);
+  if (by_cells) channel_tile = round_up(channel_tile, kLanes);
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
-  const at::Tensor cells = channel_inner ? cell_major(input, g) : at::Tensor();
+  const at::Tensor cells = by_cells ? cell_major(input, g) : at::Tensor();
   const int64_t Cp = round_up(g.C, kLanes);
 
   at::parallel_for(0, point_tiles * channel_tiles, 1, [&](int64_t begin, int64_t end) {
     auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
-    std::vector<acc_t> scratch(channel_inner ? kPointTile * kScratchStride : 0);
+    std::vector<acc_t> scratch(by_cells ? kPointTile * kScratchStride : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pt = task / channel_tiles, ct = task % channel_tiles;
       const int64_t n = pt / tiles_per_batch;
@@ -351,7 +351,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
       const scalar_t* table = in + b * g.C * g.S;
       scalar_t* obase = o + n * g.C * g.P + p0;
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
-      if (channel_inner) {
+      if (by_cells) {
         if (tile->biased) forward_rows<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
         else forward_cells<scalar_t, K, D>({tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0,
                                              c1, g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
@@ -403,12 +403,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   // into its own slice of `partial` and reduced in a fixed order afterwards.
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
-  const bool channel_inner =
+  const bool by_cells =
       use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell) &&
       (g.S + 1) * round_up(channel_tile, kLanes) * static_cast<int64_t>(sizeof(acc_t)) <= kCellsMaxPrivateBytes;
-  if (channel_inner) channel_tile = round_up(channel_tile, kLanes);
+  if (by_cells) channel_tile = round_up(channel_tile, kLanes);
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
-  const at::Tensor cells = channel_inner ? cell_major(input, g) : at::Tensor();
+  const at::Tensor cells = by_cells ? cell_major(input, g) : at::Tensor();
   const int64_t Cp = round_up(g.C, kLanes);
   const int64_t total_points = g.N * g.P;
   at::Tensor partial;
@@ -421,8 +421,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   at::parallel_for(0, g.N_in * channel_tiles, 1, [&](int64_t begin, int64_t end) {
     auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
     std::vector<acc_t> gacc(NEED_GRID ? kPointTile * D : 0);
-    std::vector<acc_t> scratch(channel_inner ? kPointTile * kScratchStride : 0);
-    const int64_t Wt = channel_inner ? channel_tile : 0;  // a multiple of kLanes
+    std::vector<acc_t> scratch(by_cells ? kPointTile * kScratchStride : 0);
+    const int64_t Wt = by_cells ? channel_tile : 0;  // a multiple of kLanes
     std::vector<acc_t> gradT(NEED_INPUT ? (g.S + 1) * Wt : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / channel_tiles, ct = task % channel_tiles;
@@ -437,7 +437,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
           tile->fill(gr, n * g.P + p0, p1 - p0, g, interpolation, padding, align_corners, jitter, NEED_GRID);
           std::fill(gacc.begin(), gacc.end(), acc_t(0));
           const scalar_t* gout = go + n * g.C * g.P + p0;
-          if (channel_inner) {
+          if (by_cells) {
             if (tile->biased)
               backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
             else
@@ -457,7 +457,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
           }
         }
       }
-      if (NEED_INPUT && channel_inner) {  // the cell-major part of this task's rows
+      if (NEED_INPUT && by_cells) {  // the cell-major part of this task's rows
         for (int64_t c = c0; c < c1; ++c)
           for (int64_t s = 0; s < g.S; ++s) gtable[c * g.S + s] += static_cast<scalar_t>(gradT[s * Wt + c - c0]);
       }
