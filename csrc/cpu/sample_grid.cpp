@@ -11,8 +11,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -106,7 +106,7 @@ void forward_rows(const CornerTile<acc_t, K, D>& t, const scalar_t* __restrict__
   }
 }
 
-// ---- Cell-major loops for small tables ------------------------------------------------------
+// ---- Cell-major loops (small tables, and large ones read by many corners) --------------------
 // With a copy of the table in (cell, channel) layout, a point's corner rows are contiguous
 // runs of channels, so the channel loop runs kLanes channels at a time in SIMD registers.
 // Outputs (and output gradients) are (channel, point) rows; they go through a small
@@ -317,7 +317,10 @@ constexpr int64_t kCellsForwardReadsPerCell = 8;
 constexpr int64_t kCellsBackwardReadsPerCell = 4;
 constexpr int64_t kCellsMaxPrivateBytes = 16 << 20;
 
-bool use_cells(const GridGeometry& g, int K, int64_t channel_tile, int64_t elem, int64_t reads_per_cell) {
+// private_elem: bytes per element of the backward pass's private gradient block, 0 forward.
+bool use_cells(const GridGeometry& g, int K, int64_t channel_tile, int64_t elem, int64_t reads_per_cell,
+               int64_t private_elem) {
+  if ((g.S + 1) * round_up(channel_tile, kLanes) * private_elem > kCellsMaxPrivateBytes) return false;
   if (channel_tile * g.S * elem <= kCellsInCacheBytes) return true;
   return g.N * g.P * K >= reads_per_cell * g.N_in * g.S;
 }
@@ -333,7 +336,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   const int64_t point_tiles = g.N * tiles_per_batch;
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(4 * threads, point_tiles), 1, g.C));
-  const bool by_cells = use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsForwardReadsPerCell);
+  const bool by_cells = use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsForwardReadsPerCell, 0);
   if (by_cells) channel_tile = round_up(channel_tile, kLanes);
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
   const at::Tensor cells = by_cells ? cell_major(input, g) : at::Tensor();
@@ -351,10 +354,10 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
       const scalar_t* table = in + b * g.C * g.S;
       scalar_t* obase = o + n * g.C * g.P + p0;
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
-      if (by_cells) {
-        if (tile->biased) forward_rows<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
-        else forward_cells<scalar_t, K, D>({tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0,
-                                             c1, g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
+      // Tiles with a non-finite bias (NaN coordinates) take the checked row loop.
+      if (by_cells && !tile->biased) {
+        forward_cells<scalar_t, K, D>({tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1,
+                                       g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
       } else if (tile->checked) {
         forward_rows<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
       } else {
@@ -404,8 +407,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
   const bool by_cells =
-      use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell) &&
-      (g.S + 1) * round_up(channel_tile, kLanes) * static_cast<int64_t>(sizeof(acc_t)) <= kCellsMaxPrivateBytes;
+      use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell, sizeof(acc_t));
   if (by_cells) channel_tile = round_up(channel_tile, kLanes);
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
   const at::Tensor cells = by_cells ? cell_major(input, g) : at::Tensor();
@@ -437,13 +439,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
           tile->fill(gr, n * g.P + p0, p1 - p0, g, interpolation, padding, align_corners, jitter, NEED_GRID);
           std::fill(gacc.begin(), gacc.end(), acc_t(0));
           const scalar_t* gout = go + n * g.C * g.P + p0;
-          if (by_cells) {
-            if (tile->biased)
-              backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
-            else
-              backward_cells<scalar_t, K, D, NEED_INPUT, NEED_GRID>(
-                  {tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1, g.P, scratch.data(),
-                   nullptr, gout, gradT.data(), Wt, gacc.data()});
+          if (by_cells && !tile->biased) {
+            backward_cells<scalar_t, K, D, NEED_INPUT, NEED_GRID>(
+                {tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1, g.P, scratch.data(),
+                 nullptr, gout, gradT.data(), Wt, gacc.data()});
           } else if (tile->checked) {
             backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
           } else {
