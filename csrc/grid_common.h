@@ -22,16 +22,24 @@ enum Interpolation : int { kBilinear = 0, kNearest = 1 };
 enum Padding : int { kZeros = 0, kBorder = 1, kReflection = 2 };
 
 // F.grid_sample treats non-finite coordinates differently on its code paths (CPU 2-D is
-// vectorised, CPU 3-D and CUDA are scalar); a policy reproduces each one.
+// vectorised, CPU 3-D and CUDA are scalar, and CUDA clips differently in its backward pass);
+// a policy reproduces each one.
+enum class NanClip : int { kToZero, kToMax, kKeep };
 struct NonFinitePolicy {
-  bool clip_nan_to_max;  // border clipping sends NaN to size-1 (CPU scalar) instead of 0
-  bool downgrade;        // non-finite or huge indices become -100, i.e. outside (scalar paths)
+  NanClip nan_clip;     // border clipping of NaN: to 0, to size-1 (CPU scalar), or kept (CUDA backward)
+  bool downgrade;       // non-finite or huge indices become -100, i.e. outside (scalar paths)
+  bool saturate_flips;  // reflection: a flip count beyond INT_MAX is INT_MAX (odd), as CUDA's float->int
 };
 
 // CPU: the 2-D path of F.grid_sample is vectorised (NaN clips to 0, no downgrade), the 3-D
-// path is scalar; 1-D and 4-D tables follow the 2-D rule. CUDA: scalar code everywhere.
-GE_HD NonFinitePolicy cpu_policy(int D) { return D == 3 ? NonFinitePolicy{true, true} : NonFinitePolicy{false, false}; }
-GE_HD NonFinitePolicy cuda_policy() { return NonFinitePolicy{false, true}; }
+// path is scalar; 1-D and 4-D tables follow the 2-D rule. CUDA: scalar code everywhere; its
+// backward pass clips with clip_coordinates_set_grad, which lets NaN through, so a NaN
+// coordinate is outside there (no gradient) while the forward pass samples cell 0.
+GE_HD NonFinitePolicy cpu_policy(int D) {
+  return D == 3 ? NonFinitePolicy{NanClip::kToMax, true, false} : NonFinitePolicy{NanClip::kToZero, false, false};
+}
+GE_HD NonFinitePolicy cuda_policy() { return NonFinitePolicy{NanClip::kToZero, true, true}; }
+GE_HD NonFinitePolicy cuda_backward_policy() { return NonFinitePolicy{NanClip::kKeep, true, true}; }
 
 template <typename T>
 GE_HD bool finite(T x) {
@@ -65,12 +73,17 @@ GE_HD T clip_coordinate(T x, int64_t size, const NonFinitePolicy& policy, T* gra
     return hi;
   }
   if (x <= T(0)) return T(0);
-  return policy.clip_nan_to_max ? hi : T(0);  // NaN
+  // NaN
+  if (policy.nan_clip == NanClip::kKeep) {
+    *grad = T(1);
+    return x;
+  }
+  return policy.nan_clip == NanClip::kToMax ? hi : T(0);
 }
 
 // Reflect x about the borders twice_low/2 and twice_high/2 until it falls inside.
 template <typename T>
-GE_HD T reflect_coordinate(T x, int64_t twice_low, int64_t twice_high, T* grad) {
+GE_HD T reflect_coordinate(T x, int64_t twice_low, int64_t twice_high, const NonFinitePolicy& policy, T* grad) {
   if (twice_low == twice_high) {
     *grad = T(0);
     return T(0);
@@ -83,8 +96,10 @@ GE_HD T reflect_coordinate(T x, int64_t twice_low, int64_t twice_high, T* grad) 
     x = -x;
   }
   const T extra = fmod(x, span);
-  // Parity of the number of flips without an integer cast that could overflow.
-  const bool odd = fmod(floor(x / span), T(2)) == T(1);
+  // Parity of the number of flips without an integer cast that could overflow; where
+  // F.grid_sample's cast saturates (CUDA), a count of 2^31 or more is INT_MAX, odd.
+  const T flips = floor(x / span);
+  const bool odd = (policy.saturate_flips && flips >= T(2147483648.0)) || fmod(flips, T(2)) == T(1);
   if (!odd) {
     *grad = sign;
     return extra + low;
@@ -106,8 +121,8 @@ GE_HD T source_index(T coord, int64_t size, int padding, bool align_corners,
     g *= g_clip;
   } else if (padding == kReflection) {
     T g_refl, g_clip;
-    x = align_corners ? reflect_coordinate(x, 0, 2 * (size - 1), &g_refl)
-                      : reflect_coordinate(x, -1, 2 * size - 1, &g_refl);
+    x = align_corners ? reflect_coordinate(x, 0, 2 * (size - 1), policy, &g_refl)
+                      : reflect_coordinate(x, -1, 2 * size - 1, policy, &g_refl);
     x = clip_coordinate(x, size, policy, &g_clip);
     g *= g_refl * g_clip;
   }
@@ -165,6 +180,10 @@ GE_HD void setup_corners(const T* coords, const int64_t* sizes, const int64_t* s
   for (int a = 0; a < D; ++a) pc.grad_bias[a] = T(0);
 
   if (interpolation == kNearest) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int a = 0; a < D; ++a) pc.t[a] = T(0);  // unused: a piecewise constant has no weight gradient
     int64_t off = 0;
     bool inside = true;
 #if defined(__CUDACC__)

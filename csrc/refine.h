@@ -1,9 +1,13 @@
-// Host-side checks and allocations of a refine call, shared by the CPU and CUDA launchers.
+// Host-side checks and allocations of a refine call, shared by the CPU and CUDA launchers: the
+// only checks of refine's arguments (TORCH_CHECK_VALUE is a ValueError in Python,
+// TORCH_CHECK_TYPE a TypeError).
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <tuple>
 
+#include "host_common.h"
 #include "huge_pages.h"
 #include "refine_common.h"
 
@@ -20,14 +24,18 @@ struct RefineGeometry {
 inline at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline RefineGeometry describe_refine(const at::Tensor& rec, const at::Tensor& feat) {
-  TORCH_CHECK(rec.dim() == 4, "refine: rec must be 4-D (B, C, H, W), got ", rec.sizes());
-  TORCH_CHECK(feat.sizes() == rec.sizes(), "refine: feat must have rec's shape ", rec.sizes(), ", got ",
-              feat.sizes());
-  TORCH_CHECK(feat.scalar_type() == rec.scalar_type(), "refine: rec and feat must have the same dtype, got ",
-              rec.scalar_type(), " and ", feat.scalar_type());
-  TORCH_CHECK(feat.device() == rec.device(), "refine: rec and feat must be on the same device, got ", rec.device(),
-              " and ", feat.device());
-  TORCH_CHECK(rec.numel() > 0, "refine: rec and feat must not be empty, got shape ", rec.sizes());
+  TORCH_CHECK_VALUE(rec.dim() == 4, "refine: rec must have shape (B, C, H, W), got ", rec.sizes());
+  TORCH_CHECK_VALUE(feat.dim() == 4, "refine: feat must have shape (B, C, H, W), got ", feat.sizes());
+  TORCH_CHECK_VALUE(feat.sizes() == rec.sizes(), "refine: rec and feat must have the same shape, got ", rec.sizes(),
+                    " and ", feat.sizes());
+  TORCH_CHECK_TYPE(rec.is_floating_point() && feat.is_floating_point(),
+                   "refine: rec and feat must be floating point, got ", rec.scalar_type(), " and ", feat.scalar_type());
+  TORCH_CHECK_TYPE(feat.scalar_type() == rec.scalar_type(), "refine: rec and feat must have the same dtype, got ",
+                   rec.scalar_type(), " and ", feat.scalar_type());
+  TORCH_CHECK_VALUE(feat.device() == rec.device(), "refine: rec and feat must be on the same device, got ",
+                    rec.device(), " and ", feat.device());
+  check_supported_dtype("refine", "rec", rec);
+  TORCH_CHECK_VALUE(rec.numel() > 0, "refine: rec and feat must not be empty, got shape ", rec.sizes());
   RefineGeometry g;
   g.B = rec.size(0);
   g.C = rec.size(1);
@@ -38,8 +46,14 @@ inline RefineGeometry describe_refine(const at::Tensor& rec, const at::Tensor& f
   return g;
 }
 
-inline void check_refine_params(double mse_threshold) {
-  TORCH_CHECK(mse_threshold >= 0.0, "refine: mse_threshold must be >= 0, got ", mse_threshold);
+inline void check_refine_weights(double mse_weight, double cos_weight) {
+  TORCH_CHECK_VALUE(std::isfinite(mse_weight), "refine: mse_weight must be finite, got ", mse_weight);
+  TORCH_CHECK_VALUE(std::isfinite(cos_weight), "refine: cos_weight must be finite, got ", cos_weight);
+}
+
+inline void check_refine_params(double mse_weight, double cos_weight, double mse_threshold) {
+  check_refine_weights(mse_weight, cos_weight);
+  TORCH_CHECK_VALUE(mse_threshold >= 0.0, "refine: mse_threshold must be >= 0, got ", mse_threshold);
 }
 
 // sim, anomaly_map, loss, refined (or an empty tensor) and stats, all contiguous.
@@ -62,10 +76,10 @@ inline at::Tensor allocate_refine_grad(const at::Tensor& input, bool requires_gr
 inline at::Tensor upstream_grad(const c10::optional<at::Tensor>& grad, at::IntArrayRef shape, const at::Tensor& rec,
                                 const char* name) {
   if (!grad.has_value() || !grad->defined()) return at::Tensor();
-  TORCH_CHECK(grad->sizes() == shape, "refine_backward: ", name, " must have shape ", shape, ", got ", grad->sizes());
-  TORCH_CHECK(grad->scalar_type() == rec.scalar_type(), "refine_backward: ", name, " must have dtype ",
+  TORCH_CHECK_VALUE(grad->sizes() == shape, "refine_backward: ", name, " must have shape ", shape, ", got ", grad->sizes());
+  TORCH_CHECK_TYPE(grad->scalar_type() == rec.scalar_type(), "refine_backward: ", name, " must have dtype ",
               rec.scalar_type(), ", got ", grad->scalar_type());
-  TORCH_CHECK(grad->device() == rec.device(), "refine_backward: ", name, " must be on ", rec.device(), ", got ",
+  TORCH_CHECK_VALUE(grad->device() == rec.device(), "refine_backward: ", name, " must be on ", rec.device(), ", got ",
               grad->device());
   return grad->contiguous();
 }
@@ -79,7 +93,7 @@ inline RefineUpstream check_refine_backward(const c10::optional<at::Tensor>& gra
                                             const c10::optional<at::Tensor>& grad_loss,
                                             const c10::optional<at::Tensor>& grad_refined, const at::Tensor& rec,
                                             const at::Tensor& stats, const RefineGeometry& g) {
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef({kStatsRows, g.B, g.H, g.W}) &&
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({kStatsRows, g.B, g.H, g.W}) &&
                   stats.scalar_type() == stats_dtype(rec.scalar_type()) && stats.device() == rec.device(),
               "refine_backward: stats must be the ", stats_dtype(rec.scalar_type()), " tensor (", kStatsRows,
               ", B, H, W) returned by refine, got ", stats.scalar_type(), " ", stats.sizes());

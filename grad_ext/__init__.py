@@ -7,9 +7,10 @@
 """
 import torch
 
+from ._common import JitterNoise, RefineOutput, draw_jitter_seed
 from ._ops import ops
-from .refine import RefineOutput, refine
-from .sampling import GridSample, JitterNoise, draw_jitter_seed, grid_sample, jitter_noise
+from .refine import refine
+from .sampling import GridSample, grid_sample, jitter_noise
 
 __version__ = "0.1.0"
 
@@ -19,7 +20,12 @@ def info() -> dict:
 
     ``cpu_simd`` is the instruction set the CPU kernels' vector loops run with: ``'avx2'``
     (AVX2 + FMA, picked at run time when the CPU has it) or ``'baseline'`` (forced with the
-    environment variable ``GRAD_EXT_CPU_SIMD=baseline``)."""
+    environment variable ``GRAD_EXT_CPU_SIMD=baseline``).
+
+    Returns:
+        dict with keys version, torch, cpu, cpu_simd, cuda (CUDA kernels compiled in),
+        torch_cuda and cuda_available.
+    """
     return {
         "version": __version__,
         "torch": torch.__version__,

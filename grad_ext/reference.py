@@ -1,16 +1,23 @@
 """Pure-torch versions of every grad_ext op: the formulations the kernels replace.
 
-They are written independently of the kernels (torch ops only, autograd for gradients) and
-serve as the ground truth in tests and the baseline in benchmarks.
+They are written independently of the kernels (torch ops only, autograd for gradients; the
+Philox draws in Python integer arithmetic) and serve as the ground truth in tests and the
+baseline in benchmarks. :func:`grid_sample`, :func:`jitter_noise` and :func:`refine` take the
+same arguments and return the same types as their grad_ext twins, so a caller picks one
+implementation (``ops = grad_ext`` or ``ops = grad_ext.reference``) and calls it the same way.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._common import (COS_WEIGHT, INTERPOLATIONS, JITTER_MODES, MSE_THRESHOLD, MSE_WEIGHT, PADDINGS, JitterNoise,
+                      RefineOutput, call_seed, check_tensors, choice, real, seed_tensor)
+
+__all__ = ["grid_sample", "jitter_grid", "jitter_noise", "multilinear_sample", "philox4x32_10", "refine"]
 
 
 def jitter_grid(grid: Tensor, noise: Tensor) -> Tensor:
@@ -55,20 +62,18 @@ def _unit(x: Tensor) -> Tensor:
     return x.to(torch.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
 
 
-def jitter_noise(seed: int, offset: int, num_points: int, dim: int, jitter_std: float, jitter_prob: float,
-                 jitter_mode: str = "pixel") -> tuple:
-    """Independent re-implementation of the kernels' jitter draws: (noise (num_points, dim)
-    float32, jittered (num_points,) bool). Point i uses counter (i, 0, offset) for its two
-    Box-Muller pairs and (i, 2^31, offset) for its coin ('pixel'); 'batch' uses one coin on
-    counter (2^32-1, 2^32-1, offset). Key = seed."""
+def _philox_noise(seed: int, offset: int, num_points: int, dim: int, jitter_std: float, jitter_prob: float,
+                  jitter_mode: str) -> tuple[Tensor, Tensor]:
+    # Point i uses counter (i, 0, offset) for its two Box-Muller pairs and (i, 2^31, offset) for
+    # its coin ('pixel'); 'batch' uses one coin on counter (2^32-1, 2^32-1, offset). Key = seed.
     key = (seed & _MASK32, (seed >> 32) & _MASK32)
     off = (offset & _MASK32, (offset >> 32) & _MASK32)
     idx = torch.arange(num_points, dtype=torch.int64)
+
     def counters(hi_bit: int) -> Tensor:
         return torch.stack([idx & _MASK32, (idx >> 32) | hi_bit, torch.full_like(idx, off[0]),
                             torch.full_like(idx, off[1])], dim=1)
-    active = jitter_std > 0 and jitter_prob > 0
-    if not active:
+    if not (jitter_std > 0 and jitter_prob > 0):
         return torch.zeros(num_points, dim), torch.zeros(num_points, dtype=torch.bool)
     if jitter_mode == "batch":
         coin = philox4x32_10(torch.tensor([[_MASK32, _MASK32, off[0], off[1]]]), key)[0, 0]
@@ -84,14 +89,58 @@ def jitter_noise(seed: int, offset: int, num_points: int, dim: int, jitter_std: 
     return noise.to(torch.float32), flags
 
 
+def jitter_noise(jitter_seed, num_points: int, dim: int, jitter_std: float, jitter_prob: float,
+                 jitter_mode: str = "pixel", device: str | torch.device = "cpu") -> JitterNoise:
+    """Independent re-implementation of the kernels' jitter draws (:func:`grad_ext.jitter_noise`).
+
+    Args:
+        jitter_seed: (seed, offset) or an int64 tensor of 2 elements.
+        num_points, dim, jitter_std, jitter_prob, jitter_mode, device: as in grad_ext.jitter_noise.
+
+    Returns:
+        JitterNoise(noise (num_points, dim) float32, jittered (num_points,) bool) on ``device``.
+    """
+    choice("jitter_mode", jitter_mode, JITTER_MODES)
+    if not 1 <= dim <= 4:
+        raise ValueError(f"jitter_noise: dim must be 1 to 4, got {dim}")
+    if num_points < 0:
+        raise ValueError(f"jitter_noise: num_points must be >= 0, got {num_points}")
+    seed, offset = (int(v) for v in seed_tensor(jitter_seed, "cpu").tolist())
+    noise, flags = _philox_noise(seed, offset, int(num_points), int(dim), real("jitter_std", jitter_std),
+                                 real("jitter_prob", jitter_prob), jitter_mode)
+    return JitterNoise(noise.to(device), flags.to(device))
+
+
 def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
-                align_corners: bool = False, noise: Optional[Tensor] = None) -> Tensor:
-    """Reference of :func:`grad_ext.grid_sample`: F.grid_sample for 2-D and 3-D tables (the table
-    repeated over the batch when shared, as the GRAD reference code does), the explicit
-    multilinear gather :func:`multilinear_sample` for 1-D and 4-D. ``noise`` is added to the grid
-    first (see :func:`grad_ext.jitter_noise`)."""
-    if noise is not None:
-        grid = jitter_grid(grid, noise)
+                align_corners: bool | None = False, *, jitter_std: float = 0.0, jitter_prob: float = 0.0,
+                jitter_mode: str = "pixel", generator: torch.Generator | None = None, jitter_seed=None) -> Tensor:
+    """Reference of :func:`grad_ext.grid_sample`, with the same arguments and result.
+
+    F.grid_sample for 2-D and 3-D tables (the table repeated over the batch when shared, as the
+    GRAD reference code does), the explicit multilinear gather :func:`multilinear_sample` for
+    1-D and 4-D. A jittered call draws its seed exactly as grad_ext does (so the same torch
+    seed gives the same noise), adds :func:`jitter_noise` to the grid and samples there.
+
+    Args:
+        input: (N_in, C, S_1, ..., S_d), N_in in {1, N}.
+        grid: (N, O_1, ..., O_d, d).
+        mode, padding_mode, align_corners, jitter_std, jitter_prob, jitter_mode, generator,
+            jitter_seed: as in grad_ext.grid_sample.
+
+    Returns:
+        (N, C, O_1, ..., O_d).
+    """
+    check_tensors(input=input, grid=grid)
+    choice("mode", mode, INTERPOLATIONS)
+    choice("padding_mode", padding_mode, PADDINGS)
+    choice("jitter_mode", jitter_mode, JITTER_MODES)
+    jitter_std, jitter_prob = real("jitter_std", jitter_std), real("jitter_prob", jitter_prob)
+    seed = call_seed(jitter_std, jitter_prob, jitter_seed, generator, input.device)
+    if seed is not None:
+        noise = jitter_noise(seed, grid[..., 0].numel(), grid.shape[-1], jitter_std, jitter_prob, jitter_mode,
+                             device=grid.device)
+        grid = jitter_grid(grid, noise.noise)
+    align_corners = bool(align_corners)
     d = input.dim() - 2
     if d in (2, 3):
         if input.shape[0] == 1 and grid.shape[0] != 1:
@@ -166,11 +215,23 @@ def multilinear_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padd
     return out.reshape(n, c, *out_shape)
 
 
-def refine(rec: Tensor, feat: Tensor, mse_weight: float, cos_weight: float, mse_threshold: float):
-    """Reference of :func:`grad_ext.refine`, written as GRAD's refinement reads in the spec.
+def refine(rec: Tensor, feat: Tensor, mse_weight: float = MSE_WEIGHT, cos_weight: float = COS_WEIGHT,
+           mse_threshold: float = MSE_THRESHOLD, return_refined: bool = False) -> RefineOutput:
+    """Reference of :func:`grad_ext.refine`, written as GRAD's refinement reads in
+    docs/method.md §2, with the same arguments and result.
 
-    rec, feat (B, C, H, W) -> (sim (B, H, W), anomaly_map (B, H, W), loss (), refined (B, C, H, W)),
-    differentiable through torch autograd (the indicator is a comparison, so it has no gradient)."""
+    Args:
+        rec, feat: (B, C, H, W).
+        mse_weight, cos_weight, mse_threshold, return_refined: as in grad_ext.refine.
+
+    Returns:
+        RefineOutput(sim (B, H, W), anomaly_map (B, H, W), loss (), refined (B, C, H, W) or
+        None), differentiable through torch autograd (the indicator is a comparison, so it has
+        no gradient).
+    """
+    check_tensors(rec=rec, feat=feat)
+    mse_weight, cos_weight = real("mse_weight", mse_weight), real("cos_weight", cos_weight)
+    mse_threshold = real("mse_threshold", mse_threshold)
     mse = ((rec - feat) ** 2).mean(dim=1)
     indicator = (mse < mse_threshold).to(rec.dtype)
     sim = mse_weight * indicator + cos_weight * F.cosine_similarity(rec, feat, dim=1, eps=1e-8)
@@ -178,4 +239,4 @@ def refine(rec: Tensor, feat: Tensor, mse_weight: float, cos_weight: float, mse_
     refined = weight * feat + (1 - weight) * rec
     anomaly_map = torch.linalg.vector_norm(feat - refined, dim=1)
     loss = ((refined - feat) ** 2).mean()
-    return sim, anomaly_map, loss, refined
+    return RefineOutput(sim, anomaly_map, loss, refined if return_refined else None)

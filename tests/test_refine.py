@@ -43,7 +43,7 @@ def weighted_sum(outputs, weights, names):
 
 
 def reference_outputs(rec, feat, **params):
-    return RefineOutput(*reference.refine(rec, feat, **{**PARAMS, **params}))
+    return reference.refine(rec, feat, **{**PARAMS, **params}, return_refined=True)
 
 
 # ---- values ------------------------------------------------------------------------------
@@ -323,14 +323,23 @@ def test_bad_input_raises(case):
 
 
 def test_kernel_checks_its_arguments():
-    """The operator itself (reached without the Python wrapper) rejects bad calls too."""
+    """The operator itself (reached without the Python wrapper) rejects bad calls with the same
+    exception types as the wrapper (tests/test_sample_grid.py checks every argument)."""
     rec, feat = make_pair((2, 3, 4, 4))
-    with pytest.raises(RuntimeError, match="mse_threshold must be >= 0"):
+    with pytest.raises(ValueError, match="mse_threshold must be >= 0"):
         torch.ops.grad_ext.refine(rec, feat, 0.3, 0.7, -1.0, False)
-    with pytest.raises(RuntimeError, match="feat must have rec's shape"):
+    with pytest.raises(ValueError, match="rec and feat must have the same shape"):
         torch.ops.grad_ext.refine(rec, feat[:, :2], 0.3, 0.7, 10.0, False)
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="float32 or float64"):
         torch.ops.grad_ext.refine(rec.half(), feat.half(), 0.3, 0.7, 10.0, False)
+
+
+def test_reference_has_the_kernels_signature():
+    rec, feat = make_pair((2, 3, 4, 4), torch.float64)
+    for fn in (grad_ext.refine, reference.refine):
+        out = fn(rec, feat)
+        assert isinstance(out, RefineOutput) and out.refined is None
+        assert fn(rec, feat, return_refined=True).refined.shape == rec.shape
 
 
 # ---- CUDA ------------------------------------------------------------------------------------

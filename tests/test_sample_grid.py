@@ -3,6 +3,7 @@ import itertools
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -13,6 +14,11 @@ from grad_ext import reference
 
 MODES = ["bilinear", "nearest"]
 PADDINGS = ["zeros", "border", "reflection"]
+
+
+def stable_seed(*parts) -> int:
+    """A seed from a test's parameters that is the same in every process (Python salts hash() of strings)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def _grads(fn, inputs, gout):
@@ -34,12 +40,10 @@ def _random_case(gen, d, shared=False, dtype=torch.float64, spread=1.3):
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("mode,padding,align", list(itertools.product(MODES, PADDINGS, [False, True])))
 def test_matches_f_grid_sample(d, mode, padding, align):
-    gen = torch.Generator().manual_seed(hash((d, mode, padding, align)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(d, mode, padding, align))
     for _ in range(4):
         inp, grid = _random_case(gen, d)
-        out, (gi, gg) = _grads(lambda a, b: grad_ext.grid_sample(a, b, mode, padding, align), (inp, grid),
-                               torch.randn(grid.shape[0], inp.shape[1], *grid.shape[1:-1], dtype=inp.dtype, generator=gen))
-        gout = torch.randn_like(out)
+        gout = torch.randn(grid.shape[0], inp.shape[1], *grid.shape[1:-1], dtype=inp.dtype, generator=gen)
         out, (gi, gg) = _grads(lambda a, b: grad_ext.grid_sample(a, b, mode, padding, align), (inp, grid), gout)
         ref, (ri, rg) = _grads(lambda a, b: F.grid_sample(a, b, mode, padding, align), (inp, grid), gout)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -82,7 +86,7 @@ def test_shared_table_equals_repeated_table(d, padding):
 @pytest.mark.parametrize("d", [1, 2, 3])
 @pytest.mark.parametrize("padding,align", list(itertools.product(PADDINGS, [False, True])))
 def test_many_channel_small_table_matches_f_grid_sample(form, d, padding, align):
-    gen = torch.Generator().manual_seed(hash((form, d, padding, align)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(form, d, padding, align))
     channels, points = 300, 9
     side = 2 if d == 3 else 3  # at most 4 cells per corner: 3·3·2 cells in 3-D
     shape = (1, points, 1, d) if form == "one image of points" else (points, 1, 1, d)
@@ -139,7 +143,7 @@ def _assert_matches_f_grid_sample(table, grid, mode, padding, align, gen):
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("mode,padding", list(itertools.product(MODES, PADDINGS)))
 def test_many_points_per_cell_match_f_grid_sample(shared, mode, padding):
-    gen = torch.Generator().manual_seed(hash((shared, mode, padding)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(shared, mode, padding))
     n, c = 5, 7
     table = torch.randn(1 if shared else n, c, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     grid = ((torch.rand(n, 9, 11, 2, generator=gen, dtype=torch.float64) * 2 - 1) * 1.2).requires_grad_()
@@ -153,7 +157,7 @@ def test_many_points_per_cell_match_f_grid_sample(shared, mode, padding):
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("mode,align", list(itertools.product(MODES, [False, True])))
 def test_channel_blocks_match_f_grid_sample(channels, d, shared, mode, align):
-    gen = torch.Generator().manual_seed(hash((channels, d, shared, mode, align)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(channels, d, shared, mode, align))
     n = 3
     table = torch.randn(1 if shared else n, channels, *[3] * d, generator=gen, dtype=torch.float64,
                         requires_grad=True)
@@ -168,7 +172,7 @@ def test_channel_blocks_match_f_grid_sample(channels, d, shared, mode, align):
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("mode", MODES)
 def test_large_tables_match_f_grid_sample(points_side, d, shared, mode):
-    gen = torch.Generator().manual_seed(hash((points_side, d, shared, mode)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(points_side, d, shared, mode))
     n, c = 2, 64
     side = 24 if d == 2 else 10  # 576 or 1000 cells: a task's 16+ channels exceed 64 KB with 2 threads
     table = torch.randn(1 if shared else n, c, *[side] * d, generator=gen, dtype=torch.float64,
@@ -447,15 +451,18 @@ def test_only_one_gradient_requested():
     torch.testing.assert_close(grid2.grad, torch.autograd.grad(F.grid_sample(inp2, grid2, align_corners=False).sum(), grid2)[0])
 
 
-def test_deterministic_mode_is_bitwise_reproducible():
+def test_cpu_backward_is_bitwise_reproducible_in_both_modes():
+    # The CPU backward has no atomics: the same bits with and without deterministic mode.
     gen = torch.Generator().manual_seed(4)
     inp = torch.randn(1, 16, 8, 8, generator=gen, requires_grad=True)
     grid = (torch.rand(8, 7, 7, 2, generator=gen) * 2 - 1).requires_grad_()
     gout = torch.randn(8, 16, 7, 7, generator=gen)
     prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    runs = []
     try:
-        runs = [torch.autograd.grad(grad_ext.grid_sample(inp, grid), (inp, grid), gout) for _ in range(3)]
+        for deterministic in (True, False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            runs.append(torch.autograd.grad(grad_ext.grid_sample(inp, grid), (inp, grid), gout))
     finally:
         torch.use_deterministic_algorithms(prev)
     for gi, gg in runs[1:]:
@@ -479,18 +486,114 @@ def test_deterministic_mode_is_bitwise_reproducible():
     (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"jitter_prob": 1.5}, ValueError, "jitter_prob"),
     (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"jitter_std": 0.1, "jitter_prob": 0.5, "jitter_mode": "all"},
      ValueError, "jitter_mode"),
-    ("x", torch.rand(2, 3, 3, 2), {}, TypeError, "must be tensors"),
+    ("x", torch.rand(2, 3, 3, 2), {}, TypeError, "input must be a torch.Tensor"),
+    (torch.randn(2, 3, 4, 4), None, {}, TypeError, "grid must be a torch.Tensor"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"jitter_std": "0.1"}, TypeError, "jitter_std must be a real"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"jitter_std": float("nan"), "jitter_prob": 0.5}, ValueError,
+     "jitter_std must be finite"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"jitter_std": 0.1, "jitter_prob": 0.5, "jitter_seed": (1,)},
+     ValueError, "jitter_seed must be a"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2),
+     {"jitter_std": 0.1, "jitter_prob": 0.5, "jitter_seed": torch.tensor([1.0, 2.0])}, TypeError,
+     "jitter_seed must be an int64 tensor"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2),
+     {"jitter_std": 0.1, "jitter_prob": 0.5, "jitter_seed": torch.tensor([1, 2, 3])}, ValueError,
+     "jitter_seed must hold 2 elements"),
 ])
 def test_bad_input_raises_clear_error(inp, grid, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         grad_ext.grid_sample(inp, grid, **kwargs)
 
 
-def test_bad_input_to_raw_op_is_an_error_not_a_crash():
-    with pytest.raises(RuntimeError, match="input batch must be 1"):
-        torch.ops.grad_ext.sample_grid(torch.randn(3, 1, 2, 2), torch.rand(2, 1, 1, 2), 0, 0, False, 0.0, 0.0, 0, None)
-    with pytest.raises(RuntimeError, match="jitter needs jitter_seed"):
-        torch.ops.grad_ext.sample_grid(torch.randn(1, 1, 2, 2), torch.rand(1, 1, 1, 2), 0, 0, False, 0.1, 0.5, 0, None)
+# Every entry point of the op library checks its own arguments (csrc/sample_grid.h,
+# csrc/refine.h): called directly, each bad argument is a ValueError or TypeError naming it,
+# never a crash or a silently wrong result.
+def raw_op_bad_calls(device):
+    """(name, call, exception, message) for each bad argument of each raw op on ``device``."""
+    t = lambda *shape, **kw: torch.randn(*shape, device=device, **kw)  # noqa: E731
+    g = lambda *shape: torch.rand(*shape, device=device) * 2 - 1  # noqa: E731
+    seed = torch.tensor([3, 4], device=device)
+    sg, sgb, jn = torch.ops.grad_ext.sample_grid, torch.ops.grad_ext.sample_grid_backward, torch.ops.grad_ext.jitter_noise
+    inp, grid, gout = t(1, 2, 3, 3), g(2, 2, 2, 2), t(2, 2, 2, 2)
+
+    def fwd(*, input=inp, grid=grid, interp=0, padding=0, std=0.0, prob=0.0, mode=0, seed_=None):
+        return lambda: sg(input, grid, interp, padding, False, std, prob, mode, seed_)
+
+    def bwd(*, grad=gout, input=inp, grid=grid, interp=0, padding=0, std=0.0, prob=0.0, mode=0, seed_=None):
+        return lambda: sgb(grad, input, grid, interp, padding, False, std, prob, mode, seed_, True, True)
+
+    calls = []
+    for op_name, make in (("sample_grid", fwd), ("sample_grid_backward", bwd)):
+        calls += [
+            (f"{op_name}-input-dims", make(input=t(2, 3)), ValueError, "input must have shape"),
+            (f"{op_name}-grid-dims", make(grid=g(2, 2, 2)), ValueError, "grid must have 4 dimensions"),
+            (f"{op_name}-grid-last", make(grid=g(2, 2, 2, 3)), ValueError, "last dimension must be 2"),
+            (f"{op_name}-batch", make(input=t(3, 2, 3, 3)), ValueError, "input batch must be 1"),
+            (f"{op_name}-int", make(input=inp.long(), grid=grid.long()), TypeError, "floating point"),
+            (f"{op_name}-dtypes", make(grid=grid.double()), TypeError, "same dtype"),
+            (f"{op_name}-interpolation", make(interp=5), ValueError, "interpolation must be 0"),
+            (f"{op_name}-padding", make(padding=-1), ValueError, "padding must be 0"),
+            (f"{op_name}-std", make(std=-0.5, prob=0.5, seed_=seed), ValueError, "jitter_std must be"),
+            (f"{op_name}-prob", make(std=0.5, prob=2.0, seed_=seed), ValueError, "jitter_prob must be in"),
+            (f"{op_name}-mode", make(std=0.5, prob=0.5, mode=7, seed_=seed), ValueError, "jitter_mode must be"),
+            (f"{op_name}-no-seed", make(std=0.5, prob=0.5), ValueError, "jitter needs jitter_seed"),
+            (f"{op_name}-seed-dtype", make(std=0.5, prob=0.5, seed_=seed.float()), TypeError, "int64 tensor"),
+            (f"{op_name}-seed-size", make(std=0.5, prob=0.5, seed_=seed[:1]), ValueError, "2 elements"),
+        ]
+        if device == "cuda":
+            calls += [(f"{op_name}-seed-device", make(std=0.5, prob=0.5, seed_=seed.cpu()), ValueError,
+                       "jitter_seed must be on the input's device")]
+        else:
+            calls += [(f"{op_name}-half", make(input=inp.half(), grid=grid.half()), TypeError,
+                       "not supported on cpu")]
+    calls += [
+        ("sample_grid_backward-grad-shape", bwd(grad=t(2, 2, 2, 3)), ValueError, "grad_output must have the output"),
+        ("sample_grid_backward-grad-dtype", bwd(grad=gout.double()), TypeError, "grad_output must have dtype"),
+        ("jitter_noise-points", lambda: jn(seed, -1, 2, 0.1, 0.5, 0), ValueError, "num_points must be >= 0"),
+        ("jitter_noise-dim", lambda: jn(seed, 4, 5, 0.1, 0.5, 0), ValueError, "dim must be 1 to 4"),
+        ("jitter_noise-std", lambda: jn(seed, 4, 2, -1.0, 0.5, 0), ValueError, "jitter_std must be"),
+        ("jitter_noise-prob", lambda: jn(seed, 4, 2, 0.1, -0.5, 0), ValueError, "jitter_prob must be in"),
+        ("jitter_noise-mode", lambda: jn(seed, 4, 2, 0.1, 0.5, 2), ValueError, "jitter_mode must be"),
+        ("jitter_noise-seed", lambda: jn(seed.float(), 4, 2, 0.1, 0.5, 0), TypeError, "int64 tensor"),
+    ]
+    if device == "cuda":
+        calls += [("sample_grid_backward-grad-device", bwd(grad=gout.cpu()), ValueError, "grad_output must be on")]
+    rec, feat = t(2, 3, 4, 4), t(2, 3, 4, 4)
+    rf, rfb = torch.ops.grad_ext.refine, torch.ops.grad_ext.refine_backward
+    stats = rf(rec, feat, 0.3, 0.7, 10.0, False)[4]
+    calls += [
+        ("refine-dims", lambda: rf(rec[0], feat[0], 0.3, 0.7, 10.0, False), ValueError, "rec must have shape"),
+        ("refine-shape", lambda: rf(rec, feat[:, :2], 0.3, 0.7, 10.0, False), ValueError, "same shape"),
+        ("refine-dtype", lambda: rf(rec, feat.double(), 0.3, 0.7, 10.0, False), TypeError, "same dtype"),
+        ("refine-int", lambda: rf(rec.long(), feat.long(), 0.3, 0.7, 10.0, False), TypeError, "floating point"),
+        ("refine-empty", lambda: rf(rec[:0], feat[:0], 0.3, 0.7, 10.0, False), ValueError, "must not be empty"),
+        ("refine-threshold", lambda: rf(rec, feat, 0.3, 0.7, -1.0, False), ValueError, "mse_threshold must be >= 0"),
+        ("refine-weight", lambda: rf(rec, feat, float("nan"), 0.7, 10.0, False), ValueError, "mse_weight must be finite"),
+        ("refine_backward-weight", lambda: rfb(None, None, torch.ones((), device=device), None, rec, feat, stats,
+                                               0.3, float("inf"), True, True), ValueError, "cos_weight must be finite"),
+        ("refine_backward-stats", lambda: rfb(None, None, torch.ones((), device=device), None, rec, feat,
+                                              stats[:2], 0.3, 0.7, True, True), ValueError, "stats must be"),
+        ("refine_backward-grad", lambda: rfb(t(2, 4, 5), None, None, None, rec, feat, stats, 0.3, 0.7, True, True),
+         ValueError, "grad_sim must have shape"),
+    ]
+    if device == "cpu":
+        calls += [("refine-half", lambda: rf(rec.half(), feat.half(), 0.3, 0.7, 10.0, False), TypeError,
+                   "not supported on cpu")]
+    return calls
+
+
+@pytest.mark.parametrize("case", range(len(raw_op_bad_calls("cpu"))), ids=[c[0] for c in raw_op_bad_calls("cpu")])
+def test_raw_ops_reject_each_bad_argument(case):
+    _, call, exc, match = raw_op_bad_calls("cpu")[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_compiled_calls_reject_bad_shapes_like_eager():
+    # The fake kernels check the same shape relations, so a traced call fails as an eager one does.
+    fn = torch.compile(lambda a, b: grad_ext.grid_sample(a, b), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="input batch must be 1"):
+        fn(torch.randn(3, 2, 4, 4), torch.rand(2, 3, 3, 2))
 
 
 @pytest.mark.cuda

@@ -201,17 +201,12 @@ void backward_kernel(const RefineUpstream& up, const scalar_t* rec, const scalar
   });
 }
 
-void check_cpu_dtype(const at::Tensor& rec) {
-  TORCH_CHECK(rec.scalar_type() == at::kFloat || rec.scalar_type() == at::kDouble,
-              "refine: on the CPU rec and feat must be float32 or float64, got ", rec.scalar_type());
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_cpu(
     const at::Tensor& rec_, const at::Tensor& feat_, double mse_weight, double cos_weight, double mse_threshold,
     bool return_refined) {
   const RefineGeometry g = describe_refine(rec_, feat_);
-  check_cpu_dtype(rec_);
-  check_refine_params(mse_threshold);
+  check_refine_params(mse_weight, cos_weight, mse_threshold);
   auto outputs = allocate_refine_outputs(rec_, g, return_refined);
   at::Tensor sim = std::get<0>(outputs), map = std::get<1>(outputs), loss = std::get<2>(outputs),
              refined = std::get<3>(outputs), stats = std::get<4>(outputs);
@@ -231,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> refine_backward_cpu(
     const at::Tensor& rec_, const at::Tensor& feat_, const at::Tensor& stats_, double mse_weight, double cos_weight,
     bool rec_requires_grad, bool feat_requires_grad) {
   const RefineGeometry g = describe_refine(rec_, feat_);
-  check_cpu_dtype(rec_);
+  check_refine_weights(mse_weight, cos_weight);
   const RefineUpstream up = check_refine_backward(grad_sim, grad_map, grad_loss, grad_refined, rec_, stats_, g);
   at::Tensor grad_rec = allocate_refine_grad(rec_, rec_requires_grad);
   at::Tensor grad_feat = allocate_refine_grad(feat_, feat_requires_grad);

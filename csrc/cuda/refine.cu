@@ -169,11 +169,6 @@ __global__ void __launch_bounds__(kBlockThreads) refine_backward_kernel(
   }
 }
 
-void check_cuda_dtype(const at::Tensor& rec) {
-  const auto t = rec.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-              "refine: on CUDA rec and feat must be float32, float64, float16 or bfloat16, got ", t);
-}
 
 int64_t block_count(const RefineGeometry& g) {
   const int64_t blocks = (g.P + kPixelsPerBlock - 1) / kPixelsPerBlock;
@@ -190,8 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_cu
     const at::Tensor& rec_, const at::Tensor& feat_, double mse_weight, double cos_weight, double mse_threshold,
     bool return_refined) {
   const RefineGeometry g = describe_refine(rec_, feat_);
-  check_cuda_dtype(rec_);
-  check_refine_params(mse_threshold);
+  check_refine_params(mse_weight, cos_weight, mse_threshold);
   const c10::cuda::OptionalCUDAGuard guard(rec_.device());
   auto outputs = allocate_refine_outputs(rec_, g, return_refined);
   at::Tensor sim = std::get<0>(outputs), map = std::get<1>(outputs), loss = std::get<2>(outputs),
@@ -221,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> refine_backward_cuda(
     const at::Tensor& rec_, const at::Tensor& feat_, const at::Tensor& stats_, double mse_weight, double cos_weight,
     bool rec_requires_grad, bool feat_requires_grad) {
   const RefineGeometry g = describe_refine(rec_, feat_);
-  check_cuda_dtype(rec_);
+  check_refine_weights(mse_weight, cos_weight);
   const c10::cuda::OptionalCUDAGuard guard(rec_.device());
   const RefineUpstream up = check_refine_backward(grad_sim, grad_map, grad_loss, grad_refined, rec_, stats_, g);
   at::Tensor grad_rec = allocate_refine_grad(rec_, rec_requires_grad);

@@ -1,0 +1,182 @@
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "cpu/sample_grid_rows.h"
+#include "cpu/simd.h"
+#include "sample_grid.h"
+
+namespace grad_ext {
+namespace cpu {
+
+// ---- Cell-major loops (small tables, and large ones read by many corners) --------------------
+// With a copy of the table in (cell, channel) layout, a point's corner rows are contiguous
+// runs of channels, so the channel loop runs kLanes channels at a time in SIMD registers.
+// Outputs (and output gradients) are (channel, point) rows; they go through a small
+// point-major scratch block that is transposed on the way out (in). The loops are written
+// once with GCC/Clang vector types and compiled twice on x86: for the baseline ISA and for
+// AVX2+FMA, picked at run time.
+constexpr int64_t kCellBlock = 64;                     // channels per scratch block (a multiple of kLanes)
+constexpr int64_t kScratchStride = kCellBlock + kLanes;  // not a power of two: spreads the rows over cache sets
+
+
+// (N_in, C, S) input -> (N_in, S + 1, Cp) with Cp = C rounded up to kLanes, padded with zeros.
+// Row S is all zeros: invalid corners (weight 0) point there, so they add exact zeros even
+// when the table holds inf or NaN.
+inline at::Tensor cell_major(const at::Tensor& input, const GridGeometry& g) {
+  at::Tensor t = at::zeros({g.N_in, g.S + 1, round_up(g.C, kLanes)}, input.options());
+  t.narrow(1, 0, g.S).narrow(2, 0, g.C).copy_(input.view({g.N_in, g.C, g.S}).transpose(1, 2));
+  return t;
+}
+
+// The arguments of both cell-major loops; `cells` is this table batch's (S + 1, Cp) copy.
+template <typename T, int K, int D>
+struct CellsCall {
+  const CornerTile<T, K, D>* tile;
+  const T* cells;
+  int64_t Cp;
+  int64_t zero_cell;  // S: the zero row of `cells` (and a discarded row of gradT)
+  int64_t c_begin, c_end, P;
+  T* scratch;  // kPointTile x kScratchStride
+  // forward
+  T* out;
+  // backward: gradT is the task's (S + 1, Wt) input gradient in cell-major layout from channel
+  // c_begin; gacc[a * kPointTile + i] the grid gradient of point i
+  const T* gout;
+  T* gradT;
+  int64_t Wt;
+  T* gacc;
+};
+
+template <typename T, int K, int D>
+GRAD_EXT_INLINE int64_t corner_cell(const CellsCall<T, K, D>& a, int k, int64_t i) {
+  return (a.tile->valid[i] >> k & 1u) ? a.tile->off[k][i] : a.zero_cell;
+}
+
+template <typename T, int K, int D>
+GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, K, D>& a) {
+  using V = simd_t<T>;
+  const CornerTile<T, K, D>& t = *a.tile;
+  for (int64_t b0 = a.c_begin; b0 < a.c_end; b0 += kCellBlock) {
+    const int64_t b1 = std::min(a.c_end, b0 + kCellBlock), width = round_up(b1 - b0, kLanes);
+    for (int64_t i = 0; i < t.count; ++i) {
+      const T* rows[K];
+      for (int k = 0; k < K; ++k) rows[k] = a.cells + corner_cell(a, k, i) * a.Cp + b0;
+      T* o = a.scratch + i * kScratchStride;
+      for (int64_t c = 0; c < width; c += kLanes) {
+        V acc = load_lanes(rows[0] + c) * t.w[0][i];
+        for (int k = 1; k < K; ++k) acc += load_lanes(rows[k] + c) * t.w[k][i];
+        store_lanes(o + c, acc);
+      }
+    }
+    for (int64_t c = b0; c < b1; ++c) {
+      T* __restrict__ orow = a.out + c * a.P;
+      const T* __restrict__ s = a.scratch + (c - b0);
+      for (int64_t i = 0; i < t.count; ++i) orow[i] = s[i * kScratchStride];
+    }
+  }
+}
+
+template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
+GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, K, D>& a) {
+  using V = simd_t<T>;
+  const CornerTile<T, K, D>& t = *a.tile;
+  for (int64_t b0 = a.c_begin; b0 < a.c_end; b0 += kCellBlock) {
+    const int64_t b1 = std::min(a.c_end, b0 + kCellBlock), width = round_up(b1 - b0, kLanes);
+    for (int64_t c = b0; c < b0 + width; ++c) {
+      T* __restrict__ s = a.scratch + (c - b0);
+      if (c < b1) {
+        const T* __restrict__ gorow = a.gout + c * a.P;
+        for (int64_t i = 0; i < t.count; ++i) s[i * kScratchStride] = gorow[i];
+      } else {  // padding lanes must be 0, not stale values: they meet the table's zero padding
+        for (int64_t i = 0; i < t.count; ++i) s[i * kScratchStride] = T(0);
+      }
+    }
+    for (int64_t i = 0; i < t.count; ++i) {
+      if (t.valid[i] == 0u) continue;  // entirely outside: contributes nothing (even for a NaN gradient)
+      const T* rows[K];
+      T* grows[K];
+      for (int k = 0; k < K; ++k) {
+        const int64_t cell = corner_cell(a, k, i);
+        rows[k] = a.cells + cell * a.Cp + b0;
+        grows[k] = a.gradT + cell * a.Wt + (b0 - a.c_begin);
+      }
+      const T* gv = a.scratch + i * kScratchStride;
+      V sum[K] = {};
+      for (int64_t c = 0; c < width; c += kLanes) {
+        const V g = load_lanes(gv + c);
+        for (int k = 0; k < K; ++k) {
+          if (NEED_GRID) sum[k] += g * load_lanes(rows[k] + c);
+          if (NEED_INPUT) store_lanes(grows[k] + c, load_lanes(grows[k] + c) + g * t.w[k][i]);
+        }
+      }
+      if (NEED_GRID) {
+        T corner[K];
+        for (int k = 0; k < K; ++k) {
+          T s = T(0);
+          for (int l = 0; l < kLanes; ++l) s += sum[k][l];
+          corner[k] = s;
+        }
+        for (int d = 0; d < D; ++d) {
+          T ga = T(0);
+          for (int k = 0; k < K; ++k) ga += t.dw[k][d][i] * corner[k];
+          a.gacc[d * kPointTile + i] += ga;
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int K, int D>
+void forward_cells_base(const CellsCall<T, K, D>& a) { forward_cells_impl(a); }
+template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
+void backward_cells_base(const CellsCall<T, K, D>& a) { backward_cells_impl<T, K, D, NEED_INPUT, NEED_GRID>(a); }
+
+#ifdef GRAD_EXT_AVX2_DISPATCH
+template <typename T, int K, int D>
+__attribute__((target("avx2,fma"))) void forward_cells_avx2(const CellsCall<T, K, D>& a) { forward_cells_impl(a); }
+template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
+__attribute__((target("avx2,fma"))) void backward_cells_avx2(const CellsCall<T, K, D>& a) {
+  backward_cells_impl<T, K, D, NEED_INPUT, NEED_GRID>(a);
+}
+#endif
+
+template <typename T, int K, int D>
+void forward_cells(const CellsCall<T, K, D>& a) {
+#ifdef GRAD_EXT_AVX2_DISPATCH
+  if (cpu_has_avx2()) return forward_cells_avx2(a);
+#endif
+  forward_cells_base(a);
+}
+
+template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
+void backward_cells(const CellsCall<T, K, D>& a) {
+#ifdef GRAD_EXT_AVX2_DISPATCH
+  if (cpu_has_avx2()) return backward_cells_avx2<T, K, D, NEED_INPUT, NEED_GRID>(a);
+#endif
+  backward_cells_base<T, K, D, NEED_INPUT, NEED_GRID>(a);
+}
+
+
+// When the cell-major loops are used: they pay one transposed copy of the table (and in the
+// backward pass a private (cell, channel) gradient block per thread), which is repaid when the
+// task's table rows fit in cache, or when each cell is read by many corners (the copy is one
+// streaming pass; the gathers and scatters it speeds up are K per point). The thresholds were
+// measured on the benchmark's drop-in shapes: the 2-D forward (4 reads per cell) is faster
+// row by row, its backward and the 3-D and 4-D cases (8 and more) cell-major.
+constexpr int64_t kCellsInCacheBytes = 64 * 1024;
+constexpr int64_t kCellsForwardReadsPerCell = 8;
+constexpr int64_t kCellsBackwardReadsPerCell = 4;
+constexpr int64_t kCellsMaxPrivateBytes = 16 << 20;
+
+// private_elem: bytes per element of the backward pass's private gradient block, 0 forward.
+inline bool use_cells(const GridGeometry& g, int K, int64_t channel_tile, int64_t elem, int64_t reads_per_cell,
+               int64_t private_elem) {
+  if ((g.S + 1) * round_up(channel_tile, kLanes) * private_elem > kCellsMaxPrivateBytes) return false;
+  if (channel_tile * g.S * elem <= kCellsInCacheBytes) return true;
+  return g.N * g.P * K >= reads_per_cell * g.N_in * g.S;
+}
+
+}  // namespace cpu
+}  // namespace grad_ext

@@ -1,0 +1,41 @@
+// Host helpers shared by every launcher (CPU and CUDA, sample_grid and refine).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace grad_ext {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Calls f(std::integral_constant<int, D>{}) for the table dimension D = 1..4.
+template <typename F>
+void dispatch_dim(int D, F&& f) {
+  switch (D) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: TORCH_CHECK_VALUE(false, "grad_ext: table dimension must be 1 to 4, got ", D);
+  }
+}
+
+// The dtypes each device's kernels are compiled for.
+inline bool supported_dtype(const at::Tensor& t) {
+  const at::ScalarType s = t.scalar_type();
+  if (s == at::kFloat || s == at::kDouble) return true;
+  return t.is_cuda() && (s == at::kHalf || s == at::kBFloat16);
+}
+
+inline const char* supported_dtypes(const at::Tensor& t) {
+  return t.is_cuda() ? "float32, float64, float16 or bfloat16" : "float32 or float64";
+}
+
+inline void check_supported_dtype(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(supported_dtype(t), op, ": ", name, " dtype ", t.scalar_type(), " is not supported on ",
+                   t.device().type(), "; use ", supported_dtypes(t));
+}
+
+}  // namespace grad_ext
