@@ -1,7 +1,9 @@
 """Benchmark of grad_ext.grid_sample against the pure-torch code it replaces, side by side.
 
 Cases (see :func:`default_cases`): GRAD's global shape (one table of 216·28·28 channels at B
-points) and local shape (one 216×8×8 table shared by B images of 28×28 points, which the
+points) in the model's form (grid (B, 1, 1, 2): one point per image, the headline) against
+F.grid_sample as the reference code calls it (grid (1, B, 1, 2), output transposed to
+(B, C·H·W)), and both sides in the reference code's form; the local shape (one 216×8×8 table shared by B images of 28×28 points, which the
 reference code repeats over the batch), drop-in 2-D/3-D F.grid_sample shapes, 1-D and 4-D
 tables against ``grad_ext.reference.multilinear_sample``, deterministic mode, and in-kernel
 jitter against "torch noise, then F.grid_sample". Each case is timed forward (no_grad) and
@@ -68,7 +70,9 @@ class SampleCase:
     """One benchmark case. input_shape (N_in, C, S_1..S_d), grid_shape (N, O_1..O_d, d);
     batch: GRAD's B where the case is a GRAD shape (for throughput plots), else None;
     deterministic: run both sides under torch.use_deterministic_algorithms(True);
-    jitter: in-kernel jitter (JITTER_STD, JITTER_PROB, JITTER_MODE) vs torch noise first."""
+    jitter: in-kernel jitter (JITTER_STD, JITTER_PROB, JITTER_MODE) vs torch noise first;
+    reference_grid_shape: the reference side samples the same points in this layout (the
+    reference code's (1, B, 1, 2) global grid) and transposes its output to output_shape."""
 
     group: str
     label: str
@@ -80,6 +84,7 @@ class SampleCase:
     deterministic: bool = False
     jitter: bool = False
     directions: Tuple[str, ...] = DIRECTIONS
+    reference_grid_shape: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         d = len(self.input_shape) - 2
@@ -93,6 +98,11 @@ class SampleCase:
         unknown = set(self.directions) - set(DIRECTIONS)
         if unknown or not self.directions:
             raise ValueError(f"case {self.label!r}: directions must be among {DIRECTIONS}, got {self.directions}")
+        if self.reference_grid_shape is not None and (
+                math.prod(self.reference_grid_shape) != math.prod(self.grid_shape)
+                or self.reference_grid_shape[0] != 1 or self.reference_grid_shape[-1] != d):
+            raise ValueError(f"case {self.label!r}: reference_grid_shape {self.reference_grid_shape} must hold the "
+                             f"grid's points as (1, ..., {d})")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"case {self.label!r}: unknown dtype {self.dtype!r}")
 
@@ -117,6 +127,8 @@ class SampleCase:
         """What the ext kernel is compared with."""
         if self.dim in (1, 4):
             base = "reference.multilinear_sample"
+        elif self.reference_grid_shape is not None:
+            base = f"F.grid_sample on a {self.reference_grid_shape} grid, transposed"
         elif self.input_shape[0] == 1 and self.grid_shape[0] > 1:
             base = "F.grid_sample(table.repeat(B))"
         else:
@@ -129,8 +141,13 @@ def default_cases(device: torch.device) -> List[SampleCase]:
     float32/float64)."""
     c, s = GRAD_CHANNELS, GRAD_FEATURE_SIZE
     local_table = (1, c, LOCAL_GRID_RES, LOCAL_GRID_RES)
-    cases = [SampleCase("global", f"global B={b}", (1, c * s * s, GLOBAL_GRID_RES, GLOBAL_GRID_RES), (1, b, 1, 2),
-                        batch=b) for b in BATCHES]
+    global_table = (1, c * s * s, GLOBAL_GRID_RES, GLOBAL_GRID_RES)
+    # The model's call (one point per image) against the reference code's call; then both
+    # sides in the reference code's form.
+    cases = [SampleCase("global", f"global B={b}", global_table, (b, 1, 1, 2), batch=b,
+                        reference_grid_shape=(1, b, 1, 2)) for b in BATCHES]
+    cases += [SampleCase("global (1,B,1,2)", f"global B={b} (1,B,1,2)", global_table, (1, b, 1, 2), batch=b)
+              for b in BATCHES]
     cases += [SampleCase("local", f"local B={b}", local_table, (b, s, s, 2), batch=b) for b in BATCHES]
     dtypes = ("float32", "bfloat16") if device.type == "cuda" else ("float32",)
     cases += [SampleCase("drop-in 2-D", f"2-D N=16 C=64 64²→64² {dt}", (16, 64, 64, 64), (16, 64, 64, 2), dtype=dt)
@@ -215,6 +232,9 @@ def reference_sampler(case: SampleCase) -> Callable[[torch.Tensor, torch.Tensor]
     def sample(table: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         if case.jitter:
             grid = _torch_jittered(grid)
+        if case.reference_grid_shape is not None:
+            out = reference.grid_sample(table, grid.reshape(case.reference_grid_shape), case.mode, "zeros", False)
+            return out.reshape(case.channels, -1).t().contiguous().reshape(case.output_shape)
         return reference.grid_sample(table, grid, case.mode, "zeros", False)
     return sample
 

@@ -19,7 +19,8 @@ CPU = torch.device("cpu")
 ONE_REP = TimingSettings(warmup=0, min_reps=1, max_reps=1, budget_s=0.0)
 
 TINY_CASES = [
-    SampleCase("global", "global B=2", (1, 8, 4, 4), (1, 2, 1, 2), batch=2),
+    SampleCase("global", "global B=2", (1, 8, 4, 4), (2, 1, 1, 2), batch=2, reference_grid_shape=(1, 2, 1, 2)),
+    SampleCase("global (1,B,1,2)", "global B=2 (1,B,1,2)", (1, 8, 4, 4), (1, 2, 1, 2), batch=2),
     SampleCase("local", "local B=1", (1, 4, 8, 8), (1, 3, 3, 2), batch=1),
     SampleCase("local", "local B=2", (1, 4, 8, 8), (2, 3, 3, 2), batch=2),
     SampleCase("1-D", "1-D", (2, 3, 5), (2, 4, 1)),
@@ -138,14 +139,17 @@ def test_default_cases_are_the_issue_shapes():
     cases = {c.label: c for c in bench_grid_sample.default_cases(CPU)}
     for b in (1, 16, 64):
         assert cases[f"global B={b}"].input_shape == (1, 216 * 28 * 28, 4, 4)
-        assert cases[f"global B={b}"].grid_shape == (1, b, 1, 2)
+        assert cases[f"global B={b}"].grid_shape == (b, 1, 1, 2)  # the model's form, the headline
+        assert cases[f"global B={b}"].reference_grid_shape == (1, b, 1, 2)  # against the reference code's
+        assert cases[f"global B={b} (1,B,1,2)"].grid_shape == (1, b, 1, 2)
         assert cases[f"local B={b}"].input_shape == (1, 216, 8, 8)
         assert cases[f"local B={b}"].grid_shape == (b, 28, 28, 2)
     groups = {c.group for c in cases.values()}
     assert {"drop-in 2-D", "drop-in 3-D", "1-D", "4-D", "deterministic", "jitter"} <= groups
     assert all(c.dtype == "float32" for c in cases.values())  # bfloat16 only on CUDA
     assert cases["local B=64"].reference_name == "F.grid_sample(table.repeat(B))"
-    assert cases["global B=64"].reference_name == "F.grid_sample"
+    assert cases["global B=64 (1,B,1,2)"].reference_name == "F.grid_sample"
+    assert cases["global B=64"].reference_name == "F.grid_sample on a (1, 64, 1, 2) grid, transposed"
 
 
 def test_bytes_moved_by_hand():
@@ -168,6 +172,8 @@ def test_bad_cases_are_rejected():
         SampleCase("x", "x", (3, 4, 8, 8), (2, 3, 3, 2))
     with pytest.raises(ValueError, match="directions"):
         SampleCase("x", "x", (1, 4, 8, 8), (2, 3, 3, 2), directions=("sideways",))
+    with pytest.raises(ValueError, match="reference_grid_shape"):
+        SampleCase("x", "x", (1, 4, 8, 8), (2, 1, 1, 2), reference_grid_shape=(1, 3, 1, 2))
 
 
 @pytest.mark.parametrize("case", [c for c in TINY_CASES if not c.jitter], ids=lambda c: c.label)
