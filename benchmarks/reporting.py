@@ -349,9 +349,9 @@ def _log_axes(ax) -> None:
 
 # ---- all files -----------------------------------------------------------------------------
 
-def write_results(results: Dict, folder: str) -> Dict[str, str]:
-    """Writes results.json, results.md and the plots into ``folder`` (created if missing);
-    returns {name: path}."""
+def write_results(results: Dict, folder: str, plots: bool = True) -> Dict[str, str]:
+    """Writes results.json, results.md and (with ``plots``) the plots into ``folder`` (created
+    if missing); returns {name: path}."""
     os.makedirs(folder, exist_ok=True)
     device = results["environment"]["device_name"]
     grid_rows = results.get("grid_sample", [])
@@ -365,8 +365,11 @@ def write_results(results: Dict, folder: str) -> Dict[str, str]:
         "roofline": lambda: plot_roofline(grid_rows + refine_rows, results["roofs"], paths["roofline"], device),
         "throughput": lambda: plot_throughput(grid_rows, results.get("detector"), paths["throughput"], device),
     }
-    for plot in plotters.values():
-        plot()
+    if plots:
+        for plot in plotters.values():
+            plot()
+    else:
+        paths = {}
     paths["json"] = os.path.join(folder, RESULTS_JSON)
     atomic_write_text(paths["json"], json.dumps(results, indent=2, sort_keys=False) + "\n")
     paths["markdown"] = os.path.join(folder, RESULTS_MD)

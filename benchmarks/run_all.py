@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -25,10 +26,10 @@ import torch
 from benchmarks import bench_detector, bench_grid_sample, bench_refine
 from benchmarks.device_info import (device_name, device_slug, environment, load_average, measure_copy_bandwidth,
                                     measure_matmul_throughput, resolve_device)
-from benchmarks.reporting import write_results
+from benchmarks.reporting import RESULTS_JSON, write_results
 from benchmarks.timing import TimingSettings, default_timing
 
-PARTS = ("grid_sample", "detector", "refine")
+PARTS = ("grid_sample", "refine", "detector")  # in the order they run: the kernels first
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 # Repetitions of bench_refine (which takes fixed counts, not a time budget).
 REFINE_REPEATS = {"cpu": (2, 10), "cuda": (10, 100)}  # (warm-up, repeats)
@@ -52,12 +53,15 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
               refine: Optional["bench_refine.BenchConfig"] = None,
               kernel_timing: Optional[TimingSettings] = None, model_timing: Optional[TimingSettings] = None,
               roof_sizes: Tuple[Optional[int], Optional[int]] = (None, None),
-              progress: bool = True) -> Tuple[str, Dict[str, object]]:
-    """Runs ``parts`` on ``device`` and writes the results to ``out_root/<device-slug>/``.
+              progress: bool = True, merge: bool = False) -> Tuple[str, Dict[str, object]]:
+    """Runs ``parts`` on ``device`` and writes the results to ``out_root/<device-slug>/``: the
+    JSON and tables after each part (so a run stopped part-way keeps what it finished), the
+    plots at the end.
 
     grid_cases / detector_specs / refine: what to run (defaults: the full suite);
     kernel_timing / model_timing: repetition settings (defaults: timing.default_timing);
-    roof_sizes: (copy-probe bytes, matmul side) for the roofs (defaults in device_info).
+    roof_sizes: (copy-probe bytes, matmul side) for the roofs (defaults in device_info);
+    merge: keep the parts of an earlier results.json in the folder that this run does not redo.
     Returns (folder, results)."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
@@ -76,12 +80,32 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
     notes = results["notes"]
     copy_gbps = results["roofs"]["copy_bandwidth"]["gbps"]
     part_times = results["part_wall_time_s"] = {}
+    folder = os.path.join(out_root, device_slug(device))
+    earlier_path = os.path.join(folder, RESULTS_JSON)
+    if merge and os.path.exists(earlier_path):
+        with open(earlier_path) as f:
+            earlier = json.load(f)
+        for part in PARTS:
+            if part not in parts and part in earlier:
+                results[part] = earlier[part]
+                part_times[part] = earlier.get("part_wall_time_s", {}).get(part)
+        notes.extend(n for n in earlier.get("notes", []) if n not in notes)
+
+    def checkpoint() -> None:
+        results["wall_time_s"] = time.perf_counter() - started
+        write_results(results, folder, plots=False)
     if "grid_sample" in parts:
         begin = time.perf_counter()
         results["grid_sample"] = bench_grid_sample.run(device, kernel_timing, grid_cases, copy_gbps, progress)
         part_times["grid_sample"] = time.perf_counter() - begin
         if device.type == "cpu":
             notes.append("grid_sample bfloat16 drop-in case: CUDA only (the CPU kernels are float32/float64).")
+        checkpoint()
+    if "refine" in parts:
+        begin = time.perf_counter()
+        results["refine"] = run_refine(refine or refine_config(device), copy_gbps)
+        part_times["refine"] = time.perf_counter() - begin
+        checkpoint()
     if "detector" in parts:
         begin = time.perf_counter()
         results["detector"] = bench_detector.run(device, model_timing, detector_specs, progress)
@@ -90,13 +114,8 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
         notes.extend(f"{spec.preset}: backbone weights '{spec.backbone_weights}'"
                      + (" — random weights, the timings are valid but the detector's outputs are meaningless"
                         if spec.backbone_weights == "random" else "") for spec in detector_specs)
-    if "refine" in parts:
-        begin = time.perf_counter()
-        results["refine"] = run_refine(refine or refine_config(device), copy_gbps)
-        part_times["refine"] = time.perf_counter() - begin
     results["wall_time_s"] = time.perf_counter() - started
     results["load_average_end"] = load_average()
-    folder = os.path.join(out_root, device_slug(device))
     write_results(results, folder)
     return folder, results
 
@@ -121,6 +140,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
     parser.add_argument("--only", nargs="*", choices=PARTS, default=None, help="run only these parts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's default if unset)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the parts of an earlier results.json in the output folder that this run skips")
+    parser.add_argument("--detector-weights", choices=("as-specified", "random"), default="as-specified",
+                        help="'random': build every detector with random backbone weights (timing only: for "
+                        "machines without the offline ImageNet weights); the spec titles say so")
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -128,7 +152,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     print(f"benchmarking on {device_name(device)} ({device}, {torch.get_num_threads()} threads)")
-    folder, results = run_suite(args.out, device, parts=args.only or PARTS)
+    specs = bench_detector.DEFAULT_SPECS
+    if args.detector_weights == "random":
+        specs = [s if s.backbone_weights == "random" else
+                 dataclasses.replace(s, title=f"{s.title.split(' (')[0]} (RANDOM backbone weights: timing only)",
+                                     backbone_weights="random") for s in specs]
+    folder, results = run_suite(args.out, device, parts=args.only or PARTS, detector_specs=specs, merge=args.merge)
     print(summary(results))
     print(f"results written to {folder} in {results['wall_time_s']:.0f} s")
 

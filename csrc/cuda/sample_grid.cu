@@ -1,17 +1,16 @@
-// CUDA launchers of sample_grid: which kernel of sample_grid_kernels.cuh runs, with what
-// launch shape, and the buffers between them.
+// CUDA entry points of sample_grid and jitter_noise: checks, allocation and the dtype dispatch
+// to the launchers (sample_grid_launch.cuh, compiled per dtype in sample_grid_<dtype>.cu).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <climits>
 
-#include "cuda/sample_grid_kernels.cuh"
+#include "cuda/sample_grid_kernels.cuh"  // KernelGeometry, SampleParams, device_jitter
+#include "cuda/sample_grid_launch.h"
 #include "sample_grid.h"
 
 namespace grad_ext {
@@ -19,109 +18,22 @@ namespace {
 
 using namespace grad_ext::cuda;
 
-// Launch heuristics.
-// Below this many points per batch, lanes over points would idle: the channels kernel runs.
-constexpr int64_t kFewPointsPerBatch = kPointLanes;
-// Forward channels kernel: its staged table slice stays within the default 48 KB.
-constexpr int64_t kForwardStageBytes = 48 * 1024;
-// Table kernel: read the output-gradient tile along points when a batch holds at least this
-// many consecutive points (32 lanes then read >= 4 runs of 4+ floats), else along channels.
-constexpr int64_t kTileAlongPointsMinP = 4;
-// Deterministic partial sums of the input gradient: at most this much scratch memory.
-constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
-// Owner kernel: aim for this many threads (rows x point groups) to fill the GPU.
-constexpr int64_t kOwnerTargetThreads = int64_t(64) * 1024;
-constexpr int kOwnerThreads = 128;
-constexpr int kReduceThreads = 256;
-constexpr unsigned kMaxGridY = 65535;
+constexpr int kNoiseThreads = 256;
 
-KernelGeometry kernel_geometry(const GridGeometry& g) {
-  KernelGeometry k{g.N, g.N_in, g.C, g.P, g.S, {1, 1, 1, 1}, {0, 0, 0, 0}};
-  for (int a = 0; a < kMaxDim; ++a) {
-    k.sizes[a] = g.sizes[a];
-    k.strides[a] = g.strides[a];
-  }
-  return k;
+__global__ void jitter_noise_kernel(const int64_t* __restrict__ seed, int64_t num_points, int dim, float std,
+                                    float prob, int mode, float* __restrict__ noise, bool* __restrict__ flags) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= num_points) return;
+  const JitterParams j = make_jitter(std, prob, mode, seed[0], seed[1]);
+  float v[4];
+  flags[i] = jitter_point(j, i, v);
+  for (int k = 0; k < dim; ++k) noise[i * dim + k] = v[k];
 }
 
-SampleParams sample_params(int64_t interpolation, int64_t padding, bool align_corners, double std, double prob,
-                           int64_t mode, const at::Tensor& seed) {
-  return SampleParams{static_cast<int>(interpolation), static_cast<int>(padding), align_corners,
-                      static_cast<float>(std), static_cast<float>(prob), static_cast<int>(mode),
-                      seed.defined() ? seed.data_ptr<int64_t>() : nullptr};
-}
-
-int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-// Resident blocks per SM of `kernel` at this launch shape (the occupancy API: registers,
-// shared memory and thread limits of the current device), at least 1. Opts the kernel in to
-// more than 48 KB of dynamic shared memory where it needs it.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, int threads, int64_t smem) {
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, static_cast<size_t>(smem)));
-  return std::max(blocks, 1);
-}
-
-// Channels per block of the channel-lane kernels: the widest multiple of 32 (up to 256)
-// whose shared memory fits `budget`, balanced over the slices it takes; 0 if none fits.
-template <typename SmemBytes>
-int64_t slice_channels(int64_t C, int64_t budget, SmemBytes smem_bytes) {
-  int64_t widest = 0;
-  for (int64_t w = kWarp; w <= kMaxSliceChannels; w += kWarp)
-    if (smem_bytes(w) <= budget) widest = w;
-  if (widest == 0) return 0;
-  const int64_t slices = ceil_div(C, widest);
-  return std::min(widest, round_up(ceil_div(C, slices), kWarp));
-}
-
-// Point groups that split `points` so that about `target` blocks run, given `others` blocks
-// per group; each group covers whole tiles of kTilePoints.
-int64_t points_per_group(int64_t points, int64_t others, int64_t target) {
-  const int64_t tiles = ceil_div(points, kTilePoints);
-  const int64_t groups = std::clamp<int64_t>(ceil_div(target, std::max<int64_t>(others, 1)), 1, tiles);
-  return ceil_div(tiles, groups) * kTilePoints;
-}
-
-template <typename scalar_t, int D>
-void launch_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
-                    const KernelGeometry& kg, const SampleParams& sp, cudaStream_t stream) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if (g.P < kFewPointsPerBatch) {
-    const auto smem_bytes = [&](int64_t w) {
-      return g.S * (w + 1) * static_cast<int64_t>(sizeof(acc_t)) + static_cast<int64_t>(sizeof(TileCorners<acc_t, D>));
-    };
-    const int64_t slice = slice_channels(g.C, kForwardStageBytes, smem_bytes);
-    if (slice > 0 && g.N_in <= kMaxGridY) {
-      const int64_t slices = ceil_div(g.C, slice), smem = smem_bytes(slice);
-      auto kernel = forward_channels_kernel<scalar_t, D>;
-      const int64_t target = resident_blocks(kernel, static_cast<int>(slice), smem) * sm_count();
-      const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
-      const int64_t per_group = points_per_group(npoints, slices * g.N_in, target);
-      const int64_t groups = ceil_div(npoints, per_group);
-      TORCH_CHECK(slices <= INT_MAX && groups <= kMaxGridY, "sample_grid: too many channels or points for one launch");
-      const dim3 blocks(static_cast<unsigned>(slices), static_cast<unsigned>(groups), static_cast<unsigned>(g.N_in));
-      kernel<<<blocks, static_cast<unsigned>(slice), smem, stream>>>(input.data_ptr<scalar_t>(),
-                                                                     grid.data_ptr<scalar_t>(),
-                                                                     out.data_ptr<scalar_t>(), kg, sp, per_group);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-  }
-  auto kernel = forward_points_kernel<scalar_t, D>;
-  const int64_t point_blocks = g.N * ceil_div(g.P, kPointLanes);
-  const int64_t target = resident_blocks(kernel, kThreads, 0) * sm_count();
-  const int64_t splits = std::clamp<int64_t>(ceil_div(target, point_blocks), 1,
-                                             std::min<int64_t>(ceil_div(g.C, kChannelLanes), kMaxGridY));
-  TORCH_CHECK(point_blocks <= INT_MAX, "sample_grid: too many points for one launch (", g.N * g.P, ")");
-  const dim3 blocks(static_cast<unsigned>(point_blocks), static_cast<unsigned>(splits));
-  kernel<<<blocks, dim3(kPointLanes, kChannelLanes), 0, stream>>>(input.data_ptr<scalar_t>(),
-                                                                 grid.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                                                 kg, sp);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+SampleCall make_call(const GridGeometry& g, const at::Tensor& seed, int64_t interpolation, int64_t padding,
+                     bool align_corners, double jitter_std, double jitter_prob, int64_t jitter_mode) {
+  return SampleCall{g, interpolation, padding, align_corners, jitter_std, jitter_prob, jitter_mode, seed,
+                    at::cuda::getCurrentCUDAStream()};
 }
 
 at::Tensor sample_grid_cuda(const at::Tensor& input_, const at::Tensor& grid_, int64_t interpolation,
@@ -134,144 +46,10 @@ at::Tensor sample_grid_cuda(const at::Tensor& input_, const at::Tensor& grid_, i
   at::Tensor out = at::empty(g.out_shape, input_.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor input = input_.contiguous(), grid = grid_.contiguous();
-  const SampleParams sp = sample_params(interpolation, padding, align_corners, jitter_std, jitter_prob, jitter_mode, seed);
-  const KernelGeometry kg = kernel_geometry(g);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sample_grid_cuda", [&] {
-    dispatch_dim(g.D, [&](auto dim) {
-      constexpr int D = decltype(dim)::value;
-      launch_forward<scalar_t, D>(input, grid, out, g, kg, sp, stream);
-    });
-  });
+  const SampleCall call = make_call(g, seed, interpolation, padding, align_corners, jitter_std, jitter_prob, jitter_mode);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sample_grid_cuda",
+                                  [&] { forward_typed<scalar_t>(input, grid, out, call); });
   return out;
-}
-
-// The backward pass's tensors and what the launchers fill in.
-struct BackwardBuffers {
-  at::Tensor grad_input, grad_grid;  // the op's outputs
-  at::Tensor grid_partial;           // [parts][N * P][D] acc_t, reduced by reduce_grid_kernel
-  int64_t grid_parts = 0;
-};
-
-template <typename scalar_t>
-void launch_reduce_partials(const at::Tensor& partial, at::Tensor& out, cudaStream_t stream) {
-  const int64_t numel = out.numel(), parts = partial.size(0);
-  reduce_partials_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(numel, kReduceThreads)), kReduceThreads, 0,
-                                     stream>>>(partial.data_ptr<at::opmath_type<scalar_t>>(), parts, numel,
-                                               out.data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Table kernel; false when the table's rows do not fit in shared memory (nothing launched).
-template <typename scalar_t, int D, bool NEED_GRID>
-bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
-                           BackwardBuffers& buf, const GridGeometry& g, const KernelGeometry& kg,
-                           const SampleParams& sp, bool deterministic, cudaStream_t stream) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if (g.N_in > kMaxGridY) return false;
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  // Two blocks per SM if the slice can be that narrow, else one as large as a block may be.
-  const auto smem_bytes = [&](int64_t w) { return table_smem_bytes<acc_t, D>(g.S, w, NEED_GRID); };
-  int64_t slice = slice_channels(g.C, static_cast<int64_t>(props->sharedMemPerMultiprocessor) / 2, smem_bytes);
-  if (slice == 0) slice = slice_channels(g.C, static_cast<int64_t>(props->sharedMemPerBlockOptin), smem_bytes);
-  if (slice == 0) return false;
-  const int64_t slices = ceil_div(g.C, slice), smem = smem_bytes(slice);
-  auto kernel = table_backward_kernel<scalar_t, D, NEED_GRID>;
-  const int64_t target = resident_blocks(kernel, static_cast<int>(slice), smem) * sm_count();
-  const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
-  const int64_t table_bytes = g.N_in * g.C * g.S * static_cast<int64_t>(sizeof(acc_t));
-  int64_t per_group = points_per_group(npoints, slices * g.N_in, target);
-  if (deterministic) {  // bound the partial sums' memory
-    const int64_t max_groups = std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(table_bytes, 1));
-    per_group = std::max(per_group, round_up(ceil_div(npoints, max_groups), kTilePoints));
-  }
-  const int64_t groups = ceil_div(npoints, per_group);
-  TORCH_CHECK(groups * slices <= INT_MAX, "sample_grid_backward: too many channels or points for one launch");
-
-  at::Tensor& grad_input = buf.grad_input;
-  at::Tensor accum, partial;
-  scalar_t* direct = nullptr;
-  acc_t* accum_ptr = nullptr;
-  acc_t* partial_ptr = nullptr;
-  const auto acc_opts = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  if (groups == 1) {
-    grad_input = at::empty(input.sizes(), input.options());  // every element written once
-    direct = grad_input.data_ptr<scalar_t>();
-  } else if (deterministic) {
-    grad_input = at::empty(input.sizes(), input.options());
-    partial = at::empty({groups, g.N_in, g.C, g.S}, acc_opts);
-    partial_ptr = partial.data_ptr<acc_t>();
-  } else {
-    accum = at::zeros(input.sizes(), acc_opts);
-    accum_ptr = accum.data_ptr<acc_t>();
-  }
-  if (NEED_GRID) {
-    buf.grid_parts = slices;
-    buf.grid_partial = at::empty({slices, g.N * g.P, D}, acc_opts);
-  }
-  const dim3 blocks(static_cast<unsigned>(groups * slices), 1, static_cast<unsigned>(g.N_in));
-  kernel<<<blocks, static_cast<unsigned>(slice), smem, stream>>>(
-      gout.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), direct, accum_ptr,
-      partial_ptr, NEED_GRID ? buf.grid_partial.data_ptr<acc_t>() : nullptr, kg, sp, slices, per_group,
-      g.P >= kTileAlongPointsMinP);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (partial.defined()) {
-    launch_reduce_partials<scalar_t>(partial, grad_input, stream);
-  } else if (accum.defined()) {
-    grad_input = std::is_same<scalar_t, acc_t>::value ? accum : accum.to(input.scalar_type());
-  }
-  return true;
-}
-
-// Large tables: atomics (scatter kernel), or thread-owned rows in deterministic mode; the grid
-// gradient always through the scatter kernel's per-split partial sums.
-template <typename scalar_t, int D>
-void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
-                                 BackwardBuffers& buf, const GridGeometry& g, const KernelGeometry& kg,
-                                 const SampleParams& sp, bool need_input, bool need_grid, bool deterministic,
-                                 cudaStream_t stream) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto acc_opts = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const int64_t point_blocks = g.N * ceil_div(g.P, kPointLanes);
-  TORCH_CHECK(point_blocks <= INT_MAX, "sample_grid_backward: too many points for one launch (", g.N * g.P, ")");
-  auto kernel = scatter_backward_kernel<scalar_t, D>;
-  const int64_t target = resident_blocks(kernel, kThreads, 0) * sm_count();
-  const int64_t splits = std::clamp<int64_t>(ceil_div(target, point_blocks), 1,
-                                             std::min<int64_t>(ceil_div(g.C, kChannelLanes), kMaxGridY));
-  const bool scatter_input = need_input && !deterministic;
-  at::Tensor accum;
-  if (scatter_input) accum = at::zeros(input.sizes(), acc_opts);
-  if (need_grid) {
-    buf.grid_parts = splits;
-    buf.grid_partial = at::empty({splits, g.N * g.P, D}, acc_opts);
-  }
-  if (scatter_input || need_grid) {
-    const dim3 blocks(static_cast<unsigned>(point_blocks), static_cast<unsigned>(splits));
-    kernel<<<blocks, dim3(kPointLanes, kChannelLanes), 0, stream>>>(
-        gout.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
-        scatter_input ? accum.data_ptr<acc_t>() : nullptr, need_grid ? buf.grid_partial.data_ptr<acc_t>() : nullptr,
-        kg, sp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (scatter_input) buf.grad_input = std::is_same<scalar_t, acc_t>::value ? accum : accum.to(input.scalar_type());
-  if (need_input && deterministic) {
-    // Rows of the gradient owned by threads, point groups summed in a fixed order.
-    const int64_t rows = g.N_in * g.C;
-    const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
-    const int64_t row_bytes = rows * g.S * static_cast<int64_t>(sizeof(acc_t));
-    const int64_t budget = std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, row_bytes));
-    const int64_t groups = std::clamp<int64_t>(ceil_div(kOwnerTargetThreads, rows), 1, std::min(budget, npoints));
-    const int64_t per_group = ceil_div(npoints, groups);
-    at::Tensor partial = at::zeros({groups, g.N_in, g.C, g.S}, acc_opts);
-    const int64_t work = rows * groups;
-    TORCH_CHECK(ceil_div(work, kOwnerThreads) <= INT_MAX, "sample_grid_backward: table too large for one launch");
-    owner_backward_kernel<scalar_t, D><<<static_cast<unsigned>(ceil_div(work, kOwnerThreads)), kOwnerThreads, 0,
-                                         stream>>>(gout.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
-                                                   partial.data_ptr<acc_t>(), kg, sp, groups, per_group);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    buf.grad_input = at::empty(input.sizes(), input.options());
-    launch_reduce_partials<scalar_t>(partial, buf.grad_input, stream);
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cuda(
@@ -284,40 +62,17 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cuda(
   c10::cuda::CUDAGuard guard(input_.device());
   // Nearest sampling is piecewise constant: its grid gradient is 0.
   const bool need_grid = grid_requires_grad && interpolation == kBilinear;
-  if (g.N * g.C * g.P == 0 || (!input_requires_grad && !need_grid)) {
-    return {input_requires_grad ? at::zeros(input_.sizes(), input_.options()) : at::empty({0}, input_.options()),
-            grid_requires_grad ? at::zeros(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options())};
-  }
-  const at::Tensor input = input_.contiguous(), grid = grid_.contiguous(), gout = grad_output.contiguous();
-  const SampleParams sp = sample_params(interpolation, padding, align_corners, jitter_std, jitter_prob, jitter_mode, seed);
-  const KernelGeometry kg = kernel_geometry(g);
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
-  auto stream = at::cuda::getCurrentCUDAStream();
   BackwardBuffers buf;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sample_grid_backward_cuda", [&] {
-    dispatch_dim(g.D, [&](auto dim) {
-      constexpr int D = decltype(dim)::value;
-      bool done = false;
-      if (input_requires_grad) {
-        done = need_grid ? launch_table_backward<scalar_t, D, true>(gout, input, grid, buf, g, kg, sp, deterministic, stream)
-                         : launch_table_backward<scalar_t, D, false>(gout, input, grid, buf, g, kg, sp, deterministic, stream);
-      }
-      if (!done) {
-        launch_large_table_backward<scalar_t, D>(gout, input, grid, buf, g, kg, sp, input_requires_grad, need_grid,
-                                                 deterministic, stream);
-      }
-      if (need_grid) {
-        buf.grad_grid = at::empty(grid_.sizes(), grid_.options());  // every element written below
-        const int64_t total_points = g.N * g.P;
-        reduce_grid_kernel<scalar_t, D><<<static_cast<unsigned>(ceil_div(total_points, kReduceThreads)), kReduceThreads,
-                                          0, stream>>>(buf.grid_partial.data_ptr<at::opmath_type<scalar_t>>(),
-                                                       buf.grid_parts, grid.data_ptr<scalar_t>(),
-                                                       buf.grad_grid.data_ptr<scalar_t>(), kg, sp);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+  if (g.N * g.C * g.P > 0 && (input_requires_grad || need_grid)) {
+    const at::Tensor input = input_.contiguous(), grid = grid_.contiguous(), gout = grad_output.contiguous();
+    const SampleCall call = make_call(g, seed, interpolation, padding, align_corners, jitter_std, jitter_prob,
+                                      jitter_mode);
+    const bool deterministic = at::globalContext().deterministicAlgorithms();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sample_grid_backward_cuda", [&] {
+      backward_typed<scalar_t>(gout, input, grid, buf, call, input_requires_grad, need_grid, deterministic);
     });
-  });
+  }
+  // A gradient that is not asked for is an empty tensor; one with nothing to add is zeros.
   if (!buf.grad_input.defined()) {
     buf.grad_input = input_requires_grad ? at::zeros(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
   }
@@ -335,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor> jitter_noise_cuda(const at::Tensor& seed_, in
   at::Tensor noise = at::empty({num_points, dim}, seed.options().dtype(at::kFloat));
   at::Tensor flags = at::empty({num_points}, seed.options().dtype(at::kBool));
   if (num_points == 0) return {noise, flags};
-  TORCH_CHECK(ceil_div(num_points, kReduceThreads) <= INT_MAX, "jitter_noise: too many points (", num_points, ")");
-  jitter_noise_kernel<<<static_cast<unsigned>(ceil_div(num_points, kReduceThreads)), kReduceThreads, 0,
+  TORCH_CHECK(ceil_div(num_points, kNoiseThreads) <= INT_MAX, "jitter_noise: too many points (", num_points, ")");
+  jitter_noise_kernel<<<static_cast<unsigned>(ceil_div(num_points, kNoiseThreads)), kNoiseThreads, 0,
                         at::cuda::getCurrentCUDAStream()>>>(seed.data_ptr<int64_t>(), num_points, static_cast<int>(dim),
                                                             static_cast<float>(std), static_cast<float>(prob),
                                                             static_cast<int>(mode), noise.data_ptr<float>(),

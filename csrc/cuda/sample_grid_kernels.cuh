@@ -500,15 +500,5 @@ __global__ void reduce_grid_kernel(const at::opmath_type<scalar_t>* __restrict__
   }
 }
 
-__global__ void jitter_noise_kernel(const int64_t* __restrict__ seed, int64_t num_points, int dim, float std,
-                                    float prob, int mode, float* __restrict__ noise, bool* __restrict__ flags) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= num_points) return;
-  const JitterParams j = make_jitter(std, prob, mode, seed[0], seed[1]);
-  float v[4];
-  flags[i] = jitter_point(j, i, v);
-  for (int k = 0; k < dim; ++k) noise[i * dim + k] = v[k];
-}
-
 }  // namespace cuda
 }  // namespace grad_ext

@@ -1,0 +1,4 @@
+// sample_grid's CUDA launchers and kernels for c10::BFloat16.
+#include "cuda/sample_grid_launch.cuh"
+
+GRAD_EXT_INSTANTIATE_SAMPLE_GRID(c10::BFloat16)

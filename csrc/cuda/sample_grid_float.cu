@@ -1,0 +1,4 @@
+// sample_grid's CUDA launchers and kernels for float.
+#include "cuda/sample_grid_launch.cuh"
+
+GRAD_EXT_INSTANTIATE_SAMPLE_GRID(float)

@@ -1,0 +1,303 @@
+// Definitions of the launchers declared in sample_grid_launch.h: which kernel of
+// sample_grid_kernels.cuh runs, with what launch shape, and the buffers between them.
+// Included by one sample_grid_<dtype>.cu per dtype, which instantiates them.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <climits>
+#include <type_traits>
+
+#include "cuda/sample_grid_kernels.cuh"
+#include "cuda/sample_grid_launch.h"
+#include "sample_grid.h"
+
+namespace grad_ext {
+namespace cuda {
+namespace {
+
+// Launch heuristics.
+// Below this many points per batch, lanes over points would idle: the channels kernel runs.
+constexpr int64_t kFewPointsPerBatch = kPointLanes;
+// Forward channels kernel: its staged table slice stays within the default 48 KB.
+constexpr int64_t kForwardStageBytes = 48 * 1024;
+// Table kernel: read the output-gradient tile along points when a batch holds at least this
+// many consecutive points (32 lanes then read >= 4 runs of 4+ floats), else along channels.
+constexpr int64_t kTileAlongPointsMinP = 4;
+// Deterministic partial sums of the input gradient: at most this much scratch memory.
+constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
+// Owner kernel: aim for this many threads (rows x point groups) to fill the GPU.
+constexpr int64_t kOwnerTargetThreads = int64_t(64) * 1024;
+constexpr int kOwnerThreads = 128;
+constexpr int kReduceThreads = 256;
+constexpr unsigned kMaxGridY = 65535;
+
+KernelGeometry kernel_geometry(const GridGeometry& g) {
+  KernelGeometry k{g.N, g.N_in, g.C, g.P, g.S, {1, 1, 1, 1}, {0, 0, 0, 0}};
+  for (int a = 0; a < kMaxDim; ++a) {
+    k.sizes[a] = g.sizes[a];
+    k.strides[a] = g.strides[a];
+  }
+  return k;
+}
+
+SampleParams sample_params(int64_t interpolation, int64_t padding, bool align_corners, double std, double prob,
+                           int64_t mode, const at::Tensor& seed) {
+  return SampleParams{static_cast<int>(interpolation), static_cast<int>(padding), align_corners,
+                      static_cast<float>(std), static_cast<float>(prob), static_cast<int>(mode),
+                      seed.defined() ? seed.data_ptr<int64_t>() : nullptr};
+}
+
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Resident blocks per SM of `kernel` at this launch shape (the occupancy API: registers,
+// shared memory and thread limits of the current device), at least 1. Opts the kernel in to
+// more than 48 KB of dynamic shared memory where it needs it.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, int threads, int64_t smem) {
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, static_cast<size_t>(smem)));
+  return std::max(blocks, 1);
+}
+
+// Channels per block of the channel-lane kernels: the widest multiple of 32 (up to 256)
+// whose shared memory fits `budget`, balanced over the slices it takes; 0 if none fits.
+template <typename SmemBytes>
+int64_t slice_channels(int64_t C, int64_t budget, SmemBytes smem_bytes) {
+  int64_t widest = 0;
+  for (int64_t w = kWarp; w <= kMaxSliceChannels; w += kWarp)
+    if (smem_bytes(w) <= budget) widest = w;
+  if (widest == 0) return 0;
+  const int64_t slices = ceil_div(C, widest);
+  return std::min(widest, round_up(ceil_div(C, slices), kWarp));
+}
+
+// Point groups that split `points` so that about `target` blocks run, given `others` blocks
+// per group; each group covers whole tiles of kTilePoints.
+int64_t points_per_group(int64_t points, int64_t others, int64_t target) {
+  const int64_t tiles = ceil_div(points, kTilePoints);
+  const int64_t groups = std::clamp<int64_t>(ceil_div(target, std::max<int64_t>(others, 1)), 1, tiles);
+  return ceil_div(tiles, groups) * kTilePoints;
+}
+
+template <typename scalar_t, int D>
+void launch_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
+                    const KernelGeometry& kg, const SampleParams& sp, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (g.P < kFewPointsPerBatch) {
+    const auto smem_bytes = [&](int64_t w) {
+      return g.S * (w + 1) * static_cast<int64_t>(sizeof(acc_t)) + static_cast<int64_t>(sizeof(TileCorners<acc_t, D>));
+    };
+    const int64_t slice = slice_channels(g.C, kForwardStageBytes, smem_bytes);
+    if (slice > 0 && g.N_in <= kMaxGridY) {
+      const int64_t slices = ceil_div(g.C, slice), smem = smem_bytes(slice);
+      auto kernel = forward_channels_kernel<scalar_t, D>;
+      const int64_t target = resident_blocks(kernel, static_cast<int>(slice), smem) * sm_count();
+      const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
+      const int64_t per_group = points_per_group(npoints, slices * g.N_in, target);
+      const int64_t groups = ceil_div(npoints, per_group);
+      TORCH_CHECK(slices <= INT_MAX && groups <= kMaxGridY, "sample_grid: too many channels or points for one launch");
+      const dim3 blocks(static_cast<unsigned>(slices), static_cast<unsigned>(groups), static_cast<unsigned>(g.N_in));
+      kernel<<<blocks, static_cast<unsigned>(slice), smem, stream>>>(input.data_ptr<scalar_t>(),
+                                                                     grid.data_ptr<scalar_t>(),
+                                                                     out.data_ptr<scalar_t>(), kg, sp, per_group);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  auto kernel = forward_points_kernel<scalar_t, D>;
+  const int64_t point_blocks = g.N * ceil_div(g.P, kPointLanes);
+  const int64_t target = resident_blocks(kernel, kThreads, 0) * sm_count();
+  const int64_t splits = std::clamp<int64_t>(ceil_div(target, point_blocks), 1,
+                                             std::min<int64_t>(ceil_div(g.C, kChannelLanes), kMaxGridY));
+  TORCH_CHECK(point_blocks <= INT_MAX, "sample_grid: too many points for one launch (", g.N * g.P, ")");
+  const dim3 blocks(static_cast<unsigned>(point_blocks), static_cast<unsigned>(splits));
+  kernel<<<blocks, dim3(kPointLanes, kChannelLanes), 0, stream>>>(input.data_ptr<scalar_t>(),
+                                                                 grid.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                                                 kg, sp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_reduce_partials(const at::Tensor& partial, at::Tensor& out, cudaStream_t stream) {
+  const int64_t numel = out.numel(), parts = partial.size(0);
+  reduce_partials_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(numel, kReduceThreads)), kReduceThreads, 0,
+                                     stream>>>(partial.data_ptr<at::opmath_type<scalar_t>>(), parts, numel,
+                                               out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Table kernel; false when the table's rows do not fit in shared memory (nothing launched).
+template <typename scalar_t, int D, bool NEED_GRID>
+bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
+                           BackwardBuffers& buf, const GridGeometry& g, const KernelGeometry& kg,
+                           const SampleParams& sp, bool deterministic, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (g.N_in > kMaxGridY) return false;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  // Two blocks per SM if the slice can be that narrow (each block also costs the SM its reserved
+  // shared memory), else one as large as a block may be.
+  const auto smem_bytes = [&](int64_t w) { return table_smem_bytes<acc_t, D>(g.S, w, NEED_GRID); };
+  const int64_t two_per_sm = static_cast<int64_t>(props->sharedMemPerMultiprocessor) / 2 -
+                             static_cast<int64_t>(props->reservedSharedMemPerBlock);
+  int64_t slice = slice_channels(g.C, two_per_sm, smem_bytes);
+  if (slice == 0) slice = slice_channels(g.C, static_cast<int64_t>(props->sharedMemPerBlockOptin), smem_bytes);
+  if (slice == 0) return false;
+  const int64_t slices = ceil_div(g.C, slice), smem = smem_bytes(slice);
+  auto kernel = table_backward_kernel<scalar_t, D, NEED_GRID>;
+  const int64_t target = resident_blocks(kernel, static_cast<int>(slice), smem) * sm_count();
+  const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
+  const int64_t table_bytes = g.N_in * g.C * g.S * static_cast<int64_t>(sizeof(acc_t));
+  int64_t per_group = points_per_group(npoints, slices * g.N_in, target);
+  if (deterministic) {  // bound the partial sums' memory
+    const int64_t max_groups = std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(table_bytes, 1));
+    per_group = std::max(per_group, round_up(ceil_div(npoints, max_groups), kTilePoints));
+  }
+  const int64_t groups = ceil_div(npoints, per_group);
+  TORCH_CHECK(groups * slices <= INT_MAX, "sample_grid_backward: too many channels or points for one launch");
+
+  at::Tensor& grad_input = buf.grad_input;
+  at::Tensor accum, partial;
+  scalar_t* direct = nullptr;
+  acc_t* accum_ptr = nullptr;
+  acc_t* partial_ptr = nullptr;
+  const auto acc_opts = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  if (groups == 1) {
+    grad_input = at::empty(input.sizes(), input.options());  // every element written once
+    direct = grad_input.data_ptr<scalar_t>();
+  } else if (deterministic) {
+    grad_input = at::empty(input.sizes(), input.options());
+    partial = at::empty({groups, g.N_in, g.C, g.S}, acc_opts);
+    partial_ptr = partial.data_ptr<acc_t>();
+  } else {
+    accum = at::zeros(input.sizes(), acc_opts);
+    accum_ptr = accum.data_ptr<acc_t>();
+  }
+  if (NEED_GRID) {
+    buf.grid_parts = slices;
+    buf.grid_partial = at::empty({slices, g.N * g.P, D}, acc_opts);
+  }
+  const dim3 blocks(static_cast<unsigned>(groups * slices), 1, static_cast<unsigned>(g.N_in));
+  kernel<<<blocks, static_cast<unsigned>(slice), smem, stream>>>(
+      gout.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), direct, accum_ptr,
+      partial_ptr, NEED_GRID ? buf.grid_partial.data_ptr<acc_t>() : nullptr, kg, sp, slices, per_group,
+      g.P >= kTileAlongPointsMinP);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (partial.defined()) {
+    launch_reduce_partials<scalar_t>(partial, grad_input, stream);
+  } else if (accum.defined()) {
+    grad_input = std::is_same<scalar_t, acc_t>::value ? accum : accum.to(input.scalar_type());
+  }
+  return true;
+}
+
+// Large tables: atomics (scatter kernel), or thread-owned rows in deterministic mode; the grid
+// gradient always through the scatter kernel's per-split partial sums.
+template <typename scalar_t, int D>
+void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
+                                 BackwardBuffers& buf, const GridGeometry& g, const KernelGeometry& kg,
+                                 const SampleParams& sp, bool need_input, bool need_grid, bool deterministic,
+                                 cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_opts = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t point_blocks = g.N * ceil_div(g.P, kPointLanes);
+  TORCH_CHECK(point_blocks <= INT_MAX, "sample_grid_backward: too many points for one launch (", g.N * g.P, ")");
+  auto kernel = scatter_backward_kernel<scalar_t, D>;
+  const int64_t target = resident_blocks(kernel, kThreads, 0) * sm_count();
+  const int64_t splits = std::clamp<int64_t>(ceil_div(target, point_blocks), 1,
+                                             std::min<int64_t>(ceil_div(g.C, kChannelLanes), kMaxGridY));
+  const bool scatter_input = need_input && !deterministic;
+  at::Tensor accum;
+  if (scatter_input) accum = at::zeros(input.sizes(), acc_opts);
+  if (need_grid) {
+    buf.grid_parts = splits;
+    buf.grid_partial = at::empty({splits, g.N * g.P, D}, acc_opts);
+  }
+  if (scatter_input || need_grid) {
+    const dim3 blocks(static_cast<unsigned>(point_blocks), static_cast<unsigned>(splits));
+    kernel<<<blocks, dim3(kPointLanes, kChannelLanes), 0, stream>>>(
+        gout.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
+        scatter_input ? accum.data_ptr<acc_t>() : nullptr, need_grid ? buf.grid_partial.data_ptr<acc_t>() : nullptr,
+        kg, sp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (scatter_input) buf.grad_input = std::is_same<scalar_t, acc_t>::value ? accum : accum.to(input.scalar_type());
+  if (need_input && deterministic) {
+    // Rows of the gradient owned by threads, point groups summed in a fixed order.
+    const int64_t rows = g.N_in * g.C;
+    const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
+    const int64_t row_bytes = rows * g.S * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t budget = std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, row_bytes));
+    const int64_t groups = std::clamp<int64_t>(ceil_div(kOwnerTargetThreads, rows), 1, std::min(budget, npoints));
+    const int64_t per_group = ceil_div(npoints, groups);
+    at::Tensor partial = at::zeros({groups, g.N_in, g.C, g.S}, acc_opts);
+    const int64_t work = rows * groups;
+    TORCH_CHECK(ceil_div(work, kOwnerThreads) <= INT_MAX, "sample_grid_backward: table too large for one launch");
+    owner_backward_kernel<scalar_t, D><<<static_cast<unsigned>(ceil_div(work, kOwnerThreads)), kOwnerThreads, 0,
+                                         stream>>>(gout.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
+                                                   partial.data_ptr<acc_t>(), kg, sp, groups, per_group);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    buf.grad_input = at::empty(input.sizes(), input.options());
+    launch_reduce_partials<scalar_t>(partial, buf.grad_input, stream);
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void forward_typed(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const SampleCall& call) {
+  const SampleParams sp = sample_params(call.interpolation, call.padding, call.align_corners, call.jitter_std,
+                                        call.jitter_prob, call.jitter_mode, call.seed);
+  const KernelGeometry kg = kernel_geometry(call.g);
+  dispatch_dim(call.g.D, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    launch_forward<scalar_t, D>(input, grid, out, call.g, kg, sp, call.stream);
+  });
+}
+
+template <typename scalar_t>
+void backward_typed(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid, BackwardBuffers& buf,
+                    const SampleCall& call, bool need_input, bool need_grid, bool deterministic) {
+  const GridGeometry& g = call.g;
+  const SampleParams sp = sample_params(call.interpolation, call.padding, call.align_corners, call.jitter_std,
+                                        call.jitter_prob, call.jitter_mode, call.seed);
+  const KernelGeometry kg = kernel_geometry(g);
+  cudaStream_t stream = call.stream;
+  dispatch_dim(g.D, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    bool done = false;
+    if (need_input) {
+      done = need_grid ? launch_table_backward<scalar_t, D, true>(gout, input, grid, buf, g, kg, sp, deterministic, stream)
+                       : launch_table_backward<scalar_t, D, false>(gout, input, grid, buf, g, kg, sp, deterministic, stream);
+    }
+    if (!done) {
+      launch_large_table_backward<scalar_t, D>(gout, input, grid, buf, g, kg, sp, need_input, need_grid,
+                                               deterministic, stream);
+    }
+    if (need_grid) {
+      buf.grad_grid = at::empty(grid.sizes(), grid.options());  // every element written below
+      const int64_t total_points = g.N * g.P;
+      reduce_grid_kernel<scalar_t, D><<<static_cast<unsigned>(ceil_div(total_points, kReduceThreads)), kReduceThreads,
+                                        0, stream>>>(buf.grid_partial.data_ptr<at::opmath_type<scalar_t>>(),
+                                                     buf.grid_parts, grid.data_ptr<scalar_t>(),
+                                                     buf.grad_grid.data_ptr<scalar_t>(), kg, sp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace grad_ext
+
+#define GRAD_EXT_INSTANTIATE_SAMPLE_GRID(scalar_t)                                                                  \
+  template void grad_ext::cuda::forward_typed<scalar_t>(const at::Tensor&, const at::Tensor&, at::Tensor&,         \
+                                                        const grad_ext::cuda::SampleCall&);                         \
+  template void grad_ext::cuda::backward_typed<scalar_t>(const at::Tensor&, const at::Tensor&, const at::Tensor&,  \
+                                                         grad_ext::cuda::BackwardBuffers&,                          \
+                                                         const grad_ext::cuda::SampleCall&, bool, bool, bool);
