@@ -5,14 +5,28 @@
 - :func:`refine`: GRAD's MSE/cosine feature refinement with its loss and anomaly map.
 - :mod:`grad_ext.reference`: pure-torch versions of every op, for tests and benchmarks.
 """
+import sys
+
 import torch
 
+from . import reference
 from ._common import JitterNoise, RefineOutput, draw_jitter_seed
 from ._ops import ops
 from .refine import refine
 from .sampling import GridSample, grid_sample, jitter_noise
 
 __version__ = "0.1.0"
+# The implementations of the ops by name, for callers that pick one by a setting: these
+# kernels, or their pure-torch twins with the same signatures (grad_ext.reference).
+IMPLEMENTATIONS = ("ext", "reference")
+
+
+def implementation(name: str):
+    """The module whose ``grid_sample`` / ``refine`` / ``jitter_noise`` a caller uses: grad_ext
+    itself for 'ext', :mod:`grad_ext.reference` for 'reference'."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {name!r}")
+    return reference if name == "reference" else sys.modules[__name__]
 
 
 def info() -> dict:
@@ -37,5 +51,5 @@ def info() -> dict:
     }
 
 
-__all__ = ["GridSample", "JitterNoise", "RefineOutput", "draw_jitter_seed", "grid_sample", "info", "jitter_noise",
-           "refine"]
+__all__ = ["GridSample", "IMPLEMENTATIONS", "JitterNoise", "RefineOutput", "draw_jitter_seed", "grid_sample",
+           "implementation", "info", "jitter_noise", "refine"]

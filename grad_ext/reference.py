@@ -116,8 +116,9 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
                 jitter_mode: str = "pixel", generator: torch.Generator | None = None, jitter_seed=None) -> Tensor:
     """Reference of :func:`grad_ext.grid_sample`, with the same arguments and result.
 
-    F.grid_sample for 2-D and 3-D tables (the table repeated over the batch when shared, as the
-    GRAD reference code does), the explicit multilinear gather :func:`multilinear_sample` for
+    F.grid_sample for 2-D and 3-D tables, a shared table used as the GRAD reference code does:
+    repeated over the batch, or, when every grid batch holds one point, sampled once at all N
+    points and transposed; the explicit multilinear gather :func:`multilinear_sample` for
     1-D and 4-D. A jittered call draws its seed exactly as grad_ext does (so the same torch
     seed gives the same noise), adds :func:`jitter_noise` to the grid and samples there.
 
@@ -143,8 +144,16 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     align_corners = bool(align_corners)
     d = input.dim() - 2
     if d in (2, 3):
-        if input.shape[0] == 1 and grid.shape[0] != 1:
-            input = input.repeat(grid.shape[0], *([1] * (input.dim() - 1)))
+        n = grid.shape[0]
+        if input.shape[0] == 1 and n != 1:
+            if grid[0, ..., 0].numel() == 1:
+                # One point per grid batch (GRAD's global grid): the batch becomes the points of
+                # one sampling, (1, N, 1, .., d), and the (1, C, N, 1, ..) result is transposed,
+                # as the reference code does; no copy of the table.
+                out = F.grid_sample(input, grid.reshape(1, n, *grid.shape[2:]), mode=mode,
+                                    padding_mode=padding_mode, align_corners=align_corners)
+                return out.reshape(input.shape[1], n).t().reshape(n, input.shape[1], *grid.shape[1:-1])
+            input = input.repeat(n, *([1] * (input.dim() - 1)))  # the reference code's local grid
         return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
     return multilinear_sample(input, grid, mode, padding_mode, align_corners)
 
