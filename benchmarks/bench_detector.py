@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from gradad.backbones import FeatureExtractor, build_backbone
 from gradad.config import TrainConfig, preset_config
-from gradad.model import GRAD
+from gradad.models.grad import GRAD
 
 from benchmarks.timing import TimingSettings, default_timing, measure_interleaved
 

@@ -1,6 +1,6 @@
 """GRAD against Bi-Grid GRAD on ELPV: same backbone, features, seed and wall-clock budget.
 
-Both models are BiGridGRAD instances trained by gradad.bigrid.train_bigrid, GRAD being the one
+Both models are BiGridGRAD instances trained by gradad.engine.train_bigrid, GRAD being the one
 without the abnormal branch (which is GRAD exactly). Features of a seeded subset of ELPV's
 train/test split are extracted once with the frozen backbone; each model trains for the same
 number of seconds (stopping after the first epoch past the budget); image scores follow the
@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gradad.backbones import build_backbone
-from gradad.bigrid import BiGridGRAD, train_bigrid
+from gradad.engine import train_bigrid
+from gradad.models.bigrid import BiGridGRAD
 from gradad.config import BiGridConfig, preset_config
 from gradad.datasets import AnomalyDataset, list_elpv
 from gradad.evaluation import postprocess

@@ -11,6 +11,8 @@ from typing import Dict, Optional
 
 import torch
 
+from gradad.runtime import resolve_device  # noqa: F401 (the benchmarks' device names are gradad's)
+
 from .timing import TimingSettings, measure
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,22 +23,6 @@ CUDA_COPY_BYTES = 1 << 30
 # Throughput probe: a float32 square matrix product of this side.
 CPU_MATMUL_SIDE = 1024
 CUDA_MATMUL_SIDE = 8192
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N' as a torch.device; an error when
-    CUDA is asked for but not available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but torch sees no CUDA GPU")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be a CPU or CUDA device, got {name!r}")
-    return device
 
 
 def cpu_model_name() -> str:

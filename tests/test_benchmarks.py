@@ -248,7 +248,7 @@ def test_slugs_and_devices():
     with pytest.raises(ValueError, match="device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA"):
+        with pytest.raises(RuntimeError, match="no CUDA"):
             resolve_device("cuda")
 
 
@@ -261,7 +261,7 @@ def test_run_suite_rejects_unknown_parts(tmp_path):
 
 def test_bigrid_synthetic_dataset_is_an_mvtec_class_with_masks_on_the_defects(tmp_path):
     from benchmarks import bigrid_vs_grad_synthetic as synthetic
-    from gradad.data import list_dataset, load_mask
+    from gradad.datasets import list_dataset, load_mask
 
     root = synthetic.make_dataset(str(tmp_path), n_train=2, n_test=6, seed=0)
     train = list_dataset("mvtec", root, "train", None)

@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from gradad.backbones import BACKBONES
-from gradad.bigrid import (
+from gradad.models.bigrid import (
     BiGridGRAD, ChannelStandardize, bigrid_stage_loss, bigrid_stage_parameters, contrastive_loss, set_bigrid_stage,
-    stage_plan, train_bigrid,
+    stage_plan,
 )
+from gradad.engine import train_bigrid
 from gradad.config import (
     BiGridConfig, ModelConfig, TrainConfig, apply_overrides, dump_config, load_config, preset_config,
 )
-from gradad.fbp import FBP_PRESETS, FeatureBlockPaster
-from gradad.model import GRAD
+from gradad.models.fbp import FBP_PRESETS, FeatureBlockPaster
+from gradad.models.grad import GRAD
 
 C, S, B = 8, 8, 3
 

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 import gradad.io_utils
 from gradad.cli import build_config, build_parser, main
 from gradad.config import preset_config
-from gradad.training import read_checkpoint
+from gradad.checkpoint import read_checkpoint
 from tests.synthetic import make_mvtec, make_visa
 
 TINY = ["--set", "model.backbone=efficientnet_lite0", "--set", "model.backbone_weights=random",
@@ -330,26 +330,6 @@ def test_per_class_run_is_tested_class_by_class(mvtec, tmp_path, capsys):
     assert "one class" in _error(capsys, "predict", image, "--checkpoint", run, "--no-progress")
     assert run_cli("predict", image, "--checkpoint", run / "a" / "checkpoint.pt", "--out", tmp_path / "p",
                    "--no-progress") == 0
-
-
-def test_evaluate_class_matches_gradad_evaluation():
-    from gradad.evaluation import EvalRecord, evaluate
-    from gradad.inference import evaluate_class
-
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(6):
-        mask = np.zeros((40, 40), dtype=bool)
-        if i % 2:
-            mask[5:15, 8:20] = True
-        records.append(EvalRecord("c", i % 2, torch.from_numpy(rng.random((32, 32), dtype=np.float32)), mask, (40, 40)))
-    for protocol in ("strict", "paper"):
-        if protocol == "paper":
-            records = [dataclasses.replace(r, anomaly_map=torch.nn.functional.interpolate(
-                r.anomaly_map[None, None], size=(64, 64))[0, 0]) for r in records]
-        metrics, _, scores = evaluate_class("c", records, protocol)
-        assert metrics == evaluate(records, protocol)["c"]
-        assert roc_auc_score([r.label for r in records], scores) == pytest.approx(metrics["image_auroc"])
 
 
 def _make_elpv_like(root: Path, n_normal=12, n_defective=4, size=40) -> Path:

@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
-from gradad.bigrid import BiGridGRAD, bigrid_stage_loss, set_bigrid_stage
+from gradad.models.bigrid import BiGridGRAD, bigrid_stage_loss, set_bigrid_stage
 from gradad.config import BiGridConfig, ModelConfig
-from gradad.fbp import FeatureBlockPaster, fbp_settings
-from gradad.model import GRAD
+from gradad.models.fbp import FeatureBlockPaster, fbp_settings
+from gradad.models.grad import GRAD
 
 pytestmark = pytest.mark.cuda
 DEVICE = os.environ.get("GRAD_EXT_TEST_DEVICE", "cuda")

@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from gradad.data import (
+from gradad.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AnomalyDataset,
-    FeatureCache,
     ImageRecord,
     list_dataset,
     list_elpv,
@@ -27,6 +26,7 @@ from gradad.data import (
     load_mask,
     load_rgb,
 )
+from gradad.features import FeatureCache
 from tests.synthetic import make_folder, make_mvtec, make_visa
 
 

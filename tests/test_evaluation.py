@@ -1,4 +1,6 @@
-"""Protocols of spec §5 against scipy.ndimage and brute-force numpy written here."""
+"""Protocols of docs/method.md §5 against scipy.ndimage and brute-force numpy written here."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -168,3 +170,22 @@ def test_errors():
         evaluation.evaluate([EvalRecord("mean", 0, maps[0], None, (40, 40))], "strict")
     with pytest.raises(ValueError, match="label must be 0 or 1"):
         evaluation.evaluate([EvalRecord("x", 2, maps[0], None, (40, 40))], "strict")
+
+
+def test_evaluate_class_scores_and_metrics():
+    # the image scores it returns are those the metrics were computed from (checked with scikit-learn)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(6):
+        mask = np.zeros((40, 40), dtype=bool)
+        if i % 2:
+            mask[5:15, 8:20] = True
+        records.append(EvalRecord("c", i % 2, torch.from_numpy(rng.random((32, 32), dtype=np.float32)), mask, (40, 40)))
+    for protocol in ("strict", "paper"):
+        if protocol == "paper":
+            records = [dataclasses.replace(r, anomaly_map=torch.nn.functional.interpolate(
+                r.anomaly_map[None, None], size=(64, 64))[0, 0]) for r in records]
+        result = evaluation.evaluate_class("c", records, protocol)
+        assert result.metrics == evaluation.evaluate(records, protocol)["c"]
+        assert skm.roc_auc_score([r.label for r in records], result.scores) == pytest.approx(result.metrics["image_auroc"])
+        assert len(result.maps) == len(records)

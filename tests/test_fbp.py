@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from gradad.config import FBP_PRESET_NAMES
-from gradad.fbp import FBP_PRESETS, FBPSettings, FeatureBlockPaster, feature_block_paste, fbp_settings
+from gradad.config import BiGridConfig
+from gradad.models.fbp import FBP_PRESETS, FBPSettings, FeatureBlockPaster, feature_block_paste, fbp_settings
 
 # Structuring elements of scipy.ndimage.label for the two neighbourhoods.
 CONNECTIVITY = {4: ndimage.generate_binary_structure(2, 1), 8: ndimage.generate_binary_structure(2, 2)}
@@ -16,8 +16,12 @@ def _features(b=3, c=2, h=28, w=28, seed=0):
     return torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def test_preset_names_match_config():
-    assert tuple(FBP_PRESETS) == FBP_PRESET_NAMES
+def test_config_accepts_exactly_the_fbp_presets():
+    assert set(FBP_PRESETS) == {"reference", "paper"}
+    for name in FBP_PRESETS:
+        assert BiGridConfig(fbp=name).fbp == name
+    with pytest.raises(ValueError, match="bigrid.fbp"):
+        BiGridConfig(fbp="blob")
 
 
 # (preset, changes, connectivity the spec asks for): the reference walk steps to edge neighbours,

@@ -1,4 +1,4 @@
-"""Tests of gradad.config, gradad.fusion and gradad.model (GRAD, spec §2)."""
+"""Tests of gradad.config, gradad.fusion and gradad.model (GRAD, docs/method.md §2)."""
 
 import dataclasses
 import itertools
@@ -16,7 +16,7 @@ from gradad.config import (
     DEFAULT_NUM_BLOCKS, PRESETS, Config, DataConfig, ModelConfig, TrainConfig, apply_overrides, dump_config,
     load_config, preset_config,
 )
-from gradad.model import GRAD
+from gradad.models.grad import GRAD
 
 C, S, B = 16, 8, 3  # small features for fast tests
 

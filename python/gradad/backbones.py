@@ -1,4 +1,4 @@
-"""Frozen EfficientNet feature extractors for GRAD (spec §2) and Bi-Grid GRAD (spec §3).
+"""Frozen EfficientNet feature extractors for GRAD (docs/method.md §2) and Bi-Grid GRAD (docs/method.md §3).
 
 A backbone turns normalised images (B, 3, S, S) into one feature map (B, C, S/8, S/8): the
 stride-8 stage and the stride-16 stage (upsampled ×2, bilinear, align_corners=True),
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+from .datasets.image_io import IMAGENET_MEAN, IMAGENET_STD
+
 # TF EfficientNet-Lite checkpoints were trained on (pixel - 127) / 128, i.e. mean = std = 0.5
 # on [0, 1] images; timm's pretrained config for tf_efficientnet_lite* says the same.
 TF_LITE_MEAN: Tuple[float, float, float] = (0.5, 0.5, 0.5)

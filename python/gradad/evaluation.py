@@ -1,4 +1,4 @@
-"""The two evaluation protocols of spec §5: map post-processing, masks, per-class metrics.
+"""The two evaluation protocols of docs/method.md §5: map post-processing, masks, per-class metrics.
 
 - ``paper`` (the reference code's): maps at the model's input resolution, smoothed with a
   21×21 average pool (stride 1, zero padding 10, padded zeros counted); image score = max of a
@@ -145,7 +145,8 @@ def prepare_masks(masks: Sequence[np.ndarray | torch.Tensor], protocol: str,
     return _stack_if_same_shape(out)
 
 
-def _mean_over_classes(per_class: dict[str, dict]) -> dict[str, float | None]:
+def mean_over_classes(per_class: dict[str, dict]) -> dict[str, float | None]:
+    """The mean of every metric over classes, ignoring None (None when every class has None)."""
     mean = {}
     for key in METRIC_KEYS:
         values = [metrics[key] for metrics in per_class.values() if metrics[key] is not None]
@@ -195,18 +196,36 @@ def evaluate(records: Iterable[EvalRecord], protocol: str,
         raise ValueError(f"class name {MEAN_KEY!r} is reserved for the mean over classes")
     results: dict[str, dict[str, float | None]] = {}
     for name, class_records in tqdm(by_class.items(), desc=f"evaluate ({protocol})", unit="class",
-                                         disable=not progress):
-        maps = torch.stack([torch.as_tensor(r.anomaly_map) for r in class_records])
-        sizes = [r.image_size for r in class_records]
-        maps_out, scores = postprocess(maps, protocol, sizes)
-        labels = np.array([r.label for r in class_records])
-        masks = _class_masks(name, class_records)
-        if masks is not None:
-            masks = prepare_masks(masks, protocol, size=tuple(maps.shape[1:]))
-        try:
-            results[name] = compute_metrics(labels, scores, masks,
-                                            None if masks is None else maps_out)
-        except ValueError as error:
-            raise ValueError(f"class {name!r}: {error}") from error
-    results[MEAN_KEY] = _mean_over_classes(results)
+                                    disable=not progress):
+        results[name] = evaluate_class(name, class_records, protocol).metrics
+    results[MEAN_KEY] = mean_over_classes(results)
     return results
+
+
+@dataclass(frozen=True)
+class ClassEvaluation:
+    """One class's metrics with what they were computed from: the post-processed maps (as
+    :func:`postprocess` returns them) and the (N,) image scores, so reports reuse them instead
+    of post-processing again (the costly step)."""
+
+    metrics: dict[str, float | None]
+    maps: np.ndarray | list[np.ndarray]
+    scores: np.ndarray
+
+
+def evaluate_class(name: str, records: Sequence[EvalRecord], protocol: str) -> ClassEvaluation:
+    """The metrics of one class under ``protocol``: the one computation behind :func:`evaluate`
+    and ``gradad test``. Pixel metrics are None when the class's anomalous images have no masks."""
+    _check_protocol(protocol)
+    records = list(records)
+    maps = torch.stack([torch.as_tensor(r.anomaly_map) for r in records])
+    maps_out, scores = postprocess(maps, protocol, [r.image_size for r in records])
+    masks = _class_masks(name, records)
+    if masks is not None:
+        masks = prepare_masks(masks, protocol, size=tuple(maps.shape[1:]))
+    labels = np.array([r.label for r in records])
+    try:
+        metrics = compute_metrics(labels, scores, masks, None if masks is None else maps_out)
+    except ValueError as error:
+        raise ValueError(f"class {name!r}: {error}") from error
+    return ClassEvaluation(metrics, maps_out, scores)

@@ -1,21 +1,30 @@
-"""FeatureCache: backbone features computed once per image, kept in memory or on disk."""
+"""Backbone features of datasets: computed once per image and cached (in memory or on disk),
+and the anomaly maps a model makes from them in batches.
+
+Owns the cache modes (:data:`CACHE_MODES`) that ``data.cache`` chooses from.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .image_io import IMAGENET_MEAN, IMAGENET_STD
-from .records import ImageRecord
+from .backbones import FeatureExtractor
+from .datasets import AnomalyDataset, ImageRecord
+from .datasets.image_io import IMAGENET_MEAN, IMAGENET_STD
+from .io_utils import atomic_write_bytes
 
+# 'memory': a dict of this process; 'disk': one file per image in data.cache_dir, shared by
+# runs and processes; 'none': the backbone runs on every pass.
+CACHE_MODES = ("memory", "disk", "none")
 # Bump when the key recipe or the stored format changes, so old cache files are not reused.
 CACHE_FORMAT_VERSION = 1
 
@@ -140,12 +149,52 @@ class FeatureCache:
         if self.directory is None:
             self._memory[key] = features
             return features
-        handle, temp_path = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            torch.save(features, temp_path)
-            os.replace(temp_path, self._path(key))
-        except BaseException:
-            os.unlink(temp_path)
-            raise
+        buffer = io.BytesIO()
+        torch.save(features, buffer)
+        atomic_write_bytes(self._path(key), buffer.getvalue())
         return features
+
+
+def cache_key(backbone: FeatureExtractor) -> str:
+    """The cache key of a backbone's features: its name fixes architecture and stages, its
+    weights_id the weights."""
+    return f"{backbone.name}|{backbone.weights_id}"
+
+
+def feature_cache(mode: str, backbone: FeatureExtractor,
+                  directory: Optional[str | os.PathLike] = None) -> Optional[FeatureCache]:
+    """The FeatureCache of ``mode`` (one of :data:`CACHE_MODES`; 'disk' keeps its files in
+    ``directory``), or None for 'none' (features are computed on every pass)."""
+    if mode not in CACHE_MODES:
+        raise ValueError(f"cache mode must be one of {list(CACHE_MODES)}, got {mode!r}")
+    if mode == "none":
+        return None
+    if mode == "disk" and directory is None:
+        raise ValueError("cache mode 'disk' needs a directory for the feature files")
+    return FeatureCache(cache_key(backbone), directory if mode == "disk" else None)
+
+
+def extract_features(backbone: FeatureExtractor, dataset: AnomalyDataset, device: torch.device,
+                     batch_size: int, cache: Optional[FeatureCache], progress: bool,
+                     num_workers: int = 0) -> torch.Tensor:
+    """Backbone features of every image of ``dataset``, (N, C, S/8, S/8) float32 on the CPU,
+    in dataset order; through ``cache`` when given (else a cache of this call only)."""
+    def run_backbone(images: torch.Tensor) -> torch.Tensor:
+        return backbone(images.to(device))
+
+    cache = cache if cache is not None else FeatureCache(cache_key(backbone))
+    return cache.features_for(dataset, run_backbone, batch_size=batch_size, device=device,
+                              progress=progress, num_workers=num_workers)
+
+
+@torch.no_grad()
+def score_features(model: torch.nn.Module, features: torch.Tensor, image_size: int, device: torch.device,
+                   batch_size: int, progress: bool = False, desc: str = "scoring") -> torch.Tensor:
+    """Anomaly maps of a GRAD model (``model.anomaly_map``) on features in batches, eval mode:
+    (N, C, h, w) → (N, S, S) float32 on the CPU, S = ``image_size``."""
+    model.eval()
+    maps = []
+    for start in tqdm(range(0, len(features), batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = features[start:start + batch_size].to(device)
+        maps.append(model.anomaly_map(chunk, image_size).float().cpu())
+    return torch.cat(maps) if maps else torch.zeros(0, image_size, image_size)

@@ -1,4 +1,4 @@
-"""Image- and pixel-level anomaly detection metrics (spec §5).
+"""Image- and pixel-level anomaly detection metrics (docs/method.md §5).
 
 All functions take numpy arrays (or, for pixel metrics, lists of per-image 2-D arrays of
 different sizes) and return Python floats. Labels are binary, 1 = anomalous.

@@ -1,8 +1,10 @@
-"""Datasets for GRAD: listing images (MVTec AD, VisA, GoodsAD, ELPV, plain folders),
-loading them as model inputs, and caching frozen-backbone features."""
+"""Datasets for GRAD: listing, splitting and loading images.
 
-from .cache import FeatureCache
-from .dataset import AnomalyDataset
+Listings of MVTec AD, VisA, GoodsAD, ELPV and plain folders; the training split; images as
+model inputs. (Backbone features and their cache are :mod:`gradad.features`.)
+"""
+
+from .dataset import ON_ERROR_CHOICES, AnomalyDataset
 from .image_io import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, UnreadableImageError, load_mask, load_rgb
 from .listing import (
     DATASET_NAMES,
@@ -14,15 +16,16 @@ from .listing import (
     list_visa,
 )
 from .records import ImageRecord
+from .split import split_training_records
 
 __all__ = [
     "AnomalyDataset",
     "DATASET_NAMES",
     "DEFAULT_IMAGE_SIZE",
-    "FeatureCache",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageRecord",
+    "ON_ERROR_CHOICES",
     "UnreadableImageError",
     "list_dataset",
     "list_elpv",
@@ -32,4 +35,5 @@ __all__ = [
     "list_visa",
     "load_mask",
     "load_rgb",
+    "split_training_records",
 ]

@@ -1,6 +1,6 @@
-"""Bi-Grid GRAD (spec §3): GRAD plus an abnormal grid trained on Feature Block Paste anomalies.
+"""Bi-Grid GRAD (docs/method.md §3): GRAD plus an abnormal grid trained on Feature Block Paste anomalies.
 
-The normal branch is :class:`gradad.model.GRAD` itself (this class subclasses it). The abnormal
+The normal branch is :class:`gradad.models.GRAD` itself (this class subclasses it). The abnormal
 branch is a second GRAD instance whose coordinate networks are the normal ones (shared modules)
 and whose own local and global grids, fusion network and 1×1 output conv give
 
@@ -10,10 +10,11 @@ with the sampled features standardised per image and channel over H, W. The reco
 x̂ = x̂_n + w·a (reference code, learnable w) or λ·x̂_n + (1 − λ)·a (paper, fixed λ); refinement,
 loss, map and score are GRAD's, applied to that x̂.
 
-Training (:func:`train_bigrid`): stage 1 ('abnormal') trains on FBP features with the
-truncated-L1 contrastive loss on channel 0 of a, the normal grids frozen; stage 2 ('normal')
-trains on clean features with GRAD's loss, the abnormal grids frozen. Only grids are frozen;
-the networks stay trainable in both stages (reference code).
+Training (:func:`gradad.engine.train_bigrid`, the stages of :func:`stage_plan`): stage 1
+('abnormal') trains on FBP features with the truncated-L1 contrastive loss on channel 0 of a,
+the normal grids frozen; stage 2 ('normal') trains on clean features with GRAD's loss, the
+abnormal grids frozen. Only grids are frozen; the networks stay trainable in both stages
+(reference code).
 
 Jitter: the abnormal branch computes its coordinates with the shared networks but draws its own
 jitter, so in training mode the two branches see independently jittered local coordinates.
@@ -26,9 +27,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .config import BiGridConfig, ModelConfig, TrainConfig
+from ..config import BiGridConfig, ModelConfig
 from .fbp import FeatureBlockPaster
-from .model import GRAD
+from .grad import GRAD
 
 STAGES = ("abnormal", "normal")
 
@@ -138,7 +139,7 @@ class BiGridGRAD(GRAD):
 # ---- training -----------------------------------------------------------------------------
 
 def contrastive_loss(response: Tensor, mask: Tensor, threshold: float = 0.5) -> Tensor:
-    """Truncated-L1 contrastive loss (spec §3) on ``response`` (B, H, W) (channel 0 of a) with
+    """Truncated-L1 contrastive loss (docs/method.md §3) on ``response`` (B, H, W) (channel 0 of a) with
     the anomaly ``mask`` (B, H, W) bool: mean over masked cells of max(0, th − a) plus mean over
     the other cells of max(0, th + a). A term whose cell set is empty contributes 0."""
     if response.shape != mask.shape or response.dim() != 3:
@@ -198,26 +199,3 @@ def stage_plan(bigrid: BiGridConfig) -> List[str]:
     'normal', once ('sequential') or ``cycles`` times ('alternating')."""
     cycle = ["abnormal"] * bigrid.abnormal_epochs + ["normal"] * bigrid.normal_epochs
     return cycle * (bigrid.cycles if bigrid.schedule == "alternating" else 1)
-
-
-def train_bigrid(model: BiGridGRAD, features: Tensor, train_cfg: TrainConfig,
-                 device: Optional[torch.device] = None, progress: bool = True,
-                 max_seconds: Optional[float] = None) -> Dict[str, List]:
-    """Two-stage training of ``model`` on cached normal features (N, C, H, W), following
-    :func:`stage_plan` of ``model.bigrid``: :func:`gradad.training.train_on_features` (the epoch
-    loop of ``gradad train``) with that plan. A model without the abnormal branch accepts a
-    plan of 'normal' epochs only (abnormal_epochs = 0): that is plain GRAD training.
-    max_seconds: stop after the first epoch that ends past this wall-clock budget (None: the
-    whole plan). During a stage the grids it freezes have requires_grad False, so they get no
-    gradient and AdamW leaves them as they are. Leaves every parameter trainable and the model
-    in eval mode. Returns {'stage': [...], 'loss': [mean batch loss per epoch], 'seconds':
-    [end time of each epoch since the start]}."""
-    from .training import train_on_features  # training imports this module
-
-    if not isinstance(model, BiGridGRAD):
-        raise TypeError(f"model must be a BiGridGRAD, got {type(model).__name__}")
-    plan = stage_plan(model.bigrid)
-    if not model.has_abnormal_branch and "abnormal" in plan:
-        raise ValueError("the plan has abnormal-stage epochs but the model has no abnormal branch "
-                         "(bigrid.abnormal_branch=False); set bigrid.abnormal_epochs=0 to train it as GRAD")
-    return train_on_features(model, features, train_cfg, plan, device, progress, max_seconds)

@@ -1,4 +1,4 @@
-"""Feature Block Paste (FBP, spec §3): synthetic anomalies in feature space for the abnormal grid.
+"""Feature Block Paste (FBP, docs/method.md §3): synthetic anomalies in feature space for the abnormal grid.
 
 A blob is the set of cells visited by a random walk on a (2b+1) × (2b+1) canvas started at its
 centre, with half-size b = int(U(half_size_range)). The canvas is placed at a centre drawn in

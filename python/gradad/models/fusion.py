@@ -1,4 +1,4 @@
-"""Fusion networks of GRAD (spec §2): F in ``x̂ = conv1x1_{2C→C}(F(concat[f_g, f_l]))``.
+"""Fusion networks of GRAD (docs/method.md §2): F in ``x̂ = conv1x1_{2C→C}(F(concat[f_g, f_l]))``.
 
 All of them keep the channel count (2C) and the spatial size:
 - 'crad' (reference code): MobileNetV3 bottlenecks with expansion width 2·(2C) = 4C;
@@ -12,6 +12,10 @@ from torch import Tensor, nn
 
 # Expansion width of a bottleneck as a multiple of the feature channels C (the fusion width is 2C).
 EXPANSION_OF_C = {"crad": 4, "crad-s": 1}
+FUSIONS = (*EXPANSION_OF_C, "paper")
+# Blocks when model.num_blocks is None: 11 MobileNetV3 bottlenecks in the reference code, 7
+# ResNet basic blocks in the paper.
+DEFAULT_NUM_BLOCKS = {"crad": 11, "crad-s": 11, "paper": 7}
 # Squeeze-excitation squeezes the expansion width by this factor.
 SE_REDUCTION = 4
 
@@ -79,5 +83,5 @@ def build_fusion(kind: str, feature_channels: int, num_blocks: int) -> nn.Sequen
     elif kind == "paper":
         blocks = [BasicBlock(width) for _ in range(num_blocks)]
     else:
-        raise ValueError(f"fusion must be one of {[*EXPANSION_OF_C, 'paper']}, got {kind!r}")
+        raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {kind!r}")
     return nn.Sequential(*blocks)

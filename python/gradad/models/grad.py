@@ -1,4 +1,4 @@
-"""The GRAD model (spec §2) on backbone features.
+"""The GRAD model (docs/method.md §2) on backbone features.
 
 The frozen backbone stays outside the model so that its features can be cached: GRAD maps
 features x (B, C, H, W) to a reconstruction x̂ from two learnable grids,
@@ -10,6 +10,11 @@ features x (B, C, H, W) to a reconstruction x̂ from two learnable grids,
 
 then x̂ = conv1x1_{2C→C}(F(concat[f_g, f_l])) with the fusion network F of :mod:`gradad.fusion`,
 and the refinement, loss and anomaly map of ``grad_ext.refine``.
+
+``cfg.kernels`` picks the implementation of the two ops once, at construction: the grad_ext
+kernels ('ext') or grad_ext.reference ('reference': pure torch, the reference code's
+formulation), which take the same arguments, draw the same jitter for the same torch seed and
+return the same types.
 
 Ablations (use_local=False or use_global=False): the remaining branch is fed to the fusion
 network twice, concat[f, f], so the fusion network and its size stay those of the full model
@@ -24,14 +29,13 @@ from typing import Dict, List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import grad_ext
-import grad_ext.reference
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .fusion import build_fusion
 
-FEATURE_STRIDE = 8  # backbone features are at 1/8 of the input resolution
 INIT_STD = 0.01     # std of every conv/linear weight at initialisation (reference code)
 
 
@@ -87,7 +91,8 @@ class GRAD(nn.Module):
 
     forward(features (B, C, H, W)) -> :class:`GRADOutput`. Jitter is applied in training mode
     only. ``cfg.kernels`` picks the grad_ext kernels ('ext') or the reference code's pure-torch
-    formulation ('reference'); both give the same results for the same weights.
+    formulation ('reference') as ``self.ops``; both give the same results for the same weights
+    and torch seed.
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int, feature_size: int):
@@ -111,6 +116,13 @@ class GRAD(nn.Module):
         self.fusion = build_fusion(cfg.fusion, c, cfg.blocks)
         self.output = nn.Conv2d(2 * c, c, 1, bias=False)
         self.reset_parameters()
+
+    @property
+    def ops(self):
+        """The op implementation ``cfg.kernels`` names (grad_ext or grad_ext.reference): the one
+        place the model chooses; a property rather than an attribute so the model stays
+        copyable and picklable."""
+        return grad_ext.implementation(self.cfg.kernels)
 
     # ---- parameters ----------------------------------------------------------------------
 
@@ -166,8 +178,6 @@ class GRAD(nn.Module):
         (2 per multiply-add of convolutions and matrix products; grid sampling, refinement and
         element-wise ops, which it does not count, are left out). The backbone is not part of
         this model."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         param = next(self.parameters())
         features = torch.zeros(batch_size, self.in_channels, self.feature_size, self.feature_size,
                                device=param.device, dtype=param.dtype)
@@ -182,16 +192,6 @@ class GRAD(nn.Module):
 
     # ---- sampling ------------------------------------------------------------------------
 
-    def _jitter_noise(self, coords: Tensor) -> Tensor:
-        """Torch-drawn jitter for the reference kernels: N(0, σ²) on every component, on all
-        points or none ('batch', one coin flip) or on each point with probability p ('pixel')."""
-        cfg = self.cfg
-        noise = torch.randn(coords.shape, device=coords.device, dtype=coords.dtype) * cfg.jitter_std
-        if cfg.jitter_mode == "batch":
-            return noise if torch.rand(()).item() < cfg.jitter_prob else torch.zeros_like(noise)
-        keep = torch.rand(coords.shape[:-1], device=coords.device) < cfg.jitter_prob
-        return noise * keep.unsqueeze(-1).to(noise.dtype)
-
     def local_features(self, features: Tensor) -> Tensor:
         """f_l: the local grid sampled at each pixel's coordinate, (B, C, H, W) -> (B, C, H, W);
         coordinates jittered in training mode."""
@@ -200,32 +200,19 @@ class GRAD(nn.Module):
         coords = self.local_coordinates(features).to(grid.dtype)  # (B, H, W, d)
         b, h, w, _ = coords.shape
         jitter = self.training and cfg.jitter_std > 0 and cfg.jitter_prob > 0
-        if cfg.kernels == "ext":
-            sampled = grad_ext.grid_sample(
-                grid[None], _sampling_grid(coords), "bilinear", "zeros", False,
-                jitter_std=cfg.jitter_std if jitter else 0.0, jitter_prob=cfg.jitter_prob if jitter else 0.0,
-                jitter_mode=cfg.jitter_mode)
-        else:
-            if jitter:
-                coords = coords + self._jitter_noise(coords)
-            # the shared table is repeated over the batch, as the reference code does
-            sampled = grad_ext.reference.grid_sample(grid[None], _sampling_grid(coords), "bilinear", "zeros", False)
+        sampled = self.ops.grid_sample(grid[None], _sampling_grid(coords), "bilinear", "zeros", False,
+                                       jitter_std=cfg.jitter_std if jitter else 0.0,
+                                       jitter_prob=cfg.jitter_prob if jitter else 0.0, jitter_mode=cfg.jitter_mode)
         return sampled.reshape(b, grid.shape[0], h, w)
 
     def global_features(self, features: Tensor) -> Tensor:
-        """f_g: the global grid sampled at each image's coordinate, (B, C, H, W) -> (B, C, H, W)."""
+        """f_g: the global grid sampled at each image's coordinate, (B, C, H, W) -> (B, C, H, W).
+        One shared table, one point per image: (B, C·H·W, 1, ...) is already the output's layout."""
         self._check_features(features)
         grid = self.global_grid
         coords = self.global_coordinates(features).to(grid.dtype)  # (B, d)
-        b = coords.shape[0]
-        if self.cfg.kernels == "ext":
-            # One shared table, one point per image: the output is already (B, C·H·W, 1, ...),
-            # so no transpose is needed.
-            sampled = grad_ext.grid_sample(grid[None], _sampling_grid(coords[:, None]), "bilinear", "zeros", False)
-            return sampled.reshape(b, self.in_channels, *features.shape[2:])
-        # the reference code's grid_sample(G_g[None], v_g.view(1, B, 1, 2)) and its transpose
-        sampled = grad_ext.reference.grid_sample(grid[None], _sampling_grid(coords[None]), "bilinear", "zeros", False)
-        return sampled.reshape(grid.shape[0], b).t().reshape(b, self.in_channels, *features.shape[2:])
+        sampled = self.ops.grid_sample(grid[None], _sampling_grid(coords[:, None]), "bilinear", "zeros", False)
+        return sampled.reshape(coords.shape[0], self.in_channels, *features.shape[2:])
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -263,11 +250,9 @@ class GRAD(nn.Module):
             loss = F.mse_loss(rec_for_loss, features)
             anomaly_map = torch.linalg.vector_norm(features - rec_for_loss, dim=1)
             return GRADOutput(rec, loss, anomaly_map, None)
-        refine = grad_ext.refine if cfg.kernels == "ext" else grad_ext.reference.refine
-        # positional unpacking: (sim, anomaly_map, loss, refined) in both implementations
-        sim, anomaly_map, loss, _ = refine(rec_for_loss, features, mse_weight=cfg.mse_weight,
-                                           cos_weight=cfg.cos_weight, mse_threshold=cfg.mse_threshold)
-        return GRADOutput(rec, loss, anomaly_map, sim)
+        refined = self.ops.refine(rec_for_loss, features, mse_weight=cfg.mse_weight, cos_weight=cfg.cos_weight,
+                                  mse_threshold=cfg.mse_threshold)
+        return GRADOutput(rec, refined.loss, refined.anomaly_map, refined.sim)
 
     @torch.no_grad()
     def anomaly_map(self, features: Tensor, image_size: int) -> Tensor:

@@ -1,0 +1,118 @@
+"""The files of a test run and of a predict run, from what :mod:`gradad.inference` returns.
+
+- test: metrics.json / metrics.csv, scores.csv (path, class, defect type, label, image score),
+  roc_curves.png, and heatmap overlays in heatmaps/;
+- predict: one heatmap per image in heatmaps/, results.json and results.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from ..datasets import ImageRecord, load_rgb
+from ..inference import Prediction, TestResult
+from ..io_utils import atomic_write_text
+from .figures import save_heatmap_overlays, save_roc_curves
+from .tables import write_metrics
+
+SCORES_CSV = "scores.csv"
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+HEATMAP_DIR = "heatmaps"
+
+
+def file_stem(*parts: str) -> str:
+    """A file-name-safe stem from parts (letters, digits, '-', '_' and '.')."""
+    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-.") or "x" for p in parts)
+
+
+def unique_names(names: Sequence[str], seen: Dict[str, int] | None = None) -> List[str]:
+    """``names`` with a _1, _2, ... suffix on repeats, so each can be a file name. ``seen``
+    (name → uses so far) carries the count across calls, for names that come in chunks."""
+    seen = {} if seen is None else seen
+    unique = []
+    for name in names:
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        unique.append(name if count == 0 else f"{name}_{count}")
+    return unique
+
+
+def _write_scores_csv(path: str, records: Sequence[ImageRecord], scores: np.ndarray) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "class", "defect_type", "label", "score"])
+    for record, score in zip(records, scores):
+        writer.writerow([record.path, record.class_name, record.defect_type, record.label, repr(float(score))])
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def write_test_report(result: TestResult, out_dir: str | os.PathLike, progress: bool = True) -> List[str]:
+    """Write the files of a test run into ``out_dir``; returns their paths."""
+    out_dir = os.fspath(out_dir)
+    records, scores = result.records, result.scores
+    files = [str(p) for p in write_metrics(out_dir, result.results, result.info)]
+    files.append(_write_scores_csv(os.path.join(out_dir, SCORES_CSV), records, scores))
+    labels = np.array([r.label for r in records])
+    by_class: Dict[str, List[int]] = {}
+    for i, record in enumerate(records):
+        by_class.setdefault(record.class_name, []).append(i)
+    roc_classes = {name: (labels[idx], scores[idx]) for name, idx in by_class.items()
+                   if 0 < labels[idx].sum() < len(idx)}
+    if roc_classes:
+        files.append(str(save_roc_curves(out_dir, roc_classes)))
+    if result.heatmaps:
+        shown = list(result.heatmaps)
+        images, names = [], []
+        for i in shown:
+            amap = result.heatmaps[i]
+            images.append(load_rgb(records[i], None if amap.shape == result.image_sizes[i] else amap.shape))
+            names.append(file_stem(records[i].class_name, records[i].defect_type,
+                                   os.path.splitext(os.path.basename(records[i].path))[0]))
+        paths = save_heatmap_overlays(os.path.join(out_dir, HEATMAP_DIR), images,
+                                      [result.heatmaps[i] for i in shown], unique_names(names),
+                                      scores=[scores[i] for i in shown], progress=progress)
+        files += [str(p) for p in paths]
+    return files
+
+
+def write_predictions(prediction: Prediction, out_dir: str | os.PathLike) -> List[Dict[str, object]]:
+    """Consume ``prediction``'s chunks, writing heatmaps/<stem>.png per image as each chunk is
+    scored, then results.json and results.csv. Returns one dict per scored image: path, score,
+    anomalous, heatmap.
+
+    Heatmaps share one colour scale, 0 to twice the threshold, so colours past the middle of
+    the scale mark regions whose value exceeds the decision threshold."""
+    out_dir = os.fspath(out_dir)
+    threshold = prediction.threshold
+    vmax = 2 * threshold if threshold > 0 else None
+    used: Dict[str, int] = {}
+    results: List[Dict[str, object]] = []
+    for chunk in prediction.chunks:
+        names = unique_names([file_stem(os.path.splitext(os.path.basename(r.path))[0]) for r in chunk.records], used)
+        size = None if prediction.protocol == "strict" else prediction.image_size
+        images = [load_rgb(r, size) for r in chunk.records]
+        heatmaps = save_heatmap_overlays(os.path.join(out_dir, HEATMAP_DIR), images, chunk.maps, names,
+                                         vmin=0.0 if vmax else None, vmax=vmax, scores=list(chunk.scores),
+                                         progress=False)
+        results += [{"path": r.path, "score": float(s), "anomalous": bool(s > threshold), "heatmap": str(h)}
+                    for r, s, h in zip(chunk.records, chunk.scores, heatmaps)]
+    summary = {"checkpoint": prediction.checkpoint, "threshold": threshold,
+               "threshold_source": prediction.threshold_source, "protocol": prediction.protocol,
+               "skipped_images": prediction.skipped, "images": results}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "score", "threshold", "anomalous", "heatmap"])
+    for row in results:
+        writer.writerow([row["path"], repr(row["score"]), repr(threshold), int(row["anomalous"]), row["heatmap"]])
+    atomic_write_text(os.path.join(out_dir, RESULTS_JSON), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(os.path.join(out_dir, RESULTS_CSV), buffer.getvalue())
+    return results

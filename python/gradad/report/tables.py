@@ -1,0 +1,72 @@
+"""Metrics as text and files: the printed table, metrics.json and metrics.csv."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+from ..evaluation import MEAN_KEY
+from ..io_utils import atomic_write_text
+from ..metrics import METRIC_KEYS
+
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+
+Results = Mapping[str, Mapping[str, "float | None"]]
+
+
+def _ordered_rows(results: Results) -> list[str]:
+    """Class names in their given order, the mean last; checks that every row has all metrics."""
+    for name, row in results.items():
+        missing = [key for key in METRIC_KEYS if key not in row]
+        if missing:
+            raise ValueError(f"results[{name!r}] lacks the metrics {missing}")
+    return [n for n in results if n != MEAN_KEY] + ([MEAN_KEY] if MEAN_KEY in results else [])
+
+
+def format_table(results: Results) -> str:
+    """A plain-text table: one row per class then 'mean', one column per metric.
+
+    Args: results, {class: {metric key: float or None}} as returned by ``evaluation.evaluate``.
+    Returns: the table; values in percent with one decimal, 'n/a' for None.
+    """
+    header = ["class", *METRIC_KEYS]
+    rows = [[name] + ["n/a" if results[name][key] is None else f"{100.0 * results[name][key]:.1f}"
+                      for key in METRIC_KEYS] for name in _ordered_rows(results)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_metrics(out_dir: str | os.PathLike, results: Results,
+                  extra: Mapping[str, object] | None = None) -> tuple[Path, Path]:
+    """Write metrics.json ({**extra, 'results': results}) and metrics.csv into ``out_dir``.
+
+    The CSV has the header ``class,<METRIC_KEYS>``, one row per class then 'mean', values as
+    fractions, empty cells for None. Both texts are built (NaN rejected) before anything is
+    written; each file is written atomically. Returns (json path, csv path).
+    """
+    extra = dict(extra or {})
+    if "results" in extra:
+        raise ValueError("extra must not contain the key 'results' (it holds the metrics)")
+    names = _ordered_rows(results)
+    payload = {**extra, "results": {name: dict(results[name]) for name in names}}
+    json_text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["class", *METRIC_KEYS])
+    for name in names:
+        writer.writerow([name] + ["" if results[name][k] is None else repr(float(results[name][k]))
+                                  for k in METRIC_KEYS])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return (atomic_write_text(out_dir / METRICS_JSON, json_text),
+            atomic_write_text(out_dir / METRICS_CSV, buffer.getvalue()))
+
+
