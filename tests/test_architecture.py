@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -137,6 +138,12 @@ def test_grad_ext_never_imports_gradad():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             assert not any(n.split(".")[0] == "gradad" for n in names), f"{path.name}:{node.lineno}"
+
+
+def test_one_cpp_standard_for_both_builds():
+    cmake = re.search(r"set\(CMAKE_CXX_STANDARD (\d+)\)", (ROOT / "CMakeLists.txt").read_text())
+    setup = re.search(r"^CXX_STANDARD = (\d+)$", (ROOT / "setup.py").read_text(), re.MULTILINE)
+    assert cmake and setup and cmake.group(1) == setup.group(1)
 
 
 # ---- the checker catches what it should ------------------------------------------------------
