@@ -192,11 +192,11 @@ class EvalConfig:
 
 @dataclass
 class BiGridConfig:
-    """Bi-Grid GRAD (docs/method.md §3), read by :mod:`gradad.bigrid` (the plain GRAD model ignores it).
+    """Bi-Grid GRAD (docs/method.md §3), read by :mod:`gradad.models.bigrid` (the plain GRAD model ignores it).
 
     abnormal_branch: build the abnormal grids (false: the model is GRAD). combine: 'learned'
     (reference code: x̂ = x̂_n + w·x̂_a, w learnable, initialised to abnormal_weight_init) or
-    'fixed' (paper: x̂ = λ·x̂_n + (1 − λ)·x̂_a with λ = mix_lambda; the spec gives no value for
+    'fixed' (paper: x̂ = λ·x̂_n + (1 − λ)·x̂_a with λ = mix_lambda; the papers give no value for
     λ). standardize_eps: eps of the per-channel standardisation of the abnormal sampled
     features. contrastive_threshold: th of the truncated-L1 loss. fbp: FBP preset ('reference'
     or 'paper'); fbp_per_image: one blob per image instead of per batch; fbp_blobs: blobs per
