@@ -32,7 +32,7 @@ LAYERS = (
     ("gradad.config",),
     ("gradad.models.grad",),
     ("gradad.models.bigrid",),
-    ("gradad.models.factory", "gradad.checkpoint"),
+    ("gradad.models.factory", "gradad.checkpoint", "gradad.listings"),
     ("gradad.engine", "gradad.inference"),
     ("gradad.report",),
     ("gradad.cli",),

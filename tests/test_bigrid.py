@@ -67,7 +67,7 @@ def test_disabled_abnormal_branch_is_grad(kernels):
 # ---- the combined model against a hand computation -------------------------------------------
 
 def abnormal_by_hand(model: BiGridGRAD, x: torch.Tensor) -> torch.Tensor:
-    """a from the spec with torch.nn.functional.grid_sample and a numpy standardisation."""
+    """a as docs/method.md §3 defines it, with torch.nn.functional.grid_sample and a numpy standardisation."""
     lc, gc = model.local_coordinates, model.global_coordinates
     v_l = torch.tanh(F.conv2d(torch.tanh(F.conv2d(x, lc.hidden.weight, lc.hidden.bias)), lc.out.weight, lc.out.bias))
     v_g = torch.tanh(F.linear(torch.tanh(F.linear(x.mean(dim=(2, 3)), gc.hidden.weight, gc.hidden.bias)),

@@ -5,9 +5,9 @@ Random backbone weights (asked for explicitly) and a 32-pixel input keep every r
 """
 
 import csv
-import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +19,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import gradad.io_utils
+from gradad.checkpoint import read_checkpoint
 from gradad.cli import build_config, build_parser, main
 from gradad.config import preset_config
-from gradad.checkpoint import read_checkpoint
-from tests.synthetic import make_mvtec, make_visa
+from tests.synthetic import make_folder, make_mvtec, make_visa
 
 TINY = ["--set", "model.backbone=efficientnet_lite0", "--set", "model.backbone_weights=random",
         "--set", "model.input_size=32", "--set", "model.fusion=crad-s", "--set", "model.num_blocks=1",
@@ -365,3 +365,99 @@ def test_demo_trains_evaluates_and_writes_the_report(tmp_path, capsys):
     rows = read_csv(out / "scores.csv")
     assert sum(int(r["label"]) for r in rows) == 4 and len(rows) == 4 + 3
     assert (out / "roc_curves.png").is_file() and list((out / "heatmaps").glob("*.png"))
+
+
+def _odd_images(folder: Path) -> dict:
+    """Readable images of every awkward size and mode, and two files that are not scorable."""
+    rng = np.random.default_rng(11)
+    folder.mkdir()
+    shapes = {"tiny_1x1": (1, 1, 3), "small_30x30": (30, 30, 3), "wide_64x16": (16, 64, 3),
+              "big_4000x3000": (3000, 4000, 3)}
+    for name, shape in shapes.items():
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{name}.png")
+    Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8), mode="L").save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), mode="RGBA").save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (20, 24), dtype=np.uint16)).save(folder / "deep_16bit.png")
+    readable = sorted(str(p) for p in folder.iterdir())
+    (folder / "not_an_image.png").write_bytes(b"plain text, not a PNG")  # unreadable: skipped
+    # a float image: its header is fine, but there is no 8-bit view of it, so it fails when scored
+    Image.fromarray(rng.random((20, 24), dtype=np.float32), mode="F").save(folder / "float.tiff")
+    return {"readable": readable, "unreadable": str(folder / "not_an_image.png"),
+            "unscorable": str(folder / "float.tiff")}
+
+
+def test_predict_scores_every_readable_image_and_keeps_the_rest(trained, tmp_path, monkeypatch, capsys):
+    import gradad.inference
+
+    monkeypatch.setattr(gradad.inference, "PREDICT_CHUNK", 3)  # the failing image shares a chunk
+    files = _odd_images(tmp_path / "odd")
+    for on_error, status in (("skip", 0), ("raise", 1)):
+        out = tmp_path / on_error
+        with pytest.warns(UserWarning, match="not_an_image.png"):
+            assert run_cli("predict", tmp_path / "odd", "--checkpoint", trained, "--out", out,
+                           "--on-error", on_error, "--no-progress") == status
+        results = json.loads((out / "results.json").read_text())
+        assert sorted(r["path"] for r in results["images"]) == files["readable"]
+        assert all(np.isfinite(r["score"]) and Path(r["heatmap"]).is_file() for r in results["images"])
+        assert results["skipped_images"] == [files["unreadable"]]
+        assert list(results["failed_images"]) == [files["unscorable"]]
+        assert len(read_csv(out / "results.csv")) == len(files["readable"])
+        err = capsys.readouterr().err
+        assert ("could not be scored" in err) == (on_error == "raise")
+
+
+def test_test_without_masks_reports_image_metrics_and_notes_the_pixel_ones(tmp_path, capsys):
+    # MVTec layout; class 'b' has no ground_truth/ at all, class 'a' lost one defect mask
+    root = make_mvtec(tmp_path / "data", classes=("a", "b"), n_train=6, n_test_good=3, n_test_bad=3, size=40)
+    shutil.rmtree(root / "b" / "ground_truth")
+    next((root / "a" / "ground_truth").rglob("*.png")).unlink()
+    run = tmp_path / "run"
+    assert run_cli("train", "--dataset", "mvtec", "--root", root, "--out", run, *TINY_TRAIN) == 0
+    capsys.readouterr()
+    assert run_cli("test", "--checkpoint", run, "--out", tmp_path / "test", "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "pixel metrics n/a: no masks for 'b'" in printed
+    assert "pixel metrics of 'a': the masked subset, 2 of its 3 anomalous images" in printed
+    metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert metrics["results"]["b"]["pixel_auroc"] is None and metrics["results"]["b"]["image_auroc"] is not None
+    assert metrics["results"]["a"]["pixel_auroc"] is not None
+    assert metrics["pixel_masks"] == {"a": {"anomalous_with_mask": 2, "anomalous": 3},
+                                      "b": {"anomalous_with_mask": 0, "anomalous": 3}}
+    # asking for masks makes the missing ones an error naming the file
+    err = _error(capsys, "test", "--checkpoint", run, "--set", "data.require_masks=true", "--no-progress")
+    assert "no mask for anomalous image" in err
+
+
+def test_folder_dataset_trains_tests_and_predicts_from_the_cli(tmp_path, capsys):
+    # anomalib's Folder layout: good/, one folder per defect type, masks per defect type, and
+    # a separate folder of normal test images
+    base = make_folder(tmp_path / "src", n_normal=10, n_abnormal=4)
+    root = tmp_path / "parts"
+    (root / "good").mkdir(parents=True)
+    for i, path in enumerate(sorted((base / "normal").glob("*.png"))):
+        target = root / ("good" if i < 7 else "good_test")
+        target.mkdir(exist_ok=True)
+        shutil.copy(path, target / path.name)
+    for i, path in enumerate(sorted((base / "abnormal").glob("*.png"))):
+        defect = "crack" if i % 2 else "scratch"
+        (root / defect).mkdir(exist_ok=True)
+        (root / "masks" / defect).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / defect / path.name)
+        shutil.copy(base / "masks" / path.name, root / "masks" / defect / path.name)
+    folder_flags = ["--dataset", "folder", "--root", root, "--set", "data.normal_dir=good",
+                    "--set", "data.abnormal_dirs=crack,scratch", "--set", "data.mask_dir=masks",
+                    "--set", "data.normal_test_dir=good_test"]
+    run = tmp_path / "run"
+    assert run_cli("train", *folder_flags, "--out", run, *TINY_TRAIN) == 0
+    assert run_cli("test", "--checkpoint", run, "--out", tmp_path / "test", "--no-progress") == 0
+    scores = read_csv(tmp_path / "test" / "scores.csv")
+    assert sorted({row["defect_type"] for row in scores}) == ["crack", "good", "scratch"]
+    assert len(scores) == 3 + 4  # the normal test folder and every anomalous image
+    metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert metrics["results"]["folder"]["pixel_auroc"] is not None  # every defect has its mask
+    assert run_cli("predict", root / "crack", "--checkpoint", run, "--out", tmp_path / "predict", "--no-progress") == 0
+    assert len(json.loads((tmp_path / "predict" / "results.json").read_text())["images"]) == 2
+    capsys.readouterr()
+    # the folder keys belong to the folder dataset
+    assert "data.abnormal_dirs" in _error(capsys, "train", "--dataset", "mvtec", "--root", root,
+                                          "--set", "data.abnormal_dirs=crack", *TINY_TRAIN)

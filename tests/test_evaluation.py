@@ -43,6 +43,14 @@ def test_paper_postprocess_matches_uniform_filter_and_brute_force_score():
         assert score == pytest.approx(_max_window_mean(expected, 32), abs=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 5), (16, 17), (64, 16), (40, 33)])
+def test_gaussian_smooth_matches_scipy_on_images_of_any_size(shape):
+    # sizes below the kernel radius (16) reflect more than once, as scipy's mode='reflect' does
+    image = np.random.default_rng(len(shape) * 100 + shape[0] * 7 + shape[1]).random(shape)
+    expected = ndimage.gaussian_filter(image, sigma=4, mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(evaluation.gaussian_smooth(torch.from_numpy(image)).numpy(), expected, atol=1e-12)
+
+
 def test_strict_postprocess_matches_scipy_gaussian_and_numpy_bilinear():
     rng = np.random.default_rng(1)
     maps = rng.random((3, 24, 24))
@@ -156,10 +164,6 @@ def test_errors():
     with pytest.raises(ValueError, match="maps must be a float"):
         evaluation.postprocess(torch.rand(40, 40), "paper")
     records = _synthetic_records(np.random.default_rng(4))
-    broken = [r if i != 1 else EvalRecord("a", 1, r.anomaly_map, None, r.image_size)
-              for i, r in enumerate(records)]
-    with pytest.raises(ValueError, match="class 'a'.*no mask"):
-        evaluation.evaluate(broken, "strict")
     wrong_size = [r if i != 1 else EvalRecord("a", 1, r.anomaly_map, r.mask, (50, 40))
                   for i, r in enumerate(records)]
     with pytest.raises(ValueError, match="mask shape"):
@@ -187,5 +191,35 @@ def test_evaluate_class_scores_and_metrics():
                 r.anomaly_map[None, None], size=(64, 64))[0, 0]) for r in records]
         result = evaluation.evaluate_class("c", records, protocol)
         assert result.metrics == evaluation.evaluate(records, protocol)["c"]
-        assert skm.roc_auc_score([r.label for r in records], result.scores) == pytest.approx(result.metrics["image_auroc"])
+        expected = skm.roc_auc_score([r.label for r in records], result.scores)
+        assert result.metrics["image_auroc"] == pytest.approx(expected)
         assert len(result.maps) == len(records)
+
+
+def test_pixel_metrics_of_a_class_with_some_masks_use_the_masked_images():
+    # 'a' loses the mask of one anomalous image: its image metrics keep every image, its pixel
+    # metrics are those of the class without that image (computed independently here)
+    records = _synthetic_records(np.random.default_rng(4))
+    unmasked = next(i for i, r in enumerate(records) if r.class_name == "a" and r.label == 1)
+    partial = [r if i != unmasked else dataclasses.replace(r, mask=None) for i, r in enumerate(records)]
+    a_all = [r for r in partial if r.class_name == "a"]
+    a_masked = [r for i, r in enumerate(records) if r.class_name == "a" and i != unmasked]
+    result = evaluation.evaluate_class("a", a_all, "strict")
+    without = evaluation.evaluate_class("a", a_masked, "strict")
+    full = evaluation.evaluate_class("a", [r for r in records if r.class_name == "a"], "strict")
+    assert result.pixel_scope == "subset" and (result.masked, result.anomalous) == (full.anomalous - 1, full.anomalous)
+    for key in ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"):
+        assert result.metrics[key] == pytest.approx(without.metrics[key])
+    for key in ("image_auroc", "image_ap", "image_f1max"):
+        assert result.metrics[key] == pytest.approx(full.metrics[key])
+    assert full.pixel_scope == "all"
+
+
+def test_a_class_without_masks_gets_image_metrics_only():
+    records = [dataclasses.replace(r, mask=None) for r in _synthetic_records(np.random.default_rng(5))
+               if r.class_name == "b"]
+    result = evaluation.evaluate_class("b", records, "strict")
+    assert result.pixel_scope == "none" and result.masked == 0
+    assert all(result.metrics[k] is None for k in ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"))
+    labels = [r.label for r in records]
+    assert result.metrics["image_auroc"] == pytest.approx(skm.roc_auc_score(labels, result.scores))

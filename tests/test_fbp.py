@@ -24,7 +24,7 @@ def test_config_accepts_exactly_the_fbp_presets():
         BiGridConfig(fbp="blob")
 
 
-# (preset, changes, connectivity the spec asks for): the reference walk steps to edge neighbours,
+# (preset, changes, connectivity docs/method.md §3 asks for): the reference walk steps to edge neighbours,
 # the paper walk to all 8; short walks on large canvases leave thin paths where it shows.
 @pytest.mark.parametrize("preset, changes, neighbourhood", [
     ("reference", {}, 4),

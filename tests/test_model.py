@@ -1,4 +1,4 @@
-"""Tests of gradad.config, gradad.fusion and gradad.model (GRAD, docs/method.md §2)."""
+"""Tests of gradad.config, gradad.models.fusion and gradad.models.grad (GRAD, docs/method.md §2)."""
 
 import dataclasses
 import itertools
@@ -13,9 +13,10 @@ from torch import nn
 import grad_ext
 import grad_ext.reference
 from gradad.config import (
-    DEFAULT_NUM_BLOCKS, PRESETS, Config, DataConfig, ModelConfig, TrainConfig, apply_overrides, dump_config,
+    PRESETS, Config, DataConfig, ModelConfig, TrainConfig, apply_overrides, dump_config,
     load_config, preset_config,
 )
+from gradad.models.fusion import DEFAULT_NUM_BLOCKS
 from gradad.models.grad import GRAD
 
 C, S, B = 16, 8, 3  # small features for fast tests

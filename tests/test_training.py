@@ -14,15 +14,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import gradad.io_utils
 import gradad.engine.training as training
+import gradad.io_utils
 from gradad.backbones import FeatureExtractor, build_backbone
 from gradad.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from gradad.config import Config, DataConfig, ModelConfig, SplitConfig, TrainConfig, config_to_dict
-from gradad.datasets import ImageRecord, list_mvtec
-from gradad.evaluation import postprocess
-from gradad.datasets import split_training_records
+from gradad.datasets import ImageRecord, list_mvtec, split_training_records
 from gradad.engine import train
+from gradad.evaluation import postprocess
 from tests.synthetic import make_mvtec
 
 N_TRAIN = 6  # per class
@@ -387,8 +386,8 @@ def bigrid_config(root, abnormal_epochs=2, normal_epochs=1, **train_values) -> C
 
 
 def test_bigrid_trains_the_stages_of_its_schedule(mvtec, tmp_path, monkeypatch):
-    from gradad.models.bigrid import BiGridGRAD
     from gradad.inference import load_model
+    from gradad.models.bigrid import BiGridGRAD
 
     cfg = bigrid_config(mvtec, abnormal_epochs=2, normal_epochs=1, epochs=7)  # train.epochs is not used
     stages, states = [], []

@@ -21,7 +21,7 @@ from .config import ARCHITECTURES, PRESETS, Config, apply_overrides, dump_config
 from .datasets import DATASET_NAMES, ON_ERROR_CHOICES
 from .engine import train
 from .inference import load_model, load_run, predict, run_test
-from .report import format_table, write_predictions, write_test_report
+from .report import format_table, pixel_notes, write_predictions, write_test_report
 from .runtime import finish_distributed, is_main_process
 
 # The demo: ELPV solar cells, offline EfficientNet-Lite weights, sized for a small CPU: a
@@ -165,9 +165,15 @@ def _command_test(args: argparse.Namespace) -> int:
     models, out_dir = _run_and_out_dir(args, "test")
     result = run_test(models, progress=not args.no_progress)
     write_test_report(result, out_dir, progress=not args.no_progress)
-    print(format_table(result.results))
+    _print_results(result)
     print(f"report: {out_dir}")
     return 0
+
+
+def _print_results(result) -> None:
+    print(format_table(result.results))
+    for note in pixel_notes(result.pixel_masks):
+        print(note)
 
 
 def _command_predict(args: argparse.Namespace) -> int:
@@ -182,6 +188,11 @@ def _command_predict(args: argparse.Namespace) -> int:
         verdict = "ANOMALOUS" if row["anomalous"] else "normal"
         print(f"{row['score']:.5g}\t{verdict}\t{row['path']}")
     print(f"results: {os.path.join(out_dir, 'results.json')}")
+    if prediction.problems and prediction.on_error == "raise":
+        print(f"gradad predict: error: {len(prediction.problems)} image(s) could not be scored (listed in "
+              f"results.json; --on-error skip accepts that): {', '.join(prediction.problems[:5])}"
+              + (" ..." if len(prediction.problems) > 5 else ""), file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 
@@ -204,7 +215,7 @@ def _command_demo(args: argparse.Namespace) -> int:
     tested = run_test(loaded, progress=not args.no_progress)
     write_test_report(tested, out_dir, progress=not args.no_progress)
     finished = time.perf_counter()
-    print(format_table(tested.results))
+    _print_results(tested)
     print(f"demo: trained in {trained - started:.0f} s, evaluated in {finished - trained:.0f} s, "
           f"total {finished - started:.0f} s on {loaded.device}")
     print(f"report: {out_dir}")

@@ -57,26 +57,32 @@ def _stack_if_same_shape(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarr
     return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else arrays
 
 
+def reflect_indices(size: int, radius: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Indices of an axis of ``size`` cells padded by ``radius`` on each side with half-sample
+    symmetric reflection (d c b a | a b c d | d c b a), repeated for pads longer than the axis,
+    as scipy.ndimage's mode='reflect' does: (size + 2·radius,) int64."""
+    positions = torch.arange(-radius, size + radius, device=device) % (2 * size)
+    return torch.where(positions < size, positions, 2 * size - 1 - positions)
+
+
 def gaussian_smooth(image: torch.Tensor, sigma: float = STRICT_SIGMA,
                     truncate: float = STRICT_TRUNCATE) -> torch.Tensor:
     """Separable Gaussian blur of a (H, W) tensor, same shape out.
 
     Kernel: exp(-x²/2σ²) on x ∈ [-r, r], r = int(truncate·σ + 0.5), normalised to sum 1.
-    Border: half-sample symmetric reflection (d c b a | a b c d | d c b a), i.e. the
-    ``mode='reflect'`` of scipy.ndimage.gaussian_filter; needs H, W >= r.
+    Border: :func:`reflect_indices`, i.e. the ``mode='reflect'`` of
+    scipy.ndimage.gaussian_filter, for images of any size (1×1 included).
     """
+    if image.dim() != 2 or image.numel() == 0:
+        raise ValueError(f"image must be a non-empty (H, W) tensor, got shape {tuple(image.shape)}")
     radius = int(truncate * sigma + 0.5)
-    if min(image.shape) < radius:
-        raise ValueError(f"image of shape {tuple(image.shape)} is smaller than the Gaussian "
-                         f"radius {radius}")
     offsets = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-offsets ** 2 / (2.0 * sigma ** 2))
     kernel = kernel / kernel.sum()
     out = image[None, None]
     for dim, weight in ((3, kernel.view(1, 1, 1, -1)), (2, kernel.view(1, 1, -1, 1))):
-        head = out.narrow(dim, 0, radius).flip(dim)
-        tail = out.narrow(dim, out.shape[dim] - radius, radius).flip(dim)
-        out = F.conv2d(torch.cat([head, out, tail], dim=dim), weight)
+        padded = out.index_select(dim, reflect_indices(out.shape[dim], radius, image.device))
+        out = F.conv2d(padded, weight)
     return out[0, 0]
 
 
@@ -154,17 +160,19 @@ def mean_over_classes(per_class: dict[str, dict]) -> dict[str, float | None]:
     return mean
 
 
-def _class_masks(name: str, records: list[EvalRecord]) -> list[np.ndarray] | None:
-    """Original-size masks of one class, or None when its anomalous images have none."""
-    anomalous = [r for r in records if r.label == 1]
-    has_mask = [r.mask is not None for r in anomalous]
-    if not any(has_mask):
-        return None
-    if not all(has_mask):
-        raise ValueError(f"class {name!r}: {has_mask.count(False)} of {len(anomalous)} anomalous "
-                         f"images have no mask; give masks for all or none")
+def _pixel_subset(records: list[EvalRecord]) -> list[int]:
+    """Indices of the images pixel metrics are computed on: every normal image (a missing mask
+    is all-normal) and the anomalous images that have a mask; empty when none of them has one."""
+    if not any(r.label == 1 and r.mask is not None for r in records):
+        return []
+    return [i for i, r in enumerate(records) if r.label == 0 or r.mask is not None]
+
+
+def _class_masks(name: str, records: list[EvalRecord], subset: list[int]) -> list[np.ndarray]:
+    """Original-size masks of ``records[subset]`` (all False for normal images without one)."""
     masks = []
-    for i, record in enumerate(records):
+    for i in subset:
+        record = records[i]
         size = tuple(int(s) for s in record.image_size)
         mask = np.zeros(size, dtype=bool) if record.mask is None else np.asarray(record.mask)
         if mask.shape != size:
@@ -206,26 +214,41 @@ def evaluate(records: Iterable[EvalRecord], protocol: str,
 class ClassEvaluation:
     """One class's metrics with what they were computed from: the post-processed maps (as
     :func:`postprocess` returns them) and the (N,) image scores, so reports reuse them instead
-    of post-processing again (the costly step)."""
+    of post-processing again (the costly step). masked / anomalous: how many of the class's
+    anomalous images have a mask, of how many; pixel metrics cover the normal images and the
+    masked anomalous ones (None when masked is 0)."""
 
     metrics: dict[str, float | None]
     maps: np.ndarray | list[np.ndarray]
     scores: np.ndarray
+    masked: int
+    anomalous: int
+
+    @property
+    def pixel_scope(self) -> str:
+        """'all', 'none' (no masks: pixel metrics None) or 'subset' (some anomalous images have none)."""
+        return "none" if self.masked == 0 else "all" if self.masked == self.anomalous else "subset"
 
 
 def evaluate_class(name: str, records: Sequence[EvalRecord], protocol: str) -> ClassEvaluation:
     """The metrics of one class under ``protocol``: the one computation behind :func:`evaluate`
-    and ``gradad test``. Pixel metrics are None when the class's anomalous images have no masks."""
+    and ``gradad test``. Image metrics use every image. Pixel metrics use the images with pixel
+    ground truth (:class:`ClassEvaluation` says how many), and are None when no anomalous image
+    of the class has a mask."""
     _check_protocol(protocol)
     records = list(records)
     maps = torch.stack([torch.as_tensor(r.anomaly_map) for r in records])
     maps_out, scores = postprocess(maps, protocol, [r.image_size for r in records])
-    masks = _class_masks(name, records)
-    if masks is not None:
-        masks = prepare_masks(masks, protocol, size=tuple(maps.shape[1:]))
     labels = np.array([r.label for r in records])
+    subset = _pixel_subset(records)
     try:
-        metrics = compute_metrics(labels, scores, masks, None if masks is None else maps_out)
+        metrics = compute_metrics(labels, scores)
+        if subset:
+            masks = prepare_masks(_class_masks(name, records, subset), protocol, size=tuple(maps.shape[1:]))
+            pixel_maps = maps_out[subset] if isinstance(maps_out, np.ndarray) else [maps_out[i] for i in subset]
+            pixel = compute_metrics(labels[subset], scores[subset], masks, pixel_maps)
+            metrics.update({k: v for k, v in pixel.items() if not k.startswith("image_")})
     except ValueError as error:
         raise ValueError(f"class {name!r}: {error}") from error
-    return ClassEvaluation(metrics, maps_out, scores)
+    masked = sum(1 for r in records if r.label == 1 and r.mask is not None)
+    return ClassEvaluation(metrics, maps_out, scores, masked, int(labels.sum()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
@@ -24,11 +25,12 @@ from tqdm.auto import tqdm
 from .backbones import FeatureExtractor, build_backbone
 from .checkpoint import check_fits, find_checkpoints, library_versions, read_checkpoint
 from .config import Config, config_from_dict
-from .datasets import AnomalyDataset, ImageRecord, list_dataset, load_mask
+from .datasets import ON_ERROR_CHOICES, AnomalyDataset, ImageRecord, load_mask
 from .datasets.image_io import image_size_of
 from .datasets.records import IMAGE_EXTENSIONS, list_image_files
 from .evaluation import MEAN_KEY, EvalRecord, evaluate_class, mean_over_classes, postprocess
 from .features import extract_features, feature_cache, score_features
+from .listings import config_listing
 from .models.factory import build_model, model_feature_size, planned_epochs
 from .models.grad import GRAD
 from .runtime import resolve_device
@@ -117,7 +119,9 @@ class TestResult:
     results: {class: {metric: float or None}, 'mean': ...} as gradad.evaluation.evaluate.
     records / image_sizes / scores: every scored test image, its (H, W) and its image score.
     heatmaps: {index into records: post-processed map} of the images chosen for heatmaps.
-    skipped: unreadable images left out (data.on_error='skip'). info: run facts for reports.
+    pixel_masks: {class: (anomalous images with a mask, anomalous images)}: what the pixel
+    metrics cover (gradad.evaluation.ClassEvaluation). skipped: unreadable images left out
+    (data.on_error='skip'). info: run facts for reports.
     """
 
     __test__ = False  # not a pytest test class
@@ -127,6 +131,7 @@ class TestResult:
     image_sizes: List[tuple]
     scores: np.ndarray
     heatmaps: Dict[int, np.ndarray]
+    pixel_masks: Dict[str, tuple]
     skipped: List[str]
     config: Config
     info: Dict[str, object] = field(default_factory=dict)
@@ -143,7 +148,7 @@ def heatmap_selection(scores: np.ndarray, count: int) -> np.ndarray:
 
 
 def _score_test_split(loaded: LoadedModel, cfg: Config, progress: bool):
-    records = list_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.classes)
+    records = config_listing(cfg, "test")
     dataset = AnomalyDataset(records, cfg.image_size, loaded.backbone.mean, loaded.backbone.std,
                              on_error=cfg.data.on_error, progress=progress)
     return dataset.records, compute_maps(loaded, dataset, progress), dataset.skipped_paths
@@ -174,13 +179,14 @@ def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], progress
     for i, record in enumerate(records):
         by_class.setdefault(record.class_name, []).append(i)
     heatmaps_per_class = -(-cfg.eval.heatmaps // len(by_class)) if cfg.eval.heatmaps else 0
-    results, scores, kept = {}, np.zeros(len(records)), {}
+    results, scores, kept, pixel_masks = {}, np.zeros(len(records)), {}, {}
     for name, indices in tqdm(by_class.items(), desc=f"evaluate ({cfg.eval.protocol})", unit="class",
                               disable=not progress):
         class_records = [EvalRecord(name, records[i].label, maps[i], load_mask(records[i]), sizes[i])
                          for i in indices]
         evaluation = evaluate_class(name, class_records, cfg.eval.protocol)
         results[name], scores[indices] = evaluation.metrics, evaluation.scores
+        pixel_masks[name] = (evaluation.masked, evaluation.anomalous)
         for pick in heatmap_selection(evaluation.scores, heatmaps_per_class):
             kept[indices[pick]] = evaluation.maps[pick]
     results[MEAN_KEY] = mean_over_classes(results)
@@ -188,8 +194,9 @@ def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], progress
     info = {"checkpoints": [m.path for m in models.values()], "protocol": cfg.eval.protocol,
             "dataset": cfg.data.dataset, "root": cfg.data.root, "classes": sorted(by_class), "images": len(records),
             "skipped_images": skipped, "seconds": round(time.perf_counter() - started, 2),
+            "pixel_masks": {name: {"anomalous_with_mask": k, "anomalous": n} for name, (k, n) in pixel_masks.items()},
             "versions": library_versions()}
-    return TestResult(results, records, sizes, scores, heatmaps, skipped, cfg, info)
+    return TestResult(results, records, sizes, scores, heatmaps, pixel_masks, skipped, cfg, info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,15 +260,29 @@ class Prediction:
     """A predict run: the decision rule and the images, scored lazily chunk by chunk.
 
     chunks: an iterator of :class:`PredictedChunk`, consumed once (by gradad.report). skipped:
-    the unreadable images left out (on_error='skip')."""
+    the files found unreadable before scoring; failed: {path: error} of readable-looking
+    files that failed while scored, filled in as the chunks are consumed. Neither stops the
+    others from being scored; on_error says whether the run then counts as failed ('raise')."""
 
     checkpoint: str
     threshold: float
     threshold_source: str
     protocol: str
     image_size: int
+    on_error: str
     skipped: List[str]
     chunks: Iterator[PredictedChunk]
+    failed: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> List[str]:
+        """The images left out, skipped or failed, in the order they were met."""
+        return self.skipped + list(self.failed)
+
+
+# What scoring one image can raise for a file whose header looked fine: its pixels cannot be
+# decoded (truncated data, an unsupported mode), or it holds something the model cannot take.
+SCORING_ERRORS = (OSError, ValueError, RuntimeError)
 
 
 def predict(loaded: LoadedModel, paths: Sequence[str | os.PathLike], threshold: Optional[float] = None,
@@ -270,10 +291,15 @@ def predict(loaded: LoadedModel, paths: Sequence[str | os.PathLike], threshold: 
     """Score image files / folders with a trained model.
 
     Decision: score > threshold (see :func:`decision_threshold`), with the image score of the
-    protocol the threshold was chosen under. on_error: 'raise' or 'skip' for unreadable images
-    (default: the config's data.on_error); images are checked before anything is scored.
+    protocol the threshold was chosen under. Images of any size and mode Pillow reads are
+    scored; one that cannot be read or scored is left out with a warning and every other
+    image is still scored. on_error ('raise' or 'skip'; default: the config's data.on_error)
+    says whether leaving one out fails the run (see gradad.report.write_predictions).
     """
     cfg = loaded.config
+    on_error = on_error or cfg.data.on_error
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of {list(ON_ERROR_CHOICES)}, got {on_error!r}")
     threshold_value, source = decision_threshold(loaded.checkpoint, threshold, quantile)
     validation = loaded.checkpoint.get("validation")
     protocol = validation["protocol"] if validation is not None else cfg.eval.protocol
@@ -281,19 +307,42 @@ def predict(loaded: LoadedModel, paths: Sequence[str | os.PathLike], threshold: 
         raise ValueError(f"the checkpoint's threshold was chosen under eval.protocol={protocol!r}, "
                          f"this run asks for {cfg.eval.protocol!r}; pass a threshold explicitly")
     files = collect_images(paths)
-    checked = AnomalyDataset([ImageRecord(p, 0, None, PREDICT_CLASS, "unknown", "test") for p in files],
-                             cfg.image_size, loaded.backbone.mean, loaded.backbone.std,
-                             on_error=on_error or cfg.data.on_error, progress=progress)
+    records = [ImageRecord(p, 0, None, PREDICT_CLASS, "unknown", "test") for p in files]
+    skipped: List[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each skipped file is warned about once, below
+        try:
+            checked = AnomalyDataset(records, cfg.image_size, loaded.backbone.mean, loaded.backbone.std,
+                                     on_error="skip", progress=progress)
+            kept, skipped = checked.records, checked.skipped_paths
+        except ValueError:  # every file was unreadable
+            kept, skipped = [], list(files)
+    for path in skipped:
+        warnings.warn(f"cannot read image {path}: left out")
+
+    def score(chunk_records: List[ImageRecord]) -> PredictedChunk:
+        dataset = AnomalyDataset(chunk_records, cfg.image_size, loaded.backbone.mean, loaded.backbone.std,
+                                 progress=False)
+        maps = compute_maps(loaded, dataset, progress=False, use_cache=False)
+        smoothed, scores = postprocess(maps, protocol, [image_size_of(r.path) for r in dataset.records])
+        return PredictedChunk(list(dataset.records), list(smoothed), scores)
 
     def chunks() -> Iterator[PredictedChunk]:
-        kept = checked.records
         for start in tqdm(range(0, len(kept), PREDICT_CHUNK), desc="predict", unit="chunk",
                           disable=not progress or len(kept) <= PREDICT_CHUNK):
-            dataset = AnomalyDataset(kept[start:start + PREDICT_CHUNK], cfg.image_size, loaded.backbone.mean,
-                                     loaded.backbone.std, progress=False)
-            maps = compute_maps(loaded, dataset, progress=False, use_cache=False)
-            smoothed, scores = postprocess(maps, protocol, [image_size_of(r.path) for r in dataset.records])
-            yield PredictedChunk(list(dataset.records), list(smoothed), scores)
+            part = kept[start:start + PREDICT_CHUNK]
+            try:
+                yield score(part)
+                continue
+            except SCORING_ERRORS:
+                pass  # find the image that failed: score this chunk's images one by one
+            for record in part:
+                try:
+                    yield score([record])
+                except SCORING_ERRORS as error:
+                    prediction.failed[record.path] = f"{type(error).__name__}: {error}"
+                    warnings.warn(f"cannot score image {record.path}: {error}; left out")
 
-    return Prediction(loaded.path, threshold_value, source, protocol, cfg.image_size, checked.skipped_paths,
-                      chunks())
+    prediction = Prediction(loaded.path, threshold_value, source, protocol, cfg.image_size, on_error, skipped,
+                            chunks())
+    return prediction

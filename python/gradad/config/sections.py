@@ -22,6 +22,8 @@ ARCHITECTURES = ("grad", "bigrid")
 BIGRID_COMBINES = ("learned", "fixed")
 BIGRID_SCHEDULES = ("sequential", "alternating")
 DEFAULT_OUTPUT_DIR = "runs/grad"
+# The data fields only the 'folder' dataset reads.
+FOLDER_KEYS = ("normal_dir", "abnormal_dirs", "mask_dir", "normal_test_dir")
 # Fraction of the (per-class) training normals held out to choose the decision threshold.
 VALIDATION_FRACTION = 0.1
 # Decision threshold: this quantile of the validation images' scores.
@@ -151,10 +153,17 @@ class SplitConfig:
 @dataclass
 class DataConfig:
     """Which images to read. root: dataset folder (None for datasets that ship with a package,
-    e.g. ELPV). classes: None for all. unified: one model for all classes (docs/method.md §2) instead of
-    one per class. image_size: None for the model's input size. cache: where backbone features
-    are kept ('memory', 'disk' under cache_dir, or 'none'). on_error: what an unreadable image
-    does ('raise' or 'skip' with a warning)."""
+    e.g. ELPV). classes: None for all. unified: one model for all classes (docs/method.md §2)
+    instead of one per class. image_size: None for the model's input size. cache: where
+    backbone features are kept ('memory', 'disk' under cache_dir, or 'none'). on_error: what an
+    unreadable image does ('raise' or 'skip' with a warning). require_masks: an anomalous test
+    image without a mask is an error (else its class gets pixel metrics from the images that
+    have masks, or none).
+
+    The 'folder' dataset (anomalib's Folder layout) reads normal_dir (normal images; default:
+    root itself), abnormal_dirs (one folder per defect type), mask_dir (optional; masks by stem,
+    in mask_dir/<defect>/ or mask_dir/), normal_test_dir (optional normal test images, else a
+    seeded test_normal_fraction of normal_dir is held out); relative folders are under root."""
 
     dataset: str = "mvtec"
     root: Optional[str] = None
@@ -164,6 +173,12 @@ class DataConfig:
     cache: str = "memory"
     cache_dir: Optional[str] = None
     on_error: str = "raise"
+    require_masks: bool = False
+    normal_dir: Optional[str] = None
+    abnormal_dirs: Optional[List[str]] = None
+    mask_dir: Optional[str] = None
+    normal_test_dir: Optional[str] = None
+    test_normal_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         _check_choice("data", "dataset", self.dataset.lower(), DATASET_NAMES)
@@ -175,6 +190,13 @@ class DataConfig:
         _check_choice("data", "on_error", self.on_error, ON_ERROR_CHOICES)
         if self.classes is not None and len(self.classes) == 0:
             raise ValueError("data.classes must be None (all classes) or a non-empty list of class names")
+        if not 0.0 <= self.test_normal_fraction < 1.0:
+            raise ValueError(f"data.test_normal_fraction must be in [0, 1), got {self.test_normal_fraction!r}")
+        folder_keys = [k for k in FOLDER_KEYS if getattr(self, k) is not None]
+        if self.dataset.lower() != "folder" and folder_keys:
+            raise ValueError(f"data.{folder_keys[0]} is read by dataset 'folder' only, not {self.dataset!r}")
+        if self.dataset.lower() == "folder" and self.classes is not None:
+            raise ValueError("dataset 'folder' has one class: leave data.classes unset")
 
 
 @dataclass

@@ -62,8 +62,12 @@ def read_rgb(path: str) -> np.ndarray:
             raise UnreadableImageError(f"cannot read image file {path}: {exc}") from exc
         if img.mode in _EIGHT_BIT_MODES:
             return np.array(img.convert("RGB"))
-        if img.mode.startswith("I;16"):
-            gray = np.round(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
+        values = np.asarray(img)
+        # 16-bit grayscale: Pillow opens it as I;16* or, for some files, as 32-bit "I" whose
+        # values still fit 16 bits
+        if img.mode.startswith("I;16") or (img.mode == "I" and values.size and 0 <= values.min()
+                                           and values.max() <= 65535):
+            gray = np.round(values.astype(np.float64) / 257.0).astype(np.uint8)
             return np.repeat(gray[:, :, None], 3, axis=2)
         raise ValueError(f"unsupported image mode {img.mode!r} in {path}: expected an 8- or 16-bit image")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from .records import (
     NORMAL_DEFECT_TYPE,
@@ -149,51 +149,69 @@ def _visa_record(root: str, csv_path: str, line: int, row: dict, require_masks: 
 
 def list_folder(
     normal_dir: str | os.PathLike,
-    abnormal_dir: str | os.PathLike | None = None,
+    abnormal_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     mask_dir: str | os.PathLike | None = None,
     split: str = "train",
     seed: int = 0,
     test_normal_fraction: float = 0.25,
     class_name: str = "folder",
     require_masks: bool = True,
+    normal_test_dir: str | os.PathLike | None = None,
 ) -> list[ImageRecord]:
-    """List a plain folder of normal images, optionally with a folder of anomalous ones.
+    """List a plain folder of normal images, optionally with folders of anomalous ones (the
+    layout of anomalib's Folder dataset).
 
-    Without abnormal_dir every normal image is a training image and split="test" is an
-    error. With abnormal_dir, a seeded `test_normal_fraction` of the normal images is held
-    out: train = the other normal images, test = held-out normal + all anomalous images.
-    Masks for anomalous images are looked up in mask_dir by stem (`<stem>.png` or
-    `<stem>_mask.png`); a missing one raises unless require_masks=False. Folders are not
-    searched recursively.
+    abnormal_dir: one folder or a list of folders of anomalous images, one defect type each
+    (named after the folder). Without any, every normal image is a training image and
+    split="test" is an error. The normal test images are ``normal_test_dir`` when given (then
+    every image of normal_dir trains), else a seeded ``test_normal_fraction`` of normal_dir.
+    Masks are looked up by stem (`<stem>.png` or `<stem>_mask.png`) in ``mask_dir/<defect>/``,
+    then in ``mask_dir``; a missing one raises unless require_masks=False (its mask_path is then
+    None). Folders are not searched recursively.
     """
     check_split(split)
     normal_images = list_image_files(require_dir(normal_dir, "normal images"))
     if not normal_images:
         raise ValueError(f"no images found in normal image folder {os.fspath(normal_dir)}")
-    if abnormal_dir is None:
+    abnormal_dirs = ([] if abnormal_dir is None else [abnormal_dir] if isinstance(abnormal_dir, (str, os.PathLike))
+                     else list(abnormal_dir))
+    if not abnormal_dirs:
         if split == "test":
             raise ValueError("split='test' needs abnormal_dir (a folder of anomalous images)")
         return [ImageRecord(p, 0, None, class_name, NORMAL_DEFECT_TYPE, "train") for p in normal_images]
 
-    abnormal_images = list_image_files(require_dir(abnormal_dir, "anomalous images"))
-    if not abnormal_images:
-        raise ValueError(f"no images found in anomalous image folder {os.fspath(abnormal_dir)}")
-    train_idx, test_idx = seeded_holdout(len(normal_images), test_normal_fraction, seed)
-    if len(train_idx) == 0:
-        raise ValueError(f"test_normal_fraction={test_normal_fraction} leaves no normal training images")
+    if normal_test_dir is not None:
+        normal_test = list_image_files(require_dir(normal_test_dir, "normal test images"))
+        if not normal_test:
+            raise ValueError(f"no images found in normal test image folder {os.fspath(normal_test_dir)}")
+        train_images = normal_images
+    else:
+        train_idx, test_idx = seeded_holdout(len(normal_images), test_normal_fraction, seed)
+        if len(train_idx) == 0:
+            raise ValueError(f"test_normal_fraction={test_normal_fraction} leaves no normal training images")
+        train_images, normal_test = [normal_images[i] for i in train_idx], [normal_images[i] for i in test_idx]
     if split == "train":
-        return [ImageRecord(normal_images[i], 0, None, class_name, NORMAL_DEFECT_TYPE, "train") for i in train_idx]
+        return [ImageRecord(p, 0, None, class_name, NORMAL_DEFECT_TYPE, "train") for p in train_images]
 
     mask_dir = require_dir(mask_dir, "mask") if mask_dir is not None else None
-    records = [ImageRecord(normal_images[i], 0, None, class_name, NORMAL_DEFECT_TYPE, "test") for i in test_idx]
-    for image_path in abnormal_images:
-        mask_path = find_mask(mask_dir, image_path) if mask_dir is not None else None
-        if mask_dir is not None and mask_path is None and require_masks:
-            raise FileNotFoundError(
-                f"no mask for anomalous image {image_path} in {mask_dir} "
-                "(expected <stem>.png or <stem>_mask.png; pass require_masks=False to allow)"
-            )
-        records.append(ImageRecord(image_path, 1, mask_path, class_name, "anomaly", "test"))
+    records = [ImageRecord(p, 0, None, class_name, NORMAL_DEFECT_TYPE, "test") for p in normal_test]
+    for folder in abnormal_dirs:
+        folder = require_dir(folder, "anomalous images")
+        images = list_image_files(folder)
+        if not images:
+            raise ValueError(f"no images found in anomalous image folder {folder}")
+        defect_type = os.path.basename(os.path.normpath(folder))
+        for image_path in images:
+            mask_path = None
+            if mask_dir is not None:
+                per_defect = os.path.join(mask_dir, defect_type)
+                mask_path = (find_mask(per_defect, image_path) if os.path.isdir(per_defect) else None) \
+                    or find_mask(mask_dir, image_path)
+                if mask_path is None and require_masks:
+                    raise FileNotFoundError(
+                        f"no mask for anomalous image {image_path} in {mask_dir} "
+                        "(expected <stem>.png or <stem>_mask.png; pass require_masks=False to allow)")
+            records.append(ImageRecord(image_path, 1, mask_path, class_name, defect_type, "test"))
     return records
 
 

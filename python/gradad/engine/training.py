@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 from ..backbones import FeatureExtractor, build_backbone
 from ..checkpoint import CHECKPOINT_NAME, check_resumable, checkpoint_payload, read_checkpoint, save_checkpoint
 from ..config import Config
-from ..datasets import AnomalyDataset, ImageRecord, list_dataset, split_training_records
+from ..datasets import AnomalyDataset, ImageRecord, split_training_records
 from ..datasets.image_io import image_size_of
 from ..evaluation import postprocess
 from ..features import FeatureCache, extract_features, feature_cache, score_features
+from ..listings import config_listing
 from ..models.factory import build_model, epoch_stages, model_feature_size, planned_epochs
 from ..models.grad import GRAD
 from ..runtime import DistributedContext, init_distributed, seed_everything, set_rng_state
@@ -182,7 +183,7 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, resume: bo
 
 def list_training_records(cfg: Config) -> List[ImageRecord]:
     """The training listing of cfg.data (dataset, root, classes)."""
-    return list_dataset(cfg.data.dataset, cfg.data.root, "train", cfg.data.classes)
+    return config_listing(cfg, "train")
 
 
 def train(cfg: Config, out_dir: Optional[str | os.PathLike] = None, *, resume: bool = False,

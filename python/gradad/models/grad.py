@@ -8,7 +8,7 @@ features x (B, C, H, W) to a reconstruction x̂ from two learnable grids,
 - global: one coordinate per image, v_g = tanh(Linear(tanh(Linear(GAP(x))))) in [-1, 1]^{d_g},
   f_g = G_g sampled at v_g reshaped to (C, H, W), G_g of shape (C·H·W, R_g, ..., R_g);
 
-then x̂ = conv1x1_{2C→C}(F(concat[f_g, f_l])) with the fusion network F of :mod:`gradad.fusion`,
+then x̂ = conv1x1_{2C→C}(F(concat[f_g, f_l])) with the fusion network F of :mod:`gradad.models.fusion`,
 and the refinement, loss and anomaly map of ``grad_ext.refine``.
 
 ``cfg.kernels`` picks the implementation of the two ops once, at construction: the grad_ext

@@ -86,8 +86,9 @@ def write_test_report(result: TestResult, out_dir: str | os.PathLike, progress: 
 
 def write_predictions(prediction: Prediction, out_dir: str | os.PathLike) -> List[Dict[str, object]]:
     """Consume ``prediction``'s chunks, writing heatmaps/<stem>.png per image as each chunk is
-    scored, then results.json and results.csv. Returns one dict per scored image: path, score,
-    anomalous, heatmap.
+    scored, then results.json (with the images left out: unreadable ones under
+    skipped_images, ones that failed while scored under failed_images) and results.csv.
+    Returns one dict per scored image: path, score, anomalous, heatmap.
 
     Heatmaps share one colour scale, 0 to twice the threshold, so colours past the middle of
     the scale mark regions whose value exceeds the decision threshold."""
@@ -107,7 +108,8 @@ def write_predictions(prediction: Prediction, out_dir: str | os.PathLike) -> Lis
                     for r, s, h in zip(chunk.records, chunk.scores, heatmaps)]
     summary = {"checkpoint": prediction.checkpoint, "threshold": threshold,
                "threshold_source": prediction.threshold_source, "protocol": prediction.protocol,
-               "skipped_images": prediction.skipped, "images": results}
+               "on_error": prediction.on_error, "skipped_images": prediction.skipped,
+               "failed_images": dict(prediction.failed), "images": results}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "score", "threshold", "anomalous", "heatmap"])

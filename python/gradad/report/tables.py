@@ -44,6 +44,23 @@ def format_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+def pixel_notes(pixel_masks: Mapping[str, tuple]) -> list[str]:
+    """One line per kind of class whose pixel metrics do not cover all its anomalous images:
+    none of them has a mask (pixel metrics n/a), or only some have (metrics of that subset).
+
+    Args: pixel_masks, {class: (anomalous images with a mask, anomalous images)}.
+    """
+    without = [name for name, (masked, _) in pixel_masks.items() if masked == 0]
+    notes = []
+    if without:
+        notes.append(f"pixel metrics n/a: no masks for {', '.join(repr(n) for n in without)}")
+    for name, (masked, anomalous) in pixel_masks.items():
+        if 0 < masked < anomalous:
+            notes.append(f"pixel metrics of {name!r}: the masked subset, {masked} of its {anomalous} anomalous "
+                         f"images (with every normal image)")
+    return notes
+
+
 def write_metrics(out_dir: str | os.PathLike, results: Results,
                   extra: Mapping[str, object] | None = None) -> tuple[Path, Path]:
     """Write metrics.json ({**extra, 'results': results}) and metrics.csv into ``out_dir``.
