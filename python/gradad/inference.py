@@ -34,6 +34,7 @@ from .metrics import compute_metrics
 from .io_utils import atomic_write_text
 from .model import GRAD
 from .report import format_table, save_heatmap_overlays, save_roc_curves, write_metrics
+from .report_html_runs import write_predict_report, write_test_report
 from .training import (
     CHECKPOINT_NAME,
     config_differences,
@@ -236,7 +237,8 @@ def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], out_dir:
     class's test images are scored by its own model; {None: model} means one for all).
     Writes into out_dir: metrics.json / metrics.csv (gradad.report), scores.csv (path, class,
     defect type, label, image score), roc_curves.png, and cfg.eval.heatmaps overlays in
-    heatmaps/ (spread over each class's score ranking). Returns a :class:`TestOutput`.
+    heatmaps/ (spread over each class's score ranking), and report.html (gradad.report_html).
+    Returns a :class:`TestOutput`.
     """
     models = {None: models} if isinstance(models, LoadedModel) else dict(models)
     cfg = next(iter(models.values())).config if cfg is None else cfg
@@ -289,6 +291,7 @@ def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], out_dir:
         paths = save_heatmap_overlays(os.path.join(out_dir, HEATMAP_DIR), images, heat, _unique(names),
                                       scores=[scores[i] for i in shown], progress=progress)
         files += [str(p) for p in paths]
+    files.append(str(write_test_report(out_dir, models, cfg, results, records, scores, shown, paths if shown else [])))
     return TestOutput(results, format_table(results), files)
 
 
@@ -355,7 +358,7 @@ def predict(loaded: LoadedModel, paths: Sequence[str | os.PathLike], out_dir: st
 
     Decision: score > threshold (see :func:`decision_threshold`), with the image score of the
     protocol the threshold was chosen under. Writes heatmaps/<stem>.png per image,
-    results.json and results.csv into out_dir. on_error: 'raise' or 'skip' for unreadable
+    results.json, results.csv and report.html into out_dir. on_error: 'raise' or 'skip' for unreadable
     images (default: the config's data.on_error). Returns one dict per scored image: path,
     score, anomalous, heatmap.
     """
@@ -400,4 +403,5 @@ def predict(loaded: LoadedModel, paths: Sequence[str | os.PathLike], out_dir: st
                          row["heatmap"]])
     atomic_write_text(os.path.join(out_dir, RESULTS_JSON), json.dumps(summary, indent=2) + "\n")
     atomic_write_text(os.path.join(out_dir, RESULTS_CSV), buffer.getvalue())
+    write_predict_report(out_dir, summary, cfg)
     return results
