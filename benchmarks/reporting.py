@@ -3,7 +3,7 @@
 
 The results mapping (built by run_all) has the keys 'environment', 'roofs' ({'copy_bandwidth',
 'matmul'}), 'timing', 'grid_sample' (rows of bench_grid_sample), 'detector' (bench_detector.run),
-'refine' ({'status', 'rows', ...}), 'notes' and 'wall_time_s'.
+'refine' ({'status', 'rows', ...}), 'metrics' (bench_metrics.run), 'notes' and 'wall_time_s'.
 """
 from __future__ import annotations
 
@@ -180,6 +180,21 @@ def _refine_md(refine: Optional[Dict]) -> List[str]:
                             "ext GB/s", "% copy"), rows), ""]
 
 
+def _metrics_md(scored: Optional[Dict]) -> List[str]:
+    if not scored or scored.get("status") != "ok":
+        return []
+    case = scored["case"]
+    rows = [(f"{case['images']}×{case['side']}×{case['side']}", _fmt(scored["pixels"] / 1e6, ".1f"),
+             _fmt(scored["ms"], ".0f"), f"{_fmt(scored['min_ms'], '.0f')} / {_fmt(scored['max_ms'], '.0f')}",
+             _fmt(scored["mpixels_per_s"], ".1f"), _fmt(scored["input_mb"], ".0f"),
+             _fmt(scored["peak_increase_mb"], ".0f"))]
+    return ["## metrics: gradad.metrics.compute_metrics", "",
+            f"Every image and pixel metric (AUPRO included) of one test split, on the CPU; median of "
+            f"{scored['reps']} calls (benchmarks/bench_metrics.py); peak memory: {scored['memory_method']}.", "",
+            markdown_table(("maps", "M pixels", "ms", "min / max ms", "M pixels/s", "input MiB",
+                            "peak increase MiB"), rows), ""]
+
+
 def results_markdown(results: Dict) -> str:
     """The whole results.md text."""
     env = results["environment"]
@@ -188,6 +203,7 @@ def results_markdown(results: Dict) -> str:
     lines += _grid_sample_md(results.get("grid_sample", []))
     lines += _detector_md(results.get("detector"))
     lines += _refine_md(results.get("refine"))
+    lines += _metrics_md(results.get("metrics"))
     notes = results.get("notes", [])
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]

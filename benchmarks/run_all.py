@@ -1,11 +1,13 @@
 """Runs the whole benchmark suite on one device and writes its results.
 
-    python benchmarks/run_all.py --out benchmarks/results [--device auto|cpu|cuda] [--only grid_sample detector refine]
+    python benchmarks/run_all.py --out benchmarks/results [--device auto|cpu|cuda]
+        [--only grid_sample refine detector metrics]
 
 Results go to ``<out>/<device-slug>/`` (``cpu-<model>`` or the GPU's name): results.json
 (environment, measured roofs, every figure), results.md (tables) and PNG plots (see
 :mod:`benchmarks.reporting`). Parts: grid_sample kernels (bench_grid_sample), the whole
-detector (bench_detector) and the refinement op (bench_refine).
+detector (bench_detector), the refinement op (bench_refine) and the evaluation metrics on
+millions of pixels (bench_metrics, on the CPU whatever the device: they are numpy code).
 """
 from __future__ import annotations
 
@@ -23,13 +25,20 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 import torch
 
-from benchmarks import bench_detector, bench_grid_sample, bench_refine
-from benchmarks.device_info import (device_name, device_slug, environment, load_average, measure_copy_bandwidth,
-                                    measure_matmul_throughput, resolve_device)
+from benchmarks import bench_detector, bench_grid_sample, bench_metrics, bench_refine
+from benchmarks.device_info import (
+    device_name,
+    device_slug,
+    environment,
+    load_average,
+    measure_copy_bandwidth,
+    measure_matmul_throughput,
+    resolve_device,
+)
 from benchmarks.reporting import RESULTS_JSON, write_results
 from benchmarks.timing import TimingSettings, default_timing
 
-PARTS = ("grid_sample", "refine", "detector")  # in the order they run: the kernels first
+PARTS = ("grid_sample", "refine", "detector", "metrics")  # in the order they run: the kernels first
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 # Repetitions of bench_refine (which takes fixed counts, not a time budget).
 REFINE_REPEATS = {"cpu": (2, 10), "cuda": (10, 100)}  # (warm-up, repeats)
@@ -51,6 +60,7 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
               grid_cases: Optional[Sequence[bench_grid_sample.SampleCase]] = None,
               detector_specs: Sequence[bench_detector.DetectorSpec] = bench_detector.DEFAULT_SPECS,
               refine: Optional["bench_refine.BenchConfig"] = None,
+              metrics: Optional["bench_metrics.MetricsCase"] = None,
               kernel_timing: Optional[TimingSettings] = None, model_timing: Optional[TimingSettings] = None,
               roof_sizes: Tuple[Optional[int], Optional[int]] = (None, None),
               progress: bool = True, merge: bool = False) -> Tuple[str, Dict[str, object]]:
@@ -58,8 +68,9 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
     JSON and tables after each part (so a run stopped part-way keeps what it finished), the
     plots at the end.
 
-    grid_cases / detector_specs / refine: what to run (defaults: the full suite);
-    kernel_timing / model_timing: repetition settings (defaults: timing.default_timing);
+    grid_cases / detector_specs / refine / metrics: what to run (defaults: the full suite);
+    kernel_timing / model_timing: repetition settings (defaults: timing.default_timing; the
+    metrics part uses model_timing when given, else bench_metrics.DEFAULT_TIMING);
     roof_sizes: (copy-probe bytes, matmul side) for the roofs (defaults in device_info);
     merge: keep the parts of an earlier results.json in the folder that this run does not redo.
     Returns (folder, results)."""
@@ -67,6 +78,7 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
     if unknown or not parts:
         raise ValueError(f"parts must be a non-empty selection of {PARTS}, got {list(parts)}")
     kernel_timing = kernel_timing or default_timing(device)
+    model_timing_given = model_timing is not None
     model_timing = model_timing or default_timing(device, model=True)
     started = time.perf_counter()
     copy_bytes, matmul_side = roof_sizes
@@ -114,6 +126,12 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
         notes.extend(f"{spec.preset}: backbone weights '{spec.backbone_weights}'"
                      + (" — random weights, the timings are valid but the detector's outputs are meaningless"
                         if spec.backbone_weights == "random" else "") for spec in detector_specs)
+    if "metrics" in parts:
+        begin = time.perf_counter()
+        results["metrics"] = bench_metrics.run(metrics or bench_metrics.MetricsCase(),
+                                               model_timing if model_timing_given else bench_metrics.DEFAULT_TIMING)
+        part_times["metrics"] = time.perf_counter() - begin
+        checkpoint()
     results["wall_time_s"] = time.perf_counter() - started
     results["load_average_end"] = load_average()
     write_results(results, folder)
@@ -131,6 +149,9 @@ def summary(results: Dict[str, object]) -> str:
     refine = results.get("refine") or {}
     for r in refine.get("rows", []):
         lines.append(f"refine {r['case']:<30} {r['speedup']:6.2f}×")
+    scored = results.get("metrics") or {}
+    if scored.get("status") == "ok":
+        lines.append(f"metrics on {scored['pixels'] / 1e6:.1f} M pixels {scored['ms']:8.0f} ms")
     return "\n".join(lines)
 
 

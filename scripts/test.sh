@@ -5,8 +5,29 @@
 #      found, or always with GRAD_EXT_CUDA=1, which then fails loudly if it cannot);
 #   2. builds the operator library with CMake against libtorch and loads it from C++ and Python;
 #   3. runs pytest (GPU tests are skipped without a GPU).
+# The report.html test opens pages in headless Chromium: the Debian packages chromium and
+# chromium-driver are installed when missing (as root, or with password-less sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    as_root=()
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    as_root=(sudo)
+  else
+    echo "scripts/test.sh: chromium and chromium-driver are needed by tests/test_report_html.py and this user" \
+         "cannot install them; run as root: apt-get install -y chromium chromium-driver" >&2
+    exit 1
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test.sh: chromium and chromium-driver are missing and there is no apt-get to install them;" \
+         "install Chromium and its chromedriver with this system's package manager" >&2
+    exit 1
+  fi
+  "${as_root[@]}" apt-get update -qq
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+fi
+export GRADAD_REQUIRE_BROWSER=1  # a browser test that cannot start fails instead of being skipped
 export MAX_JOBS=${MAX_JOBS:-2}
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   export TORCH_CUDA_ARCH_LIST="9.0"  # no GPU to detect: compile for Hopper

@@ -6,6 +6,8 @@ import torch
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")
+    config.addinivalue_line("markers", "quality: trains with real ImageNet weights and checks the detection "
+                            "quality (a few minutes on a CPU; runs in CI like every test)")
 
 
 def pytest_collection_modifyitems(config, items):

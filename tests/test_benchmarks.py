@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks import bench_detector, bench_grid_sample, bench_refine, run_all
+from benchmarks import bench_detector, bench_grid_sample, bench_metrics, bench_refine, run_all
 from benchmarks.bench_grid_sample import FORWARD, FORWARD_BACKWARD, SampleCase
 from benchmarks.device_info import resolve_device, slugify
 from benchmarks.reporting import PLOT_FILES, RESULTS_JSON, RESULTS_MD
@@ -32,13 +32,15 @@ TINY_CASES = [
 TINY_SPEC = bench_detector.DetectorSpec("tiny lite", "lite-demo", "random", infer_batches=(1, 2), train_batch=2,
                                         model_overrides=(("input_size", 32), ("num_blocks", 1)))
 TINY_REFINE = bench_refine.BenchConfig(batch=2, channels=4, height=3, width=3, warmup=0, repeats=1)
+TINY_METRICS = bench_metrics.MetricsCase(images=4, side=16)
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     folder, results = run_all.run_suite(str(out), CPU, grid_cases=TINY_CASES, detector_specs=[TINY_SPEC],
-                                        refine=TINY_REFINE, kernel_timing=ONE_REP, model_timing=ONE_REP,
+                                        refine=TINY_REFINE, metrics=TINY_METRICS, kernel_timing=ONE_REP,
+                                        model_timing=ONE_REP,
                                         roof_sizes=(1 << 20, 32), progress=False)
     return out, folder, results
 
@@ -89,6 +91,10 @@ def test_results_json_is_complete(suite):
     assert refine_rows["forward+backward"]["bytes"] == 4 * 5 * elements  # rec, feat twice; grad rec once
     assert all(r["ext_gbps"] > 0 and 0 < r["ext_copy_fraction"] for r in refine_rows.values())
     assert any("random weights" in note for note in data["notes"])
+    scored = data["metrics"]
+    assert scored["status"] == "ok" and scored["case"] == {"images": 4, "side": 16, "seed": 0}
+    assert scored["pixels"] == 4 * 16 * 16 and scored["reps"] == 1 and scored["ms"] > 0
+    assert scored["mpixels_per_s"] == pytest.approx(scored["pixels"] / (scored["ms"] / 1e3) / 1e6)
 
 
 def test_results_markdown_has_a_row_per_measurement(suite):
@@ -113,6 +119,7 @@ def test_results_markdown_has_a_row_per_measurement(suite):
     assert len(grid_table) - 2 == len(results["grid_sample"])
     for case in TINY_CASES:
         assert f"| {case.label} |" in text
+    assert "## metrics: gradad.metrics.compute_metrics" in text and "| 4×16×16 |" in text
     for file in PLOT_FILES.values():
         assert f"({file})" in text
 

@@ -17,7 +17,16 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .checkpoint import run_config
-from .config import ARCHITECTURES, PRESETS, Config, apply_overrides, dump_config, load_config, preset_config
+from .config import (
+    ARCHITECTURES,
+    PRESETS,
+    Config,
+    apply_overrides,
+    config_to_yaml,
+    dump_config,
+    load_config,
+    preset_config,
+)
 from .datasets import DATASET_NAMES, ON_ERROR_CHOICES
 from .engine import train
 from .inference import load_model, load_run, predict, run_test
@@ -183,7 +192,7 @@ def _command_predict(args: argparse.Namespace) -> int:
                          f"of one class, e.g. {os.path.join(args.checkpoint, next(iter(models)), 'checkpoint.pt')}")
     prediction = predict(models[None], args.images, threshold=args.threshold, quantile=args.quantile,
                          on_error=args.on_error, progress=not args.no_progress)
-    results = write_predictions(prediction, out_dir)
+    results = write_predictions(prediction, out_dir, config_to_yaml(models[None].config))
     for row in results:
         verdict = "ANOMALOUS" if row["anomalous"] else "normal"
         print(f"{row['score']:.5g}\t{verdict}\t{row['path']}")

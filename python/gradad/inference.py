@@ -120,7 +120,9 @@ class TestResult:
     records / image_sizes / scores: every scored test image, its (H, W) and its image score.
     heatmaps: {index into records: post-processed map} of the images chosen for heatmaps.
     pixel_masks: {class: (anomalous images with a mask, anomalous images)}: what the pixel
-    metrics cover (gradad.evaluation.ClassEvaluation). skipped: unreadable images left out
+    metrics cover (gradad.evaluation.ClassEvaluation). threshold / threshold_source: the
+    decision threshold stored at training time (per class for a per-class run; None where it
+    was chosen under another protocol, see :func:`validation_threshold`). skipped: unreadable images left out
     (data.on_error='skip'). info: run facts for reports.
     """
 
@@ -132,9 +134,20 @@ class TestResult:
     scores: np.ndarray
     heatmaps: Dict[int, np.ndarray]
     pixel_masks: Dict[str, tuple]
+    threshold: Optional[float] | Dict[str, Optional[float]]
+    threshold_source: Optional[str]
     skipped: List[str]
     config: Config
     info: Dict[str, object] = field(default_factory=dict)
+
+
+def validation_threshold(checkpoint: Dict[str, object], protocol: str) -> tuple[Optional[float], Optional[str]]:
+    """(threshold, where it came from) stored at training time, or (None, None) when there is
+    none or it was chosen under another evaluation protocol (its scores are not comparable)."""
+    validation = checkpoint.get("validation")
+    if not validation or validation.get("protocol") != protocol:
+        return None, None
+    return float(validation["threshold"]), f"validation quantile {validation['quantile']}"
 
 
 def heatmap_selection(scores: np.ndarray, count: int) -> np.ndarray:
@@ -196,7 +209,11 @@ def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], progress
             "skipped_images": skipped, "seconds": round(time.perf_counter() - started, 2),
             "pixel_masks": {name: {"anomalous_with_mask": k, "anomalous": n} for name, (k, n) in pixel_masks.items()},
             "versions": library_versions()}
-    return TestResult(results, records, sizes, scores, heatmaps, pixel_masks, skipped, cfg, info)
+    found = {name: validation_threshold(m.checkpoint, cfg.eval.protocol) for name, m in models.items()}
+    sources = {source for _, source in found.values() if source is not None}
+    threshold = found[None][0] if None in found else {name: value for name, (value, _) in found.items()}
+    return TestResult(results, records, sizes, scores, heatmaps, pixel_masks, threshold,
+                      sources.pop() if len(sources) == 1 else None, skipped, cfg, info)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ this module holds the defaults and the checks, and never a second copy of a list
 - :data:`PRESETS` / :func:`preset_config`: named starting points.
 """
 
-from .files import apply_overrides, config_from_dict, config_to_dict, dump_config, load_config
+from .files import apply_overrides, config_from_dict, config_to_dict, config_to_yaml, dump_config, load_config
 from .presets import PRESETS, preset_config
 from .sections import (
                        ARCHITECTURES,
@@ -38,4 +38,4 @@ from .sections import (
 __all__ = ["ARCHITECTURES", "BIGRID_COMBINES", "BIGRID_SCHEDULES", "DEFAULT_OUTPUT_DIR", "PRESETS", "SECTIONS",
            "THRESHOLD_QUANTILE", "VALIDATION_FRACTION", "BiGridConfig", "Config", "DataConfig", "EvalConfig",
            "ModelConfig", "SplitConfig", "TrainConfig", "apply_overrides", "config_from_dict", "config_to_dict",
-           "dump_config", "load_config", "preset_config"]
+           "config_to_yaml", "dump_config", "load_config", "preset_config"]

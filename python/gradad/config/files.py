@@ -120,6 +120,11 @@ def load_config(path: str | os.PathLike, base: Optional[Config] = None) -> Confi
         raise type(exc)(f"in config file {path}: {exc.args[0] if exc.args else exc}") from None
 
 
+def config_to_yaml(cfg: Config) -> str:
+    """``cfg`` as the YAML text :func:`dump_config` writes (sections in their order)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:
     """Writes ``cfg`` as YAML to ``path`` atomically (a temp file in the same folder, then
     os.replace), creating the folder if needed."""
@@ -128,8 +133,7 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    atomic_write_text(path, text)
+    atomic_write_text(path, config_to_yaml(cfg))
 
 
 # ---- command-line overrides ---------------------------------------------------------------

@@ -97,28 +97,35 @@ def save_heatmap_overlays(out_dir: str | os.PathLike, images: Sequence[np.ndarra
     return paths
 
 
-def save_roc_curves(out_dir: str | os.PathLike,
-                    per_class: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Path:
-    """One PNG ``<out_dir>/roc_curves.png`` with the image-level ROC curve of every class.
+def roc_curves_png(per_class: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """The image-level ROC curve of every class in one plot, as PNG bytes; the legend gives
+    each class's AUROC in percent.
 
-    Args: per_class, {class: (labels (N,) binary, scores (N,) float)}.
-    Returns: the written path. The legend gives each class's AUROC in percent.
+    Args: per_class, {class: (labels (N,) binary, scores (N,) float)}; each class needs both labels.
     """
-    if not per_class:
-        raise ValueError("per_class is empty")
+    if not isinstance(per_class, Mapping) or not per_class:
+        raise ValueError(f"per_class must be a non-empty mapping {{class: (labels, scores)}}, got {per_class!r:.80}")
     figure = Figure(figsize=(6, 6), dpi=FIGURE_DPI)
     axis = figure.subplots()
-    for name, (labels, scores) in per_class.items():
+    for name, pair in per_class.items():
         try:
+            labels, scores = (np.asarray(a) for a in pair)
             fpr, tpr, _ = roc_curve(labels, scores)
             area = auroc(labels, scores)
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             raise ValueError(f"class {name!r}: {error}") from error
         axis.plot(fpr, tpr, label=f"{name} (AUROC {100.0 * area:.1f}%)")
     axis.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=0.8)
     axis.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate",
              ylabel="true positive rate", title="image-level ROC")
     axis.legend(loc="lower right", fontsize="small")
+    return _figure_png(figure)
+
+
+def save_roc_curves(out_dir: str | os.PathLike,
+                    per_class: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """``<out_dir>/roc_curves.png``: :func:`roc_curves_png` of ``per_class``; returns the path."""
+    png = roc_curves_png(per_class)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(out_dir / ROC_PNG, _figure_png(figure))
+    return atomic_write_bytes(out_dir / ROC_PNG, png)

@@ -1,8 +1,8 @@
 """The files of a test run and of a predict run, from what :mod:`gradad.inference` returns.
 
 - test: metrics.json / metrics.csv, scores.csv (path, class, defect type, label, image score),
-  roc_curves.png, and heatmap overlays in heatmaps/;
-- predict: one heatmap per image in heatmaps/, results.json and results.csv.
+  roc_curves.png, heatmap overlays in heatmaps/, and report.html;
+- predict: one heatmap per image in heatmaps/, results.json, results.csv and report.html.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from ..config import config_to_yaml
 from ..datasets import ImageRecord, load_rgb
 from ..inference import Prediction, TestResult
 from ..io_utils import atomic_write_text
 from .figures import save_heatmap_overlays, save_roc_curves
-from .tables import write_metrics
+from .html import write_report_html
+from .tables import pixel_notes, write_metrics
 
 SCORES_CSV = "scores.csv"
 RESULTS_JSON = "results.json"
@@ -69,6 +71,7 @@ def write_test_report(result: TestResult, out_dir: str | os.PathLike, progress: 
                    if 0 < labels[idx].sum() < len(idx)}
     if roc_classes:
         files.append(str(save_roc_curves(out_dir, roc_classes)))
+    gallery = []
     if result.heatmaps:
         shown = list(result.heatmaps)
         images, names = [], []
@@ -81,13 +84,22 @@ def write_test_report(result: TestResult, out_dir: str | os.PathLike, progress: 
                                       [result.heatmaps[i] for i in shown], unique_names(names),
                                       scores=[scores[i] for i in shown], progress=progress)
         files += [str(p) for p in paths]
+        gallery = [{"name": os.path.basename(records[i].path), "image": path, "score": float(scores[i]),
+                    "label": int(records[i].label), "class": records[i].class_name, "detail": records[i].defect_type}
+                   for i, path in zip(shown, paths)]
+    files.append(str(write_report_html(
+        out_dir, title=f"gradad test: {result.config.data.dataset}", metrics=result.results, roc=roc_classes,
+        threshold=result.threshold, threshold_source=result.threshold_source, gallery=gallery,
+        config=config_to_yaml(result.config), notes=pixel_notes(result.pixel_masks))))
     return files
 
 
-def write_predictions(prediction: Prediction, out_dir: str | os.PathLike) -> List[Dict[str, object]]:
+def write_predictions(prediction: Prediction, out_dir: str | os.PathLike,
+                      config_yaml: str | None = None) -> List[Dict[str, object]]:
     """Consume ``prediction``'s chunks, writing heatmaps/<stem>.png per image as each chunk is
     scored, then results.json (with the images left out: unreadable ones under
-    skipped_images, ones that failed while scored under failed_images) and results.csv.
+    skipped_images, ones that failed while scored under failed_images), results.csv and
+    report.html (with ``config_yaml``, the run's config, when given).
     Returns one dict per scored image: path, score, anomalous, heatmap.
 
     Heatmaps share one colour scale, 0 to twice the threshold, so colours past the middle of
@@ -117,4 +129,10 @@ def write_predictions(prediction: Prediction, out_dir: str | os.PathLike) -> Lis
         writer.writerow([row["path"], repr(row["score"]), repr(threshold), int(row["anomalous"]), row["heatmap"]])
     atomic_write_text(os.path.join(out_dir, RESULTS_JSON), json.dumps(summary, indent=2) + "\n")
     atomic_write_text(os.path.join(out_dir, RESULTS_CSV), buffer.getvalue())
+    gallery = [{"name": os.path.basename(row["path"]), "image": row["heatmap"], "score": row["score"],
+                "label": None, "detail": row["path"]} for row in results]
+    left_out = [f"left out (unreadable or not scorable): {path}" for path in prediction.problems]
+    write_report_html(out_dir, title="gradad predict", threshold=threshold,
+                      threshold_source=prediction.threshold_source, gallery=gallery, config=config_yaml,
+                      notes=left_out)
     return results
