@@ -29,8 +29,8 @@ output axis, grid (N, O_1, ..., O_d, d) -> (1, N·O_1, O_2, ..., O_d, d), sample
 output (1, C, N·O_1, ...) is reshaped to (C, N, O_1, ...) and transposed to (N, C, O_1, ...): one
 copy of the output, none of the table. (Expanding the table to N copies instead would cost N
 times its size in the runtime: for GRAD's global grid, C·H·W x res^d floats per image.) The gather
-decomposition transposes the table once to P = prod(S) rows of C values (a constant the runtime
-folds when the table is a weight) and gathers rows of it with every image's indices.
+decomposition reads the shared table in place as C rows of P = prod(S) values with every image's
+indices.
 
 Jitter is training-time noise and has no ONNX form: :func:`export` raises :class:`ExportError`
 when the program contains a call with ``jitter_std > 0`` and ``jitter_prob > 0`` (put the model in
@@ -196,7 +196,13 @@ def _source_index(op, coord, size: int, padding: str, align_corners: bool):
 
 
 def _gather(op, input, grid, mode: str, padding: str, align_corners: bool):
-    """Multilinear (or nearest) sampling from Gather ops, any d; input (N_in, C, S..), grid (N, O.., d)."""
+    """Multilinear (or nearest) sampling from one Gather, any d; input (N_in, C, S..), grid (N, O.., d).
+
+    The K = 2^d corners of every point (1 for nearest) are built per axis and combined by
+    broadcasting, so the graph grows with d, not with 2^d. One Gather reads the K table values of
+    every point and channel, which the weights then sum: temporaries of K (per-image tables) or 2K
+    (a shared table) times the output's size. A shared table is read in place as (C, P) rows, P = prod(S); per-image tables
+    are transposed to (N·P, C) rows (one copy of the input tables)."""
     d = len(input.shape) - 2
     sizes = [_static(s) for s in input.shape[2:]]
     if any(s is None for s in sizes):
@@ -204,56 +210,55 @@ def _gather(op, input, grid, mode: str, padding: str, align_corners: bool):
                           f"{input.shape}")
     cells = math.prod(sizes)
     strides = [math.prod(sizes[a + 1:]) for a in range(d)]
-    shared = _is_shared(input, grid)
     channels = _shape(op, input, 1, 2)
-    # Rows of a (cells, C) table (per image: (N·cells, C)), so that one Gather reads C contiguous values.
-    table = op.Transpose(op.Reshape(input, op.Concat(_shape(op, input, 0, 2), _ints(op, [cells]), axis=0)),
-                         perm=[0, 2, 1])
-    table = op.Reshape(table, op.Concat(_ints(op, [-1]), channels, axis=0))
     points = op.Reshape(grid, op.Concat(_shape(op, grid, 0, 1), _ints(op, [-1, d]), axis=0))  # (N, M, d)
-    offsets = None
-    if not shared:
-        batch = op.Squeeze(_shape(op, grid, 0, 1), _ints(op, [0]))
-        offsets = op.Unsqueeze(op.Mul(op.Range(0, batch, 1), cells), _ints(op, [1]))  # (N, 1)
-    # grid component k addresses table axis d - 1 - k, as in F.grid_sample
-    xs = [_source_index(op, op.Gather(points, d - 1 - a, axis=2), sizes[a], padding, align_corners)
-          for a in range(d)]
-
-    def read(indices, weight):
-        flat, valid = None, None
-        for a, idx in enumerate(indices):
-            if padding == "zeros":
-                inside = op.And(op.GreaterOrEqual(idx, 0), op.Less(idx, sizes[a]))
-                valid = inside if valid is None else op.And(valid, inside)
-            term = op.Mul(op.Clip(idx, op.CastLike(0, idx), op.CastLike(sizes[a] - 1, idx)), strides[a])
-            flat = term if flat is None else op.Add(flat, term)
-        if offsets is not None:
-            flat = op.Add(flat, offsets)
-        if valid is not None:
-            weight = (op.CastLike(valid, xs[0]) if weight is None
-                      else op.Where(valid, weight, op.CastLike(0.0, weight)))
-        values = op.Gather(table, flat, axis=0)  # (N, M, C)
-        return values if weight is None else op.Mul(values, op.Unsqueeze(weight, _ints(op, [2])))
-
-    if mode == "nearest":
-        # ONNX Round rounds half to even, like the nearbyint of F.grid_sample
-        idx = [op.Cast(op.Round(x), to=ir.DataType.INT64) for x in xs]
-        out = read(idx, None)
+    bilinear = mode == "bilinear"
+    flat, weight = None, None
+    for a in range(d):
+        # grid component d - 1 - a addresses table axis a, as in F.grid_sample
+        x = _source_index(op, op.Gather(points, d - 1 - a, axis=2), sizes[a], padding, align_corners)  # (N, M)
+        if bilinear:
+            low = op.Floor(x)
+            frac = op.Sub(x, low)
+            w = op.Concat(op.Unsqueeze(op.Sub(1.0, frac), _ints(op, [2])), op.Unsqueeze(frac, _ints(op, [2])), axis=2)
+            idx = op.Add(op.Unsqueeze(op.Cast(low, to=ir.DataType.INT64), _ints(op, [2])), _ints(op, [0, 1]))
+        else:
+            # ONNX Round rounds half to even, like the nearbyint of F.grid_sample
+            idx = op.Unsqueeze(op.Cast(op.Round(x), to=ir.DataType.INT64), _ints(op, [2]))
+            w = None
+        if padding == "zeros":
+            inside = op.And(op.GreaterOrEqual(idx, 0), op.Less(idx, sizes[a]))
+            w = op.CastLike(inside, x) if w is None else op.Where(inside, w, op.CastLike(0.0, w))
+        term = op.Mul(op.Clip(idx, op.CastLike(0, idx), op.CastLike(sizes[a] - 1, idx)), strides[a])
+        # (N, M, 2) -> (N, M, 1.., 2, ..1) with the pair on axis 2 + a: the corners' outer sum/product
+        spread = _ints(op, [2 + j for j in range(d) if j != a]) if d > 1 else None
+        if spread is not None:
+            term = op.Unsqueeze(term, spread)
+            w = None if w is None else op.Unsqueeze(w, spread)
+        flat = term if flat is None else op.Add(flat, term)
+        weight = w if weight is None or w is None else op.Mul(weight, w)
+    flat = op.Reshape(flat, _ints(op, [0, 0, -1]))  # (N, M, K)
+    if weight is not None:
+        weight = op.Reshape(weight, _ints(op, [0, 0, -1]))
+    if _is_shared(input, grid):
+        rows = op.Reshape(input, op.Concat(channels, _ints(op, [cells]), axis=0))  # (C, P): a view of the table
+        out = op.Gather(rows, flat, axis=1)  # (C, N, M, K)
+        if weight is not None:
+            # (a MatMul with weights (N, M, K, 1) would broadcast its right operand, which
+            # onnxruntime's MatMul rejects)
+            out = op.ReduceSum(op.Mul(out, weight), _ints(op, [3]), keepdims=1)  # (C, N, M, 1)
+        out = op.Transpose(out, perm=[1, 0, 2, 3])
     else:
-        lows = [op.Floor(x) for x in xs]
-        fracs = [op.Sub(x, lo) for x, lo in zip(xs, lows)]
-        rests = [op.Sub(1.0, f) for f in fracs]
-        low_idx = [op.Cast(lo, to=ir.DataType.INT64) for lo in lows]
-        out = None
-        for corner in itertools.product((0, 1), repeat=d):
-            weight = None
-            for a, hi in enumerate(corner):
-                factor = fracs[a] if hi else rests[a]
-                weight = factor if weight is None else op.Mul(weight, factor)
-            idx = [op.Add(low_idx[a], 1) if hi else low_idx[a] for a, hi in enumerate(corner)]
-            term = read(idx, weight)
-            out = term if out is None else op.Add(out, term)
-    out = op.Transpose(out, perm=[0, 2, 1])  # (N, C, M)
+        rows = op.Transpose(op.Reshape(input, op.Concat(_shape(op, input, 0, 2), _ints(op, [cells]), axis=0)),
+                            perm=[0, 2, 1])
+        rows = op.Reshape(rows, op.Concat(_ints(op, [-1]), channels, axis=0))  # (N·P, C)
+        batch = op.Squeeze(_shape(op, grid, 0, 1), _ints(op, [0]))
+        flat = op.Add(flat, op.Reshape(op.Mul(op.Range(0, batch, 1), cells), _ints(op, [-1, 1, 1])))
+        out = op.Gather(rows, flat, axis=0)  # (N, M, K, C)
+        if weight is not None:
+            out = op.MatMul(op.Unsqueeze(weight, _ints(op, [2])), out)  # (N, M, 1, C)
+        out = op.Transpose(out, perm=[0, 3, 1, 2])
+    # (N, C, M, 1) -> (N, C, O_1, ..., O_d)
     return op.Reshape(out, op.Concat(_shape(op, grid, 0, 1), channels, _shape(op, grid, 1, d + 1), axis=0))
 
 
