@@ -394,6 +394,10 @@ def _save_atomic(program, path: str) -> None:
     os.close(fd)
     try:
         program.save(tmp, external_data=False)
+        # mkstemp makes 0600 files; the finished file gets the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
