@@ -146,8 +146,8 @@ def test_graph_uses_the_chosen_sampler_and_never_copies_the_shared_table(exporte
         assert types.count("GridSample") == calls
     else:
         assert "GridSample" not in types and "Gather" in types
-    # The shared table reaches the sampler unexpanded: no Expand or Tile node reads it or a view
-    # of it, and no constant is larger than it. (The exporter folds a reshaped view of the table
+    # The shared table (5^d cells, more than the 3^d or 1 points per image) reaches the sampler
+    # unexpanded: no Expand or Tile node reads it or a view of it, and no constant is larger. (The exporter folds a reshaped view of the table
     # into a constant of its own per call, which it merges only for small tables: hence any number.)
     numel = 3 * 5 ** d
     sizes = [int(np.prod(init.dims)) for init in proto.graph.initializer]
@@ -159,6 +159,23 @@ def test_graph_uses_the_chosen_sampler_and_never_copies_the_shared_table(exporte
             assert node.op_type not in ("Expand", "Tile"), f"{node.op_type} copies the shared table"
             if node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"):
                 derived.update(node.output)
+
+
+@pytest.mark.parametrize("points,form", [((6, 6), "expand"), ((1, 1), "fold"), ((3, 5), "fold")])
+def test_shared_table_takes_the_smaller_copy(tmp_path, points, form):
+    # a 4 x 4 table: 16 cells per copy against prod(points) output values per image
+    model = Sample(2, mode="bilinear", padding_mode="border").eval()
+    path = str(tmp_path / "shared.onnx")
+    gonnx.export(model, (torch.rand(2, *points, 2) * 2 - 1,), path, dynamic_shapes=({0: batch_dim()},))
+    proto = onnx.load(path)
+    assert ("Expand" in op_types(proto)) == (form == "expand")
+    assert ("Transpose" in op_types(proto)) == (form == "fold")
+    for batch in BATCHES:
+        grid = torch.rand(batch, *points, 2, generator=torch.Generator().manual_seed(batch)) * 2.4 - 1.2
+        with torch.no_grad():
+            expected = (model(grid),)
+        assert_outputs_close(run_ort(proto, (grid,)), expected, f"{form} onnxruntime batch {batch}")
+        assert_outputs_close(run_openvino(path, (grid,)), expected, f"{form} OpenVINO batch {batch}")
 
 
 def test_auto_sampler_follows_the_opset():
