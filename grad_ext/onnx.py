@@ -34,10 +34,10 @@ grid (res^d cells, H x W points) is expanded when res^d < H·W. The gather decom
 table as rows of C values with every image's indices and never copies it per image, but holds
 K = 2^d times the output in temporaries.
 
-Measured with onnxruntime 1.32 on 2 threads of a shared CPU (times vary by half), C = 272, 28 x 28 features, batch 32 (time per
-run; peak memory of the run): global grid (13 MB table) fold 50 ms / 82 MB, expand 77 ms /
-891 MB, gather 18 ms / 287 MB; local grid (8 x 8 table) fold 22-45 ms / 84 MB, expand 33-54 ms /
-57 MB, gather 53 ms / 310 MB (the output alone is 26 MB).
+Measured with onnxruntime 1.32 on 2 threads of a shared CPU (times vary by half), C = 272,
+28 x 28 features, batch 32 (time per run; peak memory of the run): global grid (13 MB table)
+fold 50 ms / 82 MB, expand 77 ms / 891 MB, gather 18 ms / 287 MB; local grid (8 x 8 table) fold
+22-45 ms / 84 MB, expand 33-54 ms / 57 MB, gather 53 ms / 310 MB (the output alone is 26 MB).
 
 Jitter is training-time noise and has no ONNX form: :func:`export` raises :class:`ExportError`
 when the program contains a call with ``jitter_std > 0`` and ``jitter_prob > 0`` (put the model in

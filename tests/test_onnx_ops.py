@@ -147,8 +147,9 @@ def test_graph_uses_the_chosen_sampler_and_never_copies_the_shared_table(exporte
     else:
         assert "GridSample" not in types and "Gather" in types
     # The shared table (5^d cells, more than the 3^d or 1 points per image) reaches the sampler
-    # unexpanded: no Expand or Tile node reads it or a view of it, and no constant is larger. (The exporter folds a reshaped view of the table
-    # into a constant of its own per call, which it merges only for small tables: hence any number.)
+    # unexpanded: no Expand or Tile node reads it or a view of it, and no constant is larger.
+    # (The exporter folds a reshaped view of the table into a constant of its own per call, which
+    # it merges only for small tables: hence any number of them.)
     numel = 3 * 5 ** d
     sizes = [int(np.prod(init.dims)) for init in proto.graph.initializer]
     assert max(sizes) == numel
