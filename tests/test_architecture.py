@@ -25,7 +25,7 @@ MAX_LINES = 400
 # implementers (datasets, features, evaluation, fusion, FBP, runtime), which is why config sits
 # above them and reads them, and everything built from a config sits above config.
 LAYERS = (
-    ("gradad.io_utils", "gradad.runtime"),
+    ("gradad.io_utils", "gradad.runtime", "gradad.runtime_onnx"),
     ("gradad.datasets",),
     ("gradad.backbones", "gradad.metrics"),
     ("gradad.evaluation", "gradad.features", "gradad.models.fusion", "gradad.models.fbp", "gradad.models"),
@@ -39,7 +39,7 @@ LAYERS = (
     ("gradad.__main__",),
 )
 # Imported inside the functions that need them: dependencies a user may not have installed.
-OPTIONAL = ("elpv_dataset", "safetensors")
+OPTIONAL = ("elpv_dataset", "safetensors", "onnxruntime", "openvino", "onnx", "onnxscript")
 
 
 def module_name(path: pathlib.Path, package_dir: pathlib.Path = PACKAGE_DIR) -> str:
