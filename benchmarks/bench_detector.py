@@ -35,11 +35,10 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 import torch
 from tqdm import tqdm
 
+from benchmarks.timing import TimingSettings, default_timing, measure_interleaved
 from gradad.backbones import FeatureExtractor, build_backbone
 from gradad.config import TrainConfig, preset_config
 from gradad.models.grad import GRAD
-
-from benchmarks.timing import TimingSettings, default_timing, measure_interleaved
 
 INFER_FEATURES = "infer (features)"
 INFER_IMAGES = "infer (images)"

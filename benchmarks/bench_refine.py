@@ -27,11 +27,10 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 import torch
 
 import grad_ext
+from benchmarks.timing import TimingSettings, measure_interleaved
 from grad_ext import reference
 from grad_ext.refine import COS_WEIGHT, MSE_THRESHOLD, MSE_WEIGHT
 from gradad.io_utils import atomic_write_text
-
-from benchmarks.timing import TimingSettings, measure_interleaved
 
 
 @dataclass(frozen=True)

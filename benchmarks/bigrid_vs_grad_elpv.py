@@ -24,12 +24,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gradad.backbones import build_backbone
-from gradad.engine import train_bigrid
-from gradad.models.bigrid import BiGridGRAD
-from gradad.config import BiGridConfig, preset_config
+from gradad.config import preset_config
 from gradad.datasets import AnomalyDataset, list_elpv
+from gradad.engine import train_bigrid
 from gradad.evaluation import postprocess
 from gradad.io_utils import atomic_write_text
+from gradad.models.bigrid import BiGridGRAD
 
 
 def subset(records, count, seed):

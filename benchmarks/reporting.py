@@ -50,7 +50,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _load_remark(env: Dict, results: Dict) -> str:
-    loads = [l[0] for l in (env.get("load_average"), results.get("load_average_end")) if l]
+    loads = [load[0] for load in (env.get("load_average"), results.get("load_average_end")) if load]
     if env.get("device_type") == "cpu" and loads and env.get("cpu_count") and max(loads) > env["cpu_count"]:
         return " (above the CPU count: other processes competed for the CPU, timings are noisy)"
     return ""
@@ -74,7 +74,8 @@ def _environment_md(results: Dict) -> List[str]:
                                     f"read + write counted)"),
         ("measured float32 matmul", f"{mm['gflops']:.1f} GFLOP/s ({mm['side']}² matrices)"),
         ("suite wall time", f"{results.get('wall_time_s', 0):.0f} s ("
-                            + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("part_wall_time_s", {}).items()) + ")"),
+                            + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("part_wall_time_s", {}).items())
+                            + ")"),
         ("load average 1/5/15 min, start → end", f"{env.get('load_average')} → {results.get('load_average_end')}"
                                                  + _load_remark(env, results)),
     ]
@@ -114,9 +115,9 @@ def _grid_sample_md(rows: Sequence[Dict]) -> List[str]:
 def _deterministic_rows(rows: Sequence[Dict]) -> List[Sequence[str]]:
     table = []
     for det in (r for r in rows if r["deterministic"]):
-        default = next((r for r in rows if not r["deterministic"] and not r["jitter"] and r["direction"] == det["direction"]
-                        and r["input_shape"] == det["input_shape"] and r["grid_shape"] == det["grid_shape"]
-                        and r["dtype"] == det["dtype"]), None)
+        default = next((r for r in rows if not r["deterministic"] and not r["jitter"]
+                        and all(r[k] == det[k] for k in ("direction", "input_shape", "grid_shape", "dtype"))),
+                       None)
         if default is None:
             continue
         for side in ("ext", "reference"):
@@ -171,7 +172,8 @@ def _refine_md(refine: Optional[Dict]) -> List[str]:
     shape = "×".join(str(cfg.get(k, "?")) for k in ("batch", "channels", "height", "width"))
     rows = [(r["case"], _fmt(r["ext_ms"], ".3f"), _fmt(r["reference_ms"], ".3f"),
              f"{_fmt(r['ext_min_ms'], '.3f')} / {_fmt(r['reference_min_ms'], '.3f')}", _fmt(r["speedup"], ".2f", "×"),
-             _fmt(r["bytes"] / 1e6, ".1f"), _fmt(r["ext_gbps"], ".1f"), _fmt(r["ext_copy_fraction"] and 100 * r["ext_copy_fraction"], ".0f", "%"))
+             _fmt(r["bytes"] / 1e6, ".1f"), _fmt(r["ext_gbps"], ".1f"),
+             _fmt(r["ext_copy_fraction"] and 100 * r["ext_copy_fraction"], ".0f", "%"))
             for r in refine["rows"]]
     return ["## refine: grad_ext.refine vs grad_ext.reference.refine", "",
             f"Shape {shape}, {cfg.get('dtype', '')}, median of {cfg.get('repeats', '?')} after "

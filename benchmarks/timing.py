@@ -4,8 +4,9 @@ A measurement calls ``step(i)`` with a running index ``i`` (so that the step can
 input copies): ``warmup`` untimed calls, then repetitions whose number is chosen from the time
 of the first timed call so that the measurement takes about ``budget_s`` seconds, clamped to
 ``[min_reps, max_reps]``. The result is the median. Sides that are compared are measured
-interleaved (:func:`measure_interleaved`), so a busy spell of a shared machine slows both. CUDA calls are timed with CUDA events after
-``torch.cuda.synchronize``; CPU calls with ``time.perf_counter``.
+interleaved (:func:`measure_interleaved`), so a busy spell of a shared machine slows both.
+CUDA calls are timed with CUDA events after ``torch.cuda.synchronize``; CPU calls with
+``time.perf_counter``.
 
 Peak memory: CUDA ``max_memory_allocated`` after ``reset_peak_memory_stats``; CPU the process's
 peak resident set size (VmHWM) after resetting it through ``/proc/self/clear_refs`` (Linux), or

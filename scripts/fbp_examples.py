@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from gradad.models.fbp import FBP_PRESETS, feature_block_paste, fbp_settings  # noqa: E402
 from gradad.io_utils import atomic_write_bytes  # noqa: E402
+from gradad.models.fbp import FBP_PRESETS, fbp_settings, feature_block_paste  # noqa: E402
 
 
 def _positive_int(text: str) -> int:

@@ -3,8 +3,9 @@
 #   1. installs torch from the package index and the project with its test dependencies,
 #      building grad_ext (CPU kernels always; CUDA kernels when torch has CUDA and nvcc is
 #      found, or always with GRAD_EXT_CUDA=1, which then fails loudly if it cannot);
-#   2. builds the operator library with CMake against libtorch and loads it from C++ and Python;
-#   3. runs pytest (GPU tests are skipped without a GPU).
+#   2. checks the style (scripts/lint.sh: ruff, clang-format);
+#   3. builds the operator library with CMake against libtorch and loads it from C++ and Python;
+#   4. runs pytest (GPU tests are skipped without a GPU).
 # The report.html test opens pages in headless Chromium: the Debian packages chromium and
 # chromium-driver are installed when missing (as root, or with password-less sudo).
 set -euo pipefail
@@ -38,5 +39,6 @@ python -c "import grad_ext, json; print(json.dumps(grad_ext.info()))"
 if [ "${GRAD_EXT_CUDA:-}" = 1 ]; then
   python -c "import grad_ext, sys; sys.exit(0 if grad_ext.info()['cuda'] else 'CUDA kernels were asked for but not built')"
 fi
+bash scripts/lint.sh
 bash scripts/build_libtorch.sh build-cmake
 python -m pytest -q tests "$@"

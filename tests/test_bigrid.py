@@ -9,13 +9,24 @@ import torch
 import torch.nn.functional as F
 
 from gradad.backbones import BACKBONES
-from gradad.models.bigrid import (
-    BiGridGRAD, ChannelStandardize, bigrid_stage_loss, bigrid_stage_parameters, contrastive_loss, set_bigrid_stage,
-    stage_plan,
+from gradad.config import (
+    BiGridConfig,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    preset_config,
 )
 from gradad.engine import train_bigrid
-from gradad.config import (
-    BiGridConfig, ModelConfig, TrainConfig, apply_overrides, dump_config, load_config, preset_config,
+from gradad.models.bigrid import (
+    BiGridGRAD,
+    ChannelStandardize,
+    bigrid_stage_loss,
+    bigrid_stage_parameters,
+    contrastive_loss,
+    set_bigrid_stage,
+    stage_plan,
 )
 from gradad.models.fbp import FBP_PRESETS, FeatureBlockPaster
 from gradad.models.grad import GRAD

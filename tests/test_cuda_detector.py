@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from gradad.models.bigrid import BiGridGRAD, bigrid_stage_loss, set_bigrid_stage
 from gradad.config import BiGridConfig, ModelConfig
+from gradad.models.bigrid import BiGridGRAD, bigrid_stage_loss, set_bigrid_stage
 from gradad.models.fbp import FeatureBlockPaster, fbp_settings
 from gradad.models.grad import GRAD
 

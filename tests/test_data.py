@@ -60,7 +60,8 @@ def test_mvtec_test_labels_and_masks(mvtec):
         assert r.label == int(is_bad)
         if is_bad:
             assert r.defect_type == "broken"
-            assert r.mask_path == str(mvtec / r.class_name / "ground_truth" / "broken" / (Path(r.path).stem + "_mask.png"))
+            expected = mvtec / r.class_name / "ground_truth" / "broken" / (Path(r.path).stem + "_mask.png")
+            assert r.mask_path == str(expected)
         else:
             assert r.mask_path is None and r.defect_type == "good"
 
@@ -172,7 +173,8 @@ def test_folder_seeded_split_and_masks(tmp_path, mask_suffix):
     for r in test:
         if r.label:
             assert r.mask_path == str(root / "masks" / f"{Path(r.path).stem}{mask_suffix}.png")
-    splits = {frozenset(r.path for r in list_folder(root / "normal", split="train", **{**kwargs, "seed": s})) for s in range(6)}
+    splits = {frozenset(r.path for r in list_folder(root / "normal", split="train", **{**kwargs, "seed": s}))
+              for s in range(6)}
     assert len(splits) > 1
 
 
@@ -235,8 +237,9 @@ def test_list_dataset_dispatch(mvtec, visa, tmp_path):
     assert list_dataset("VisA", visa, "train") == list_visa(visa, "train")
     assert list_dataset("elpv", None, "train", seed=2) == list_elpv("train", seed=2)
     folder = make_folder(tmp_path / "f")
-    assert list_dataset("folder", folder / "normal", "test", abnormal_dir=folder / "abnormal", mask_dir=folder / "masks") == \
-        list_folder(folder / "normal", folder / "abnormal", folder / "masks", split="test")
+    listed = list_dataset("folder", folder / "normal", "test", abnormal_dir=folder / "abnormal",
+                          mask_dir=folder / "masks")
+    assert listed == list_folder(folder / "normal", folder / "abnormal", folder / "masks", split="test")
     with pytest.raises(ValueError, match="mvtec"):
         list_dataset("imagenet", mvtec, "train")
 

@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 
 from gradad.config import BiGridConfig
-from gradad.models.fbp import FBP_PRESETS, FBPSettings, FeatureBlockPaster, feature_block_paste, fbp_settings
+from gradad.models.fbp import FBP_PRESETS, FBPSettings, FeatureBlockPaster, fbp_settings, feature_block_paste
 
 # Structuring elements of scipy.ndimage.label for the two neighbourhoods.
 CONNECTIVITY = {4: ndimage.generate_binary_structure(2, 1), 8: ndimage.generate_binary_structure(2, 2)}

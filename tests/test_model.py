@@ -13,10 +13,16 @@ from torch import nn
 import grad_ext
 import grad_ext.reference
 from gradad.config import (
-    PRESETS, Config, DataConfig, ModelConfig, TrainConfig, apply_overrides, dump_config,
-    load_config, preset_config,
+    PRESETS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    preset_config,
 )
-from gradad.models.fusion import DEFAULT_NUM_BLOCKS
 from gradad.models.grad import GRAD
 
 C, S, B = 16, 8, 3  # small features for fast tests
