@@ -30,7 +30,7 @@ namespace {
 
 using namespace grad_ext::cpu;
 
-template <typename scalar_t, int D, int K>
+template <typename scalar_t, int D, int TAPS>
 void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
                     int interpolation, int padding, bool align_corners, const JitterParams& jitter) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -41,6 +41,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   const int64_t point_tiles = g.N * tiles_per_batch;
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(4 * threads, point_tiles), 1, g.C));
+  constexpr int K = CornerTile<acc_t, TAPS, D>::K;
   const bool by_cells = use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsForwardReadsPerCell, 0);
   if (by_cells) channel_tile = round_up(channel_tile, kLanes);
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
@@ -48,7 +49,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   const int64_t Cp = round_up(g.C, kLanes);
 
   at::parallel_for(0, point_tiles * channel_tiles, 1, [&](int64_t begin, int64_t end) {
-    auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
+    auto tile = std::make_unique<CornerTile<acc_t, TAPS, D>>();
     std::vector<acc_t> scratch(by_cells ? kPointTile * kScratchStride : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pt = task / channel_tiles, ct = task % channel_tiles;
@@ -61,18 +62,18 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
       // Tiles with a non-finite bias (NaN coordinates) take the checked row loop.
       if (by_cells && !tile->biased) {
-        forward_cells<scalar_t, K, D>({tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1,
+        forward_cells<scalar_t, TAPS, D>({tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1,
                                        g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
       } else if (tile->checked) {
-        forward_rows<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
+        forward_rows<scalar_t, acc_t, TAPS, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
       } else {
-        forward_rows<scalar_t, acc_t, K, D, false>(*tile, table, obase, c0, c1, g.S, g.P);
+        forward_rows<scalar_t, acc_t, TAPS, D, false>(*tile, table, obase, c0, c1, g.S, g.P);
       }
     }
   });
 }
 
-template <typename scalar_t, int D, int K, bool NEED_INPUT, bool NEED_GRID>
+template <typename scalar_t, int D, int TAPS, bool NEED_INPUT, bool NEED_GRID>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& grid,
                      at::Tensor& grad_input, at::Tensor& grad_grid, const GridGeometry& g, int interpolation,
                      int padding, bool align_corners, const JitterParams& jitter) {
@@ -86,6 +87,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   // into its own slice of `partial` and reduced in a fixed order afterwards.
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
+  constexpr int K = CornerTile<acc_t, TAPS, D>::K;
   const bool by_cells =
       use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell, sizeof(acc_t));
   if (by_cells) channel_tile = round_up(channel_tile, kLanes);
@@ -101,7 +103,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   }
 
   at::parallel_for(0, g.N_in * channel_tiles, 1, [&](int64_t begin, int64_t end) {
-    auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
+    auto tile = std::make_unique<CornerTile<acc_t, TAPS, D>>();
     std::vector<acc_t> gacc(NEED_GRID ? kPointTile * D : 0);
     std::vector<acc_t> scratch(by_cells ? kPointTile * kScratchStride : 0);
     const int64_t Wt = by_cells ? channel_tile : 0;  // a multiple of kLanes
@@ -120,13 +122,13 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
           std::fill(gacc.begin(), gacc.end(), acc_t(0));
           const scalar_t* gout = go + n * g.C * g.P + p0;
           if (by_cells && !tile->biased) {
-            backward_cells<scalar_t, K, D, NEED_INPUT, NEED_GRID>(
+            backward_cells<scalar_t, TAPS, D, NEED_INPUT, NEED_GRID>(
                 {tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1, g.P, scratch.data(),
                  nullptr, gout, gradT.data(), Wt, gacc.data()});
           } else if (tile->checked) {
-            backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+            backward_rows<scalar_t, acc_t, TAPS, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
           } else {
-            backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, false>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+            backward_rows<scalar_t, acc_t, TAPS, D, NEED_INPUT, NEED_GRID, false>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
           }
           if (NEED_GRID) {
             for (int a = 0; a < D; ++a) {
@@ -147,9 +149,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   scalar_t* gg = grad_grid.data_ptr<scalar_t>();
   const NonFinitePolicy policy = cpu_policy(D);
   at::parallel_for(0, total_points, 256, [&](int64_t begin, int64_t end) {
-    PointCorners<acc_t, D> pc;
+    PointCorners<acc_t, D, TAPS> pc;
     for (int64_t i = begin; i < end; ++i) {
-      point_corners<scalar_t, D>(gr, i, g, interpolation, padding, align_corners, policy, jitter, true, pc);
+      point_corners<scalar_t, D, TAPS>(gr, i, g, interpolation, padding, align_corners, policy, jitter, true, pc);
       for (int a = 0; a < D; ++a) {
         acc_t s = pc.grad_bias[a];
         for (int64_t ct = 0; ct < channel_tiles; ++ct) s += part[(ct * D + a) * total_points + i];
@@ -159,12 +161,36 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   });
 }
 
+// Calls f(std::integral_constant<int, TAPS>{}) with the taps per axis of the interpolation:
+// 1 nearest, 2 bilinear, 4 bicubic (1-D to 3-D tables; the checks reject 4-D bicubic).
+template <int D, typename F>
+void dispatch_taps(int64_t interpolation, F&& f) {
+  if (interpolation == kNearest) {
+    f(std::integral_constant<int, 1>{});
+  } else if (interpolation == kBilinear) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    if constexpr (D <= kMaxCubicDim) f(std::integral_constant<int, 4>{});
+  }
+}
+
+// float16 and bfloat16 run on float32 copies of their inputs, so every product and sum is in
+// float32 (as F.grid_sample computes them on the CPU) and each result is rounded once.
+bool reduced_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
 at::Tensor sample_grid_cpu(const at::Tensor& input_, const at::Tensor& grid_, int64_t interpolation,
                            int64_t padding, bool align_corners, double jitter_std, double jitter_prob,
                            int64_t jitter_mode, const c10::optional<at::Tensor>& jitter_seed) {
   at::Tensor seed;
   const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob,
                                            jitter_mode, jitter_seed, &seed);
+  if (reduced_precision(input_)) {
+    return sample_grid_cpu(input_.to(at::kFloat), grid_.to(at::kFloat), interpolation, padding, align_corners,
+                           jitter_std, jitter_prob, jitter_mode, jitter_seed)
+        .to(input_.scalar_type());
+  }
   at::Tensor out = empty_output(g.out_shape, input_.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor input = input_.contiguous(), grid = grid_.contiguous();
@@ -175,12 +201,10 @@ at::Tensor sample_grid_cpu(const at::Tensor& input_, const at::Tensor& grid_, in
       if (dense_eligible(g, static_cast<int>(interpolation)) &&
           dense_forward<scalar_t, D>(input, grid, out, g, static_cast<int>(padding), align_corners, jitter))
         return;
-      auto run = [&](auto k) {
-        forward_kernel<scalar_t, D, decltype(k)::value>(input, grid, out, g, static_cast<int>(interpolation),
-                                                        static_cast<int>(padding), align_corners, jitter);
-      };
-      if (interpolation == kNearest) run(std::integral_constant<int, 1>{});
-      else run(std::integral_constant<int, 1 << D>{});
+      dispatch_taps<D>(interpolation, [&](auto taps) {
+        forward_kernel<scalar_t, D, decltype(taps)::value>(input, grid, out, g, static_cast<int>(interpolation),
+                                                           static_cast<int>(padding), align_corners, jitter);
+      });
     });
   });
   return out;
@@ -193,6 +217,12 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(
   at::Tensor seed;
   const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob,
                                            jitter_mode, jitter_seed, &seed, &grad_output);
+  if (reduced_precision(input_)) {
+    auto grads = sample_grid_backward_cpu(grad_output.to(at::kFloat), input_.to(at::kFloat), grid_.to(at::kFloat),
+                                          interpolation, padding, align_corners, jitter_std, jitter_prob, jitter_mode,
+                                          jitter_seed, input_requires_grad, grid_requires_grad);
+    return {std::get<0>(grads).to(input_.scalar_type()), std::get<1>(grads).to(input_.scalar_type())};
+  }
   // A gradient that is not asked for comes back as an empty tensor.
   at::Tensor grad_input = input_requires_grad ? zeros_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
   at::Tensor grad_grid = grid_requires_grad ? zeros_output(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options());
@@ -206,23 +236,25 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(
           dense_backward<scalar_t, D>(gout, input, grid, grad_input, grad_grid, g, static_cast<int>(padding),
                                       align_corners, jitter, input_requires_grad, grid_requires_grad))
         return;
-      auto run = [&](auto k, auto need_input, auto need_grid) {
-        backward_kernel<scalar_t, D, decltype(k)::value, decltype(need_input)::value, decltype(need_grid)::value>(
-            gout, input, grid, grad_input, grad_grid, g, static_cast<int>(interpolation), static_cast<int>(padding),
-            align_corners, jitter);
-      };
-      using T = std::true_type;
-      using F = std::false_type;
-      constexpr auto bilinear = std::integral_constant<int, 1 << D>{};
-      if (interpolation == kNearest) {
-        if (input_requires_grad) run(std::integral_constant<int, 1>{}, T{}, F{});
-      } else if (input_requires_grad && grid_requires_grad) {
-        run(bilinear, T{}, T{});
-      } else if (input_requires_grad) {
-        run(bilinear, T{}, F{});
-      } else {
-        run(bilinear, F{}, T{});
-      }
+      dispatch_taps<D>(interpolation, [&](auto taps) {
+        constexpr int TAPS = decltype(taps)::value;
+        auto run = [&](auto need_input, auto need_grid) {
+          backward_kernel<scalar_t, D, TAPS, decltype(need_input)::value, decltype(need_grid)::value>(
+              gout, input, grid, grad_input, grad_grid, g, static_cast<int>(interpolation),
+              static_cast<int>(padding), align_corners, jitter);
+        };
+        using T = std::true_type;
+        using F = std::false_type;
+        if constexpr (TAPS == 1) {  // nearest is piecewise constant: its grid gradient stays 0
+          if (input_requires_grad) run(T{}, F{});
+        } else if (input_requires_grad && grid_requires_grad) {
+          run(T{}, T{});
+        } else if (input_requires_grad) {
+          run(T{}, F{});
+        } else {
+          run(F{}, T{});
+        }
+      });
     });
   });
   return {grad_input, grad_grid};

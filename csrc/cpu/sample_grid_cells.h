@@ -31,9 +31,9 @@ inline at::Tensor cell_major(const at::Tensor& input, const GridGeometry& g) {
 }
 
 // The arguments of both cell-major loops; `cells` is this table batch's (S + 1, Cp) copy.
-template <typename T, int K, int D>
+template <typename T, int TAPS, int D>
 struct CellsCall {
-  const CornerTile<T, K, D>* tile;
+  const CornerTile<T, TAPS, D>* tile;
   const T* cells;
   int64_t Cp;
   int64_t zero_cell;  // S: the zero row of `cells` (and a discarded row of gradT)
@@ -49,15 +49,16 @@ struct CellsCall {
   T* gacc;
 };
 
-template <typename T, int K, int D>
-GRAD_EXT_INLINE int64_t corner_cell(const CellsCall<T, K, D>& a, int k, int64_t i) {
+template <typename T, int TAPS, int D>
+GRAD_EXT_INLINE int64_t corner_cell(const CellsCall<T, TAPS, D>& a, int k, int64_t i) {
   return (a.tile->valid[i] >> k & 1u) ? a.tile->off[k][i] : a.zero_cell;
 }
 
-template <typename T, int K, int D>
-GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, K, D>& a) {
+template <typename T, int TAPS, int D>
+GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, TAPS, D>& a) {
   using V = simd_t<T>;
-  const CornerTile<T, K, D>& t = *a.tile;
+  constexpr int K = CornerTile<T, TAPS, D>::K;
+  const CornerTile<T, TAPS, D>& t = *a.tile;
   for (int64_t b0 = a.c_begin; b0 < a.c_end; b0 += kCellBlock) {
     const int64_t b1 = std::min(a.c_end, b0 + kCellBlock), width = round_up(b1 - b0, kLanes);
     for (int64_t i = 0; i < t.count; ++i) {
@@ -78,10 +79,11 @@ GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, K, D>& a) {
   }
 }
 
-template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
-GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, K, D>& a) {
+template <typename T, int TAPS, int D, bool NEED_INPUT, bool NEED_GRID>
+GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, TAPS, D>& a) {
   using V = simd_t<T>;
-  const CornerTile<T, K, D>& t = *a.tile;
+  constexpr int K = CornerTile<T, TAPS, D>::K;
+  const CornerTile<T, TAPS, D>& t = *a.tile;
   for (int64_t b0 = a.c_begin; b0 < a.c_end; b0 += kCellBlock) {
     const int64_t b1 = std::min(a.c_end, b0 + kCellBlock), width = round_up(b1 - b0, kLanes);
     for (int64_t c = b0; c < b0 + width; ++c) {
@@ -128,34 +130,34 @@ GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, K, D>& a) {
   }
 }
 
-template <typename T, int K, int D>
-void forward_cells_base(const CellsCall<T, K, D>& a) { forward_cells_impl(a); }
-template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
-void backward_cells_base(const CellsCall<T, K, D>& a) { backward_cells_impl<T, K, D, NEED_INPUT, NEED_GRID>(a); }
+template <typename T, int TAPS, int D>
+void forward_cells_base(const CellsCall<T, TAPS, D>& a) { forward_cells_impl(a); }
+template <typename T, int TAPS, int D, bool NEED_INPUT, bool NEED_GRID>
+void backward_cells_base(const CellsCall<T, TAPS, D>& a) { backward_cells_impl<T, TAPS, D, NEED_INPUT, NEED_GRID>(a); }
 
 #ifdef GRAD_EXT_AVX2_DISPATCH
-template <typename T, int K, int D>
-__attribute__((target("avx2,fma"))) void forward_cells_avx2(const CellsCall<T, K, D>& a) { forward_cells_impl(a); }
-template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
-__attribute__((target("avx2,fma"))) void backward_cells_avx2(const CellsCall<T, K, D>& a) {
-  backward_cells_impl<T, K, D, NEED_INPUT, NEED_GRID>(a);
+template <typename T, int TAPS, int D>
+__attribute__((target("avx2,fma"))) void forward_cells_avx2(const CellsCall<T, TAPS, D>& a) { forward_cells_impl(a); }
+template <typename T, int TAPS, int D, bool NEED_INPUT, bool NEED_GRID>
+__attribute__((target("avx2,fma"))) void backward_cells_avx2(const CellsCall<T, TAPS, D>& a) {
+  backward_cells_impl<T, TAPS, D, NEED_INPUT, NEED_GRID>(a);
 }
 #endif
 
-template <typename T, int K, int D>
-void forward_cells(const CellsCall<T, K, D>& a) {
+template <typename T, int TAPS, int D>
+void forward_cells(const CellsCall<T, TAPS, D>& a) {
 #ifdef GRAD_EXT_AVX2_DISPATCH
   if (cpu_has_avx2()) return forward_cells_avx2(a);
 #endif
   forward_cells_base(a);
 }
 
-template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
-void backward_cells(const CellsCall<T, K, D>& a) {
+template <typename T, int TAPS, int D, bool NEED_INPUT, bool NEED_GRID>
+void backward_cells(const CellsCall<T, TAPS, D>& a) {
 #ifdef GRAD_EXT_AVX2_DISPATCH
-  if (cpu_has_avx2()) return backward_cells_avx2<T, K, D, NEED_INPUT, NEED_GRID>(a);
+  if (cpu_has_avx2()) return backward_cells_avx2<T, TAPS, D, NEED_INPUT, NEED_GRID>(a);
 #endif
-  backward_cells_base<T, K, D, NEED_INPUT, NEED_GRID>(a);
+  backward_cells_base<T, TAPS, D, NEED_INPUT, NEED_GRID>(a);
 }
 
 
