@@ -187,6 +187,58 @@ def test_large_tables_match_f_grid_sample(points_side, d, shared, mode):
         torch.set_num_threads(threads)
 
 
+# float32 row loops run 8 points at a time with AVX2 gathers (masked where corners are outside)
+# and the rest of a tile point by point: tables too large for the cell-major loops, points
+# partly outside, counts that are no multiple of 8, one tile wholly inside.
+@pytest.mark.parametrize("d,mode", [(1, "bilinear"), (2, "bilinear"), (2, "nearest"), (2, "bicubic"),
+                                    (3, "bilinear"), (1, "bicubic")])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("spread", [0.5, 1.3])
+def test_float32_row_loops_match_f_grid_sample(d, mode, shared, spread):
+    gen = torch.Generator().manual_seed(stable_seed("rows f32", d, mode, shared, spread))
+    n, c = 2, 20
+    sizes = {1: [3000], 2: [40, 37], 3: [12, 13, 11]}[d]
+    out = {1: [301], 2: [13, 23], 3: [5, 7, 9]}[d]
+    table = torch.randn(1 if shared else n, c, *sizes, generator=gen, requires_grad=True)
+    grid = ((torch.rand(n, *out, d, generator=gen) * 2 - 1) * spread).requires_grad_()
+    ext = grad_ext.grid_sample(table, grid, mode, "zeros", False)
+    if d == 1:
+        ref = reference.grid_sample(table, grid, mode, "zeros", False)
+    else:
+        ref = F.grid_sample(table.expand(n, *table.shape[1:]), grid, mode, "zeros", False)
+    torch.testing.assert_close(ext, ref, rtol=1e-5, atol=1e-5)
+    gout = torch.randn(ref.shape, generator=gen)
+    got = torch.autograd.grad(ext, (table, grid), gout, allow_unused=True)
+    want = torch.autograd.grad(ref, (table, grid), gout, allow_unused=True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    if mode != "nearest":
+        # d index / d coordinate is size / 2: float32 rounding of the sums over channels scales with it
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6 * max(sizes) / 2 * c)
+
+
+def test_float32_row_loops_ignore_non_finite_values_outside():
+    # A large table (row loops) with inf/NaN cells: corners outside must read nothing, and a
+    # NaN output gradient at points wholly outside must not reach either gradient.
+    table = torch.randn(1, 3, 50, 60)
+    table[0, :, 0, :] = float("inf")
+    table[0, :, -1, :] = float("nan")
+    table.requires_grad_()
+    grid = torch.rand(1, 7, 9, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid[0, 0, :, 1] = -1.05  # the top row's corners above the table
+    grid[0, 1, :, 1] = 3.0    # wholly outside
+    grid.requires_grad_()
+    ext = grad_ext.grid_sample(table, grid, "bilinear", "zeros", False)
+    ref = F.grid_sample(table, grid, "bilinear", "zeros", False)
+    torch.testing.assert_close(ext, ref, equal_nan=True)
+    gout = torch.randn(ref.shape)
+    gout[0, :, 1, :] = float("nan")
+    got = torch.autograd.grad(ext, (table, grid), gout)
+    want = torch.autograd.grad(ref, (table, grid), gout)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    assert torch.isfinite(got[1][0, 1]).all()  # the points wholly outside
+    torch.testing.assert_close(got[1][0, 2:], want[1][0, 2:], rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 def test_corners_outside_ignore_non_finite_table_values_and_gradients():
     # Corners outside the table must add nothing, not 0 * inf: F.grid_sample skips them.
     table = torch.randn(1, 20, 4, 4, dtype=torch.float64)
