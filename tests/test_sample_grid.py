@@ -303,6 +303,38 @@ def test_large_outputs_with_and_without_huge_pages(monkeypatch, huge_pages):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("cache_mb", ["0", "256"])
+def test_large_outputs_reuse_freed_buffers(monkeypatch, cache_mb):
+    # CPU outputs of 8 MiB and more come from buffers earlier outputs freed (unless
+    # GRAD_EXT_OUTPUT_CACHE_MB=0): a reused buffer holds stale values, which every result must
+    # overwrite (the input gradient is zeroed first).
+    monkeypatch.setenv("GRAD_EXT_OUTPUT_CACHE_MB", cache_mb)
+    gen = torch.Generator().manual_seed(stable_seed("cache", cache_mb))
+    pointers = []
+    for _ in range(3):
+        table = torch.randn(8, 64, 64, 64, generator=gen, requires_grad=True)  # 8 MiB, and its gradient
+        grid = (torch.rand(8, 64, 64, 2, generator=gen) * 2.2 - 1.1).requires_grad_()
+        ext = grad_ext.grid_sample(table, grid)
+        ref = F.grid_sample(table, grid, align_corners=False)
+        torch.testing.assert_close(ext, ref, rtol=1e-5, atol=1e-5)
+        gout = torch.randn(ref.shape, generator=gen)
+        got = torch.autograd.grad(ext, (table, grid), gout)
+        want = torch.autograd.grad(ref, (table, grid), gout)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-3)
+        pointers.append(ext.data_ptr())
+        del ext, got
+    if cache_mb == "0":
+        return
+    assert len(set(pointers)) < len(pointers)  # a freed output's buffer served a later call
+
+
+def test_bad_output_cache_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GRAD_EXT_OUTPUT_CACHE_MB", "lots")
+    with pytest.raises(RuntimeError, match="GRAD_EXT_OUTPUT_CACHE_MB must be a number"):
+        grad_ext.grid_sample(torch.randn(1, 64, 8, 8), torch.rand(48, 28, 28, 2) * 2 - 1)
+
+
 def test_bad_huge_pages_setting_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("GRAD_EXT_HUGE_PAGES", "yes")
     with pytest.raises(RuntimeError, match="GRAD_EXT_HUGE_PAGES must be '0' or '1'"):

@@ -189,9 +189,15 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
           }
         }
       }
-      if (NEED_INPUT && by_cells) {  // the cell-major part of this task's rows
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t s = 0; s < g.S; ++s) gtable[c * g.S + s] += static_cast<scalar_t>(gradT[s * Wt + c - c0]);
+      if (NEED_INPUT && by_cells) {  // the cell-major part of this task's rows, in blocks of cells (see cell_major)
+        for (int64_t s0 = 0; s0 < g.S; s0 += kTransposeCells) {
+          const int64_t s1 = std::min(g.S, s0 + kTransposeCells);
+          for (int64_t c = c0; c < c1; ++c) {
+            scalar_t* __restrict__ dst = gtable + c * g.S;
+            const acc_t* __restrict__ src = gradT.data() + (c - c0);
+            for (int64_t s = s0; s < s1; ++s) dst[s] += static_cast<scalar_t>(src[s * Wt]);
+          }
+        }
       }
     }
   });
