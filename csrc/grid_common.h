@@ -8,6 +8,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define GE_HD __host__ __device__ __forceinline__
@@ -18,7 +19,8 @@
 namespace grad_ext {
 
 constexpr int kMaxDim = 4;
-enum Interpolation : int { kBilinear = 0, kNearest = 1 };
+constexpr int kMaxCubicDim = 3;  // bicubic's 4^d taps: 64 for d = 3; 4-D (256 taps) is not offered
+enum Interpolation : int { kBilinear = 0, kNearest = 1, kBicubic = 2 };
 enum Padding : int { kZeros = 0, kBorder = 1, kReflection = 2 };
 
 // F.grid_sample treats non-finite coordinates differently on its code paths (CPU 2-D is
@@ -131,48 +133,120 @@ GE_HD T source_index(T coord, int64_t size, int padding, bool align_corners,
   return x;
 }
 
-// The corners of one sampling point: K = 2^D for bilinear, 1 for nearest. Corners outside
-// the table have their bit cleared in `valid`; what F.grid_sample would add for them
-// (weight * 0, i.e. 0 or NaN) is kept in `bias` (and `grad_bias` per axis).
-template <typename T, int D>
-struct PointCorners {
-  static constexpr int K = 1 << D;
-  int64_t offset[K];
-  T weight[K];
-  T t[D];         // fractional position per axis (bilinear)
-  T mult[D];      // d index / d coordinate per axis
-  unsigned valid;
-  T bias;
-  T grad_bias[D];
+// Cubic convolution (Keys 1981) with A = -0.75, the kernel of F.grid_sample's bicubic mode and
+// ONNX's cubic: for a distance s to a tap, (A+2)|s|^3 - (A+3)|s|^2 + 1 where |s| <= 1 and
+// A|s|^3 - 5A|s|^2 + 8A|s| - 4A where 1 < |s| < 2. w[i] is the weight of tap floor(x) - 1 + i
+// at fraction t = x - floor(x), dw[i] its derivative with respect to x.
+template <typename T>
+GE_HD void cubic_weights(T t, T w[4], T dw[4]) {
+  const T A = T(-0.75);
+  const T s0 = t + T(1), s1 = t, s2 = T(1) - t, s3 = T(2) - t;  // distances to the 4 taps
+  w[0] = ((A * s0 - T(5) * A) * s0 + T(8) * A) * s0 - T(4) * A;
+  w[1] = ((A + T(2)) * s1 - (A + T(3))) * s1 * s1 + T(1);
+  w[2] = ((A + T(2)) * s2 - (A + T(3))) * s2 * s2 + T(1);
+  w[3] = ((A * s3 - T(5) * A) * s3 + T(8) * A) * s3 - T(4) * A;
+  // d/dt of the pieces; taps 2 and 3 lie on the other side, so ds/dt = -1 there
+  dw[0] = (T(3) * A * s0 - T(10) * A) * s0 + T(8) * A;
+  dw[1] = (T(3) * (A + T(2)) * s1 - T(2) * (A + T(3))) * s1;
+  dw[2] = -((T(3) * (A + T(2)) * s2 - T(2) * (A + T(3))) * s2);
+  dw[3] = -((T(3) * A * s3 - T(10) * A) * s3 + T(8) * A);
+}
+
+// Integer powers for tap counts: Pow<4, 3>::value == 64.
+template <int B, int E>
+struct Pow {
+  static constexpr int value = B * Pow<B, E - 1>::value;
+};
+template <int B>
+struct Pow<B, 0> {
+  static constexpr int value = 1;
 };
 
-// Derivative of corner k's weight along axis a (bilinear): the product of the other axes'
-// weights, signed by the side of the corner.
-template <typename T, int D>
-GE_HD T corner_weight_grad(const PointCorners<T, D>& pc, int k, int a) {
-  T g = ((k >> (D - 1 - a)) & 1) ? T(1) : T(-1);
+// Taps per axis of each interpolation: nearest 1, bilinear 2, bicubic 4.
+template <int TAPS>
+struct TapBits;
+template <>
+struct TapBits<1> {
+  static constexpr int value = 0;
+};
+template <>
+struct TapBits<2> {
+  static constexpr int value = 1;
+};
+template <>
+struct TapBits<4> {
+  static constexpr int value = 2;
+};
+
+// Bit set of a point's taps inside the table; 64 bits for 3-D bicubic's 4^3 taps.
+template <int K>
+struct TapMask {
+  typedef typename std::conditional<(K > 32), uint64_t, uint32_t>::type type;
+};
+template <int K>
+GE_HD typename TapMask<K>::type all_taps() {
+  typedef typename TapMask<K>::type M;
+  return K >= 64 ? ~M(0) : static_cast<M>((uint64_t(1) << K) - 1u);
+}
+
+// The taps of one sampling point: TAPS per axis (1 nearest, 2 bilinear, 4 bicubic), K = TAPS^D
+// in all; tap k takes, along axis a, tap number digit(k, a) of that axis (axis 0 in the highest
+// digit). Taps outside the table have their bit cleared in `valid`; what F.grid_sample would add
+// for them (weight * 0, i.e. 0 or NaN) is kept in `bias` (and `grad_bias` per axis).
+template <typename T, int D, int TAPS = 2>
+struct PointCorners {
+  static constexpr int K = Pow<TAPS, D>::value;
+  typedef typename TapMask<K>::type Mask;
+  int64_t offset[K];
+  T weight[K];
+  T w[D][TAPS];   // per axis, the weight of each tap (bilinear: 1 - t, t)
+  T dw[D][TAPS];  // ... and its derivative with respect to the source index (bilinear: -1, 1)
+  T mult[D];      // d index / d coordinate per axis
+  Mask valid;
+  T bias;
+  T grad_bias[D];
+
+  static GE_HD int digit(int k, int a) {
+    return (k >> (TapBits<TAPS>::value * (D - 1 - a))) & (TAPS - 1);
+  }
+};
+
+// Derivative of tap k's weight along axis a: that axis's weight derivative times the other
+// axes' weights.
+template <typename T, int D, int TAPS>
+GE_HD T corner_weight_grad(const PointCorners<T, D, TAPS>& pc, int k, int a) {
+  T g = pc.dw[a][PointCorners<T, D, TAPS>::digit(k, a)];
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
   for (int b = 0; b < D; ++b) {
     if (b == a) continue;
-    g *= ((k >> (D - 1 - b)) & 1) ? pc.t[b] : T(1) - pc.t[b];
+    g *= pc.w[b][PointCorners<T, D, TAPS>::digit(k, b)];
   }
   return g;
 }
 
-// coords: the D grid components in grid_sample order; sizes/strides: per table axis.
-template <typename T, int D>
+// A bicubic tap index (an integer value) padded as F.grid_sample pads it: unchanged for zeros,
+// clipped for border, reflected and clipped for reflection. No gradient flows through it.
+template <typename T>
+GE_HD T pad_tap(T x, int64_t size, int padding, bool align_corners, const NonFinitePolicy& policy) {
+  T unused;
+  if (padding == kBorder) return clip_coordinate(x, size, policy, &unused);
+  if (padding == kReflection) {
+    x = align_corners ? reflect_coordinate(x, 0, 2 * (size - 1), policy, &unused)
+                      : reflect_coordinate(x, -1, 2 * size - 1, policy, &unused);
+    return clip_coordinate(x, size, policy, &unused);
+  }
+  return x;
+}
+
+// coords: the D grid components in grid_sample order; sizes/strides: per table axis. TAPS must
+// fit the interpolation: 4 for bicubic, 2 for bilinear, any for nearest.
+template <typename T, int D, int TAPS>
 GE_HD void setup_corners(const T* coords, const int64_t* sizes, const int64_t* strides,
                          int interpolation, int padding, bool align_corners,
-                         const NonFinitePolicy& policy, bool with_grad, PointCorners<T, D>& pc) {
-  T x[D];
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-  for (int a = 0; a < D; ++a) {
-    x[a] = source_index(coords[D - 1 - a], sizes[a], padding, align_corners, policy, &pc.mult[a]);
-  }
+                         const NonFinitePolicy& policy, bool with_grad, PointCorners<T, D, TAPS>& pc) {
+  typedef PointCorners<T, D, TAPS> PC;
   pc.bias = T(0);
 #if defined(__CUDACC__)
 #pragma unroll
@@ -180,44 +254,80 @@ GE_HD void setup_corners(const T* coords, const int64_t* sizes, const int64_t* s
   for (int a = 0; a < D; ++a) pc.grad_bias[a] = T(0);
 
   if (interpolation == kNearest) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-    for (int a = 0; a < D; ++a) pc.t[a] = T(0);  // unused: a piecewise constant has no weight gradient
     int64_t off = 0;
     bool inside = true;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
     for (int a = 0; a < D; ++a) {
-      const T r = nearbyint(x[a]);  // round half to even, as F.grid_sample
+      const T x = source_index(coords[D - 1 - a], sizes[a], padding, align_corners, policy, &pc.mult[a]);
+      const T r = nearbyint(x);  // round half to even, as F.grid_sample
       inside = inside && r >= T(0) && r < T(sizes[a]);
       if (inside) off += static_cast<int64_t>(r) * strides[a];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int i = 0; i < TAPS; ++i) pc.w[a][i] = pc.dw[a][i] = T(0);  // piecewise constant: no weight gradient
     }
-    pc.valid = inside ? 1u : 0u;
+    pc.valid = inside ? typename PC::Mask(1) : typename PC::Mask(0);
     pc.offset[0] = inside ? off : 0;
     pc.weight[0] = T(1);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int k = 1; k < PC::K; ++k) {  // unused (valid has bit 0 only); defined all the same
+      pc.offset[k] = 0;
+      pc.weight[k] = T(0);
+    }
     return;
   }
 
-  int64_t base[D];
-  bool in_lo[D], in_hi[D];
+  // Per axis: each tap's weight, whether it is inside, and its offset along the axis.
+  bool in[D][TAPS];
+  int64_t cell[D][TAPS];
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
   for (int a = 0; a < D; ++a) {
-    const T f = floor(x[a]);
-    pc.t[a] = x[a] - f;
-    in_lo[a] = f >= T(0) && f < T(sizes[a]);
-    in_hi[a] = f + T(1) >= T(0) && f + T(1) < T(sizes[a]);
-    // Only cast when the index is small enough to be meaningful.
-    base[a] = (f >= T(-1) && f < T(sizes[a])) ? static_cast<int64_t>(f) : 0;
-  }
-  pc.valid = 0u;
+    if constexpr (TAPS == 4) {
+      // Bicubic: the source index is not padded (only the taps are), so its derivative is
+      // the unnormalisation's alone.
+      const T x = unnormalize(coords[D - 1 - a], sizes[a], align_corners, &pc.mult[a]);
+      const T f = floor(x);
+      cubic_weights(x - f, pc.w[a], pc.dw[a]);
+      // F.grid_sample pads the taps as its forward pass pads coordinates in both passes:
+      // a NaN clips like the forward pass's.
+      NonFinitePolicy tap_policy = policy;
+      if (tap_policy.nan_clip == NanClip::kKeep) tap_policy.nan_clip = NanClip::kToZero;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-  for (int k = 0; k < PointCorners<T, D>::K; ++k) {
+      for (int i = 0; i < TAPS; ++i) {
+        const T p = pad_tap(f + T(i - 1), sizes[a], padding, align_corners, tap_policy);
+        in[a][i] = p >= T(0) && p < T(sizes[a]);
+        cell[a][i] = in[a][i] ? static_cast<int64_t>(p) * strides[a] : 0;
+      }
+    } else {
+      const T x = source_index(coords[D - 1 - a], sizes[a], padding, align_corners, policy, &pc.mult[a]);
+      const T f = floor(x);
+      const T t = x - f;
+      pc.w[a][0] = T(1) - t;
+      pc.w[a][TAPS - 1] = t;
+      pc.dw[a][0] = T(-1);
+      pc.dw[a][TAPS - 1] = T(1);
+      in[a][0] = f >= T(0) && f < T(sizes[a]);
+      in[a][TAPS - 1] = f + T(1) >= T(0) && f + T(1) < T(sizes[a]);
+      // Only cast when the index is small enough to be meaningful.
+      const int64_t base = (f >= T(-1) && f < T(sizes[a])) ? static_cast<int64_t>(f) : 0;
+      cell[a][0] = base * strides[a];
+      cell[a][TAPS - 1] = (base + 1) * strides[a];
+    }
+  }
+  pc.valid = 0;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int k = 0; k < PC::K; ++k) {
     T w = T(1);
     int64_t off = 0;
     bool inside = true;
@@ -225,14 +335,14 @@ GE_HD void setup_corners(const T* coords, const int64_t* sizes, const int64_t* s
 #pragma unroll
 #endif
     for (int a = 0; a < D; ++a) {
-      const bool hi = (k >> (D - 1 - a)) & 1;
-      w *= hi ? pc.t[a] : T(1) - pc.t[a];
-      inside = inside && (hi ? in_hi[a] : in_lo[a]);
-      off += (base[a] + (hi ? 1 : 0)) * strides[a];
+      const int i = PC::digit(k, a);
+      w *= pc.w[a][i];
+      inside = inside && in[a][i];
+      off += cell[a][i];
     }
     pc.weight[k] = w;
     if (inside) {
-      pc.valid |= 1u << k;
+      pc.valid |= typename PC::Mask(1) << k;
       pc.offset[k] = off;
     } else {
       pc.offset[k] = 0;

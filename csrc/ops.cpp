@@ -31,10 +31,11 @@ bool compiled_with_cuda() {
 std::string cpu_simd();
 
 TORCH_LIBRARY(grad_ext, m) {
-  // Multilinear (or nearest) sampling of a d-dimensional table, d = 1..4.
+  // Multilinear, nearest or cubic sampling of a d-dimensional table, d = 1..4 (cubic: 1..3).
   //   input (N_in, C, S_1, ..., S_d) with N_in == N or N_in == 1 (shared by every batch),
   //   grid (N, O_1, ..., O_k, d) -> output (N, C, O_1, ..., O_k).
-  // interpolation: 0 bilinear, 1 nearest. padding: 0 zeros, 1 border, 2 reflection.
+  // interpolation: 0 bilinear, 1 nearest, 2 bicubic. padding: 0 zeros, 1 border, 2 reflection.
+  // dtypes: float32, float64, float16, bfloat16 (the last two computed in float32).
   // Jitter: when jitter_std > 0 and jitter_prob > 0, N(0, std^2) noise drawn by Philox from
   // jitter_seed = int64 tensor [seed, offset] is added to the coordinates of each jittered
   // point (jitter_mode 0: each point with probability p; 1: the whole call with probability p).

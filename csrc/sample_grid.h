@@ -49,7 +49,7 @@ inline GridGeometry describe_call(const at::Tensor& input, const at::Tensor& gri
                    input.scalar_type(), " and ", grid.scalar_type());
   TORCH_CHECK_VALUE(input.device() == grid.device(), "sample_grid: input and grid must be on the same device, got ",
                     input.device(), " and ", grid.device());
-  check_supported_dtype("sample_grid", "input", input);
+  check_supported_dtype("sample_grid", "input", input, /*reduced_on_cpu=*/true);
   g.C = input.size(1);
   g.P = 1;
   g.out_shape = {g.N, g.C};
@@ -67,11 +67,14 @@ inline GridGeometry describe_call(const at::Tensor& input, const at::Tensor& gri
   return g;
 }
 
-inline void check_sampling_mode(int64_t interpolation, int64_t padding) {
-  TORCH_CHECK_VALUE(interpolation == kBilinear || interpolation == kNearest,
-                    "sample_grid: interpolation must be 0 (bilinear) or 1 (nearest), got ", interpolation);
+inline void check_sampling_mode(int64_t interpolation, int64_t padding, int D) {
+  TORCH_CHECK_VALUE(interpolation == kBilinear || interpolation == kNearest || interpolation == kBicubic,
+                    "sample_grid: interpolation must be 0 (bilinear), 1 (nearest) or 2 (bicubic), got ", interpolation);
   TORCH_CHECK_VALUE(padding == kZeros || padding == kBorder || padding == kReflection,
                     "sample_grid: padding must be 0 (zeros), 1 (border) or 2 (reflection), got ", padding);
+  TORCH_CHECK_VALUE(interpolation != kBicubic || D <= kMaxCubicDim,
+                    "sample_grid: interpolation 2 (bicubic) supports 1-D to 3-D tables, got a ", D,
+                    "-D table (mode='bicubic' needs input of 3 to 5 dimensions)");
 }
 
 inline bool jitter_requested(double std, double prob) { return std > 0.0 && prob > 0.0; }
@@ -110,7 +113,7 @@ inline GridGeometry check_sample_grid(const at::Tensor& input, const at::Tensor&
                                       const c10::optional<at::Tensor>& jitter_seed, at::Tensor* seed,
                                       const at::Tensor* grad_output = nullptr) {
   GridGeometry g = describe_call(input, grid);
-  check_sampling_mode(interpolation, padding);
+  check_sampling_mode(interpolation, padding, g.D);
   *seed = check_jitter(jitter_std, jitter_prob, jitter_mode, jitter_seed, input);
   if (grad_output != nullptr) {
     TORCH_CHECK_VALUE(grad_output->sizes() == at::IntArrayRef(g.out_shape),

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 # The op's integer codes (csrc/grid_common.h, csrc/sample_grid.h).
-INTERPOLATIONS = {"bilinear": 0, "nearest": 1}
+INTERPOLATIONS = {"bilinear": 0, "nearest": 1, "bicubic": 2}  # torch.grid_sampler's codes too
 PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
 JITTER_MODES = {"pixel": 0, "batch": 1}
 # Tables of 1 to this many dimensions (the kernels' dispatch_dim in csrc/host_common.h).

@@ -10,7 +10,7 @@ ops = torch.ops.grad_ext
 
 # ---- sample_grid -------------------------------------------------------------------------
 
-def _check_sample_grid_shapes(input, grid):
+def _check_sample_grid_shapes(input, grid, interpolation=None):
     # The shape relations csrc/sample_grid.h checks, so compiled graphs fail as eager calls do.
     torch._check_value(3 <= input.dim() <= 6, lambda: f"sample_grid: input must have shape (N, C, S_1[, ..., S_4]): "
                        f"3 to 6 dimensions, got {tuple(input.shape)}")
@@ -24,19 +24,21 @@ def _check_sample_grid_shapes(input, grid):
                        f"got input shape {tuple(input.shape)}")
     torch._check_type(input.dtype == grid.dtype, lambda: f"sample_grid: input and grid must have the same dtype, "
                       f"got {input.dtype} and {grid.dtype}")
+    torch._check_value(interpolation != 2 or d <= 3, lambda: f"sample_grid: interpolation 2 (bicubic) supports "
+                       f"1-D to 3-D tables, got a {d}-D table")
 
 
 @torch.library.register_fake("grad_ext::sample_grid")
 def _sample_grid_fake(input, grid, interpolation, padding, align_corners, jitter_std, jitter_prob,
                       jitter_mode, jitter_seed):
-    _check_sample_grid_shapes(input, grid)
+    _check_sample_grid_shapes(input, grid, interpolation)
     return input.new_empty((grid.shape[0], input.shape[1], *grid.shape[1:-1]))
 
 
 @torch.library.register_fake("grad_ext::sample_grid_backward")
 def _sample_grid_backward_fake(grad_output, input, grid, interpolation, padding, align_corners, jitter_std,
                                jitter_prob, jitter_mode, jitter_seed, input_requires_grad, grid_requires_grad):
-    _check_sample_grid_shapes(input, grid)
+    _check_sample_grid_shapes(input, grid, interpolation)
     out_shape = (grid.shape[0], input.shape[1], *grid.shape[1:-1])
     torch._check_value(tuple(grad_output.shape) == out_shape, lambda: f"sample_grid_backward: grad_output must "
                        f"have the output's shape {out_shape}, got {tuple(grad_output.shape)}")

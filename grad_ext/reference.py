@@ -17,7 +17,8 @@ from torch import Tensor
 from ._common import (COS_WEIGHT, INTERPOLATIONS, JITTER_MODES, MSE_THRESHOLD, MSE_WEIGHT, PADDINGS, JitterNoise,
                       RefineOutput, call_seed, check_tensors, choice, real, seed_tensor)
 
-__all__ = ["grid_sample", "jitter_grid", "jitter_noise", "multilinear_sample", "philox4x32_10", "refine"]
+__all__ = ["CUBIC_A", "cubic_kernel", "cubic_sample", "grid_sample", "jitter_grid", "jitter_noise", "multilinear_sample",
+           "philox4x32_10", "refine"]
 
 
 def jitter_grid(grid: Tensor, noise: Tensor) -> Tensor:
@@ -119,7 +120,7 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     F.grid_sample for 2-D and 3-D tables, a shared table used as the GRAD reference code does:
     repeated over the batch, or, when every grid batch holds one point, sampled once at all N
     points and transposed; the explicit multilinear gather :func:`multilinear_sample` for
-    1-D and 4-D. A jittered call draws its seed exactly as grad_ext does (so the same torch
+    1-D and 4-D, and :func:`cubic_sample` for bicubic on 1-D and 3-D tables. A jittered call draws its seed exactly as grad_ext does (so the same torch
     seed gives the same noise), adds :func:`jitter_noise` to the grid and samples there.
 
     Args:
@@ -143,6 +144,10 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
         grid = jitter_grid(grid, noise.noise)
     align_corners = bool(align_corners)
     d = input.dim() - 2
+    if mode == "bicubic" and d != 2:
+        if d > 3:
+            raise ValueError(f"sample_grid: interpolation 2 (bicubic) supports 1-D to 3-D tables, got a {d}-D table")
+        return cubic_sample(input, grid, padding_mode, align_corners)
     if d in (2, 3):
         n = grid.shape[0]
         if input.shape[0] == 1 and n != 1:
@@ -158,11 +163,15 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     return multilinear_sample(input, grid, mode, padding_mode, align_corners)
 
 
-def _source_index(coord: Tensor, size: int, padding_mode: str, align_corners: bool) -> Tensor:
+def _unnormalize(coord: Tensor, size: int, align_corners: bool) -> Tensor:
     if align_corners:
-        x = (coord + 1) / 2 * (size - 1)
-    else:
-        x = ((coord + 1) * size - 1) / 2
+        return (coord + 1) / 2 * (size - 1)
+    return ((coord + 1) * size - 1) / 2
+
+
+def _pad(x: Tensor, size: int, padding_mode: str, align_corners: bool) -> Tensor:
+    """A coordinate (in cells) brought inside the table by the padding: reflected about the
+    borders and clamped, clamped, or left as it is (zeros)."""
     if padding_mode == "reflection":
         low, span = (0.0, size - 1.0) if align_corners else (-0.5, float(size))
         if span <= 0:
@@ -177,6 +186,30 @@ def _source_index(coord: Tensor, size: int, padding_mode: str, align_corners: bo
     return x
 
 
+def _source_index(coord: Tensor, size: int, padding_mode: str, align_corners: bool) -> Tensor:
+    return _pad(_unnormalize(coord, size, align_corners), size, padding_mode, align_corners)
+
+
+def _flat_table(input: Tensor, n: int) -> Tensor:
+    table = input.reshape(input.shape[0], input.shape[1], -1)
+    return table.expand(n, *table.shape[1:]) if table.shape[0] == 1 else table
+
+
+def _gather(table: Tensor, sizes: list, idx: list, weight: Tensor) -> Tensor:
+    """weight * table[idx] per point (N, C, Q); indices outside the table contribute zero."""
+    n, c = table.shape[:2]
+    strides = [1] * len(sizes)
+    for a in range(len(sizes) - 2, -1, -1):
+        strides[a] = strides[a + 1] * sizes[a + 1]
+    inside = torch.ones_like(weight, dtype=torch.bool)
+    flat = torch.zeros_like(idx[0])
+    for a, size in enumerate(sizes):
+        inside &= (idx[a] >= 0) & (idx[a] < size)
+        flat = flat + idx[a].clamp(0, size - 1) * strides[a]
+    vals = torch.gather(table, 2, flat.unsqueeze(1).expand(n, c, flat.shape[1]))
+    return vals * (weight * inside).unsqueeze(1)
+
+
 def multilinear_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
                        align_corners: bool = False) -> Tensor:
     """Explicit multilinear (or nearest) interpolation for any table dimension d.
@@ -187,24 +220,13 @@ def multilinear_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padd
     d = input.dim() - 2
     sizes = list(input.shape[2:])
     out_shape = grid.shape[1:-1]
-    table = input.reshape(input.shape[0], c, -1)
-    if table.shape[0] == 1:
-        table = table.expand(n, c, table.shape[2])
+    table = _flat_table(input, n)
     pts = grid.reshape(n, -1, d)
     # grid component k addresses table axis d-1-k
     xs = [_source_index(pts[..., d - 1 - a], sizes[a], padding_mode, align_corners) for a in range(d)]
-    strides = [1] * d
-    for a in range(d - 2, -1, -1):
-        strides[a] = strides[a + 1] * sizes[a + 1]
 
     def gather(idx: list, weight: Tensor) -> Tensor:
-        inside = torch.ones_like(weight, dtype=torch.bool)
-        flat = torch.zeros_like(idx[0])
-        for a in range(d):
-            inside &= (idx[a] >= 0) & (idx[a] < sizes[a])
-            flat = flat + idx[a].clamp(0, sizes[a] - 1) * strides[a]
-        vals = torch.gather(table, 2, flat.unsqueeze(1).expand(n, c, flat.shape[1]))
-        return vals * (weight * inside).unsqueeze(1)
+        return _gather(table, sizes, idx, weight)
 
     if mode == "nearest":
         idx = [torch.round(x).long() for x in xs]  # round half to even, like F.grid_sample
@@ -222,6 +244,48 @@ def multilinear_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padd
     else:
         raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
     return out.reshape(n, c, *out_shape)
+
+
+CUBIC_A = -0.75  # the cubic convolution coefficient of F.grid_sample and ONNX
+
+
+def cubic_kernel(s: Tensor, a: float = CUBIC_A) -> Tensor:
+    """Keys' cubic convolution kernel W(s) at distances s (zero from |s| = 2 on)."""
+    s = s.abs()
+    near = ((a + 2) * s - (a + 3)) * s * s + 1
+    far = ((s - 5) * s + 8) * s * a - 4 * a
+    return torch.where(s <= 1, near, torch.where(s < 2, far, torch.zeros_like(s)))
+
+
+def cubic_sample(input: Tensor, grid: Tensor, padding_mode: str = "zeros", align_corners: bool = False) -> Tensor:
+    """Cubic interpolation for any table dimension d: the tensor product of the 1-D cubic
+    convolution (ONNX GridSample's N-D 'cubic', F.grid_sample's 'bicubic' for d = 2).
+
+    Per axis the source index x is the unnormalised coordinate, unpadded; the 4 taps are the
+    cells floor(x) - 1 .. floor(x) + 2, each weighted by W(x - tap) and brought inside by the
+    padding (zeros: taps outside add nothing). input (N_in, C, S_1..S_d) with N_in in {1, N};
+    grid (N, *out, d) -> (N, C, *out); differentiable through torch autograd (no gradient
+    flows through a tap's index)."""
+    choice("padding_mode", padding_mode, PADDINGS)
+    n, c = grid.shape[0], input.shape[1]
+    d = input.dim() - 2
+    sizes = list(input.shape[2:])
+    table = _flat_table(input, n)
+    pts = grid.reshape(n, -1, d)
+    xs = [_unnormalize(pts[..., d - 1 - a], sizes[a], align_corners) for a in range(d)]
+    firsts = [torch.floor(x).detach() - 1 for x in xs]
+    out = 0
+    for taps in itertools.product(range(4), repeat=d):
+        weight = torch.ones_like(xs[0])
+        idx = []
+        for a, i in enumerate(taps):
+            tap = firsts[a] + i
+            weight = weight * cubic_kernel(xs[a] - tap)
+            # a NaN tap is outside (it only arises with a NaN weight, which makes the result NaN)
+            idx.append(torch.nan_to_num(_pad(tap, sizes[a], padding_mode, align_corners), nan=-1.0,
+                                        posinf=-1.0, neginf=-1.0).long())
+        out = out + _gather(table, sizes, idx, weight)
+    return out.reshape(n, c, *grid.shape[1:-1])
 
 
 def refine(rec: Tensor, feat: Tensor, mse_weight: float = MSE_WEIGHT, cos_weight: float = COS_WEIGHT,

@@ -1,5 +1,5 @@
-"""Grid sampling: a drop-in for torch.nn.functional.grid_sample, for 1-D to 4-D tables,
-with batch-shared tables and coordinate jittering inside the kernel.
+"""Grid sampling: a drop-in for torch.nn.functional.grid_sample (bilinear, nearest and bicubic)
+for 1-D to 4-D tables, with batch-shared tables and coordinate jittering inside the kernel.
 
 The op checks its own arguments (csrc/sample_grid.h): this module maps names to the op's
 codes and draws jitter seeds."""
@@ -25,11 +25,13 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
 
     Args:
         input: (N_in, C, S_1, ..., S_d) with d in 1..4 and N_in equal to N or 1 (one table
-            shared by every batch, without a copy). float32/float64 on the CPU; also
-            float16/bfloat16 on CUDA, computed with float32 accumulation.
+            shared by every batch, without a copy). float32, float64, float16 or bfloat16 on
+            the CPU and CUDA; the last two are computed in float32 and rounded once.
         grid: (N, O_1, ..., O_d, d) normalised coordinates in [-1, 1] (component 0 addresses
             the last axis S_d, as in F.grid_sample); for d = 1, (N, W_out, 1).
-        mode: 'bilinear' (multilinear over 2^d corners) or 'nearest'.
+        mode: 'bilinear' (multilinear over 2^d corners), 'nearest' or 'bicubic' (Keys' cubic
+            convolution, A = -0.75, over 4^d taps as F.grid_sample's bicubic; d = 1..3, a
+            ValueError for d = 4).
         padding_mode: 'zeros', 'border' or 'reflection'.
         align_corners: as in F.grid_sample.
         jitter_std, jitter_prob, jitter_mode: GRAD's training-time jitter. With jitter_std > 0

@@ -20,9 +20,9 @@ from grad_ext import reference
 
 pytestmark = pytest.mark.cuda
 DEVICE = os.environ.get("GRAD_EXT_TEST_DEVICE", "cuda")
-MODES = ["bilinear", "nearest"]
+MODES = ["bilinear", "nearest", "bicubic"]  # bicubic: 1-D to 3-D tables
 PADDINGS = ["zeros", "border", "reflection"]
-REDUCED = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else []
+REDUCED = [torch.float16, torch.bfloat16]
 
 
 def _grads(out, inputs, gout):
@@ -94,8 +94,9 @@ def test_launch_paths_match_cpu(path, mode):
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_one_gradient_at_a_time_matches_cpu(path):
     table, grid = table_and_grid(*PATHS[path], seed=3)
-    assert_matches_cpu(table, grid, need_input=True, need_grid=False)
-    assert_matches_cpu(table, grid, need_input=False, need_grid=True)
+    for mode in ("bilinear", "bicubic"):
+        assert_matches_cpu(table, grid, mode, need_input=True, need_grid=False)
+        assert_matches_cpu(table, grid, mode, need_input=False, need_grid=True)
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 4])
@@ -104,21 +105,23 @@ def test_small_tables_every_dimension_match_cpu(d, padding, align):
     sizes = {1: (7,), 2: (5, 6), 3: (3, 4, 3), 4: (2, 3, 2, 3)}[d]
     for n_in, out in ((1, [3] * d), (3, [2] * d)):
         table, grid = table_and_grid((n_in, 37, *sizes), (3, *out, d), seed=d * 10 + n_in, spread=1.4)
-        for mode in MODES:
+        for mode in MODES if d <= 3 else ["bilinear", "nearest"]:
             assert_matches_cpu(table, grid, mode, padding, align)
         table1, grid1 = table_and_grid((1, 300, *sizes), (5, *[1] * d, d), seed=d)  # one point per image
-        assert_matches_cpu(table1, grid1, "bilinear", padding, align)
+        for mode in ["bilinear", "bicubic"] if d <= 3 else ["bilinear"]:
+            assert_matches_cpu(table1, grid1, mode, padding, align)
 
 
 # ---- jitter --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["global-model-form", "local", "large-table", "few-points-per-image"])
 @pytest.mark.parametrize("mode", ["pixel", "batch"])
-def test_jittered_backward_matches_cpu_with_the_same_noise(path, mode):
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_jittered_backward_matches_cpu_with_the_same_noise(path, mode, interpolation):
     table, grid = table_and_grid(*PATHS[path], seed=11)
     # CUDA's logf/cosf differ from the CPU's by an ulp or two: the noise, and so the
     # results, agree to float32 precision.
-    assert_matches_cpu(table, grid, tol=1e-5, jitter_std=0.05, jitter_prob=0.5, jitter_mode=mode,
+    assert_matches_cpu(table, grid, interpolation, tol=1e-5, jitter_std=0.05, jitter_prob=0.5, jitter_mode=mode,
                        jitter_seed=(1234, 5))
 
 
@@ -135,8 +138,9 @@ def test_jittered_call_draws_from_the_device_generator():
 # ---- reduced precision ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", REDUCED)
-@pytest.mark.parametrize("d", [1, 2, 3, 4])
-@pytest.mark.parametrize("n_in,mode", [(1, "bilinear"), (3, "bilinear"), (3, "nearest")])
+@pytest.mark.parametrize("d,n_in,mode", [(d, n_in, mode) for d in (1, 2, 3, 4) for n_in, mode in
+                                         [(1, "bilinear"), (3, "bilinear"), (3, "nearest"), (1, "bicubic"),
+                                          (3, "bicubic")] if not (mode == "bicubic" and d == 4)])
 def test_reduced_precision_every_dimension_against_float64(dtype, d, n_in, mode):
     sizes = {1: (9,), 2: (6, 5), 3: (4, 3, 5), 4: (3, 2, 3, 2)}[d]
     table, grid = table_and_grid((n_in, 24, *sizes), (3, *[3] * d, d), seed=d, spread=0.9)
@@ -154,7 +158,7 @@ def test_reduced_precision_every_dimension_against_float64(dtype, d, n_in, mode)
     tol = 1e-2 if dtype == torch.float16 else 5e-2
     torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(o_grads[0].double().cpu(), r_grads[0], rtol=tol, atol=10 * tol)
-    if mode == "bilinear":
+    if mode != "nearest":
         torch.testing.assert_close(o_grads[1].double().cpu(), r_grads[1], rtol=tol, atol=10 * tol)
 
 
@@ -238,7 +242,8 @@ DETERMINISM_CASES = {
 @pytest.mark.parametrize("case", sorted(DETERMINISM_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, *REDUCED])
 @pytest.mark.parametrize("grads", ["both", "input", "grid"])
-def test_deterministic_mode_is_bitwise_reproducible(case, dtype, grads):
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_deterministic_mode_is_bitwise_reproducible(case, dtype, grads, mode):
     table, grid = table_and_grid(*DETERMINISM_CASES[case], seed=7, dtype=torch.float32)
     table, grid = _on_device(table, grid, dtype=dtype)
     table.requires_grad_(grads in ("both", "input"))
@@ -248,12 +253,12 @@ def test_deterministic_mode_is_bitwise_reproducible(case, dtype, grads):
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        runs = [_grads(grad_ext.grid_sample(table, grid), wanted, gout) for _ in range(2)]
+        runs = [_grads(grad_ext.grid_sample(table, grid, mode), wanted, gout) for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(previous)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    plain = _grads(grad_ext.grid_sample(table, grid), wanted, gout)
+    plain = _grads(grad_ext.grid_sample(table, grid, mode), wanted, gout)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for a, b in zip(runs[0], plain):  # the same gradient as the default (atomic) path
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
@@ -270,7 +275,7 @@ def test_opcheck_sample_grid_on_device():
     for table_shape, grid_shape in cases:
         table = torch.randn(table_shape, generator=gen).to(DEVICE).requires_grad_()
         grid = (torch.rand(grid_shape, generator=gen) * 2 - 1).to(DEVICE).requires_grad_()
-        for interp, padding in itertools.product([0, 1], [0, 1, 2]):
+        for interp, padding in itertools.product([0, 1, 2] if table.dim() <= 5 else [0, 1], [0, 1, 2]):
             torch.library.opcheck(torch.ops.grad_ext.sample_grid,
                                   (table, grid, interp, padding, False, 0.0, 0.0, 0, None))
         seed = torch.tensor([5, 6], device=DEVICE)

@@ -187,6 +187,58 @@ def test_large_tables_match_f_grid_sample(points_side, d, shared, mode):
         torch.set_num_threads(threads)
 
 
+# float32 row loops run 8 points at a time with AVX2 gathers (masked where corners are outside)
+# and the rest of a tile point by point: tables too large for the cell-major loops, points
+# partly outside, counts that are no multiple of 8, one tile wholly inside.
+@pytest.mark.parametrize("d,mode", [(1, "bilinear"), (2, "bilinear"), (2, "nearest"), (2, "bicubic"),
+                                    (3, "bilinear"), (1, "bicubic")])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("spread", [0.5, 1.3])
+def test_float32_row_loops_match_f_grid_sample(d, mode, shared, spread):
+    gen = torch.Generator().manual_seed(stable_seed("rows f32", d, mode, shared, spread))
+    n, c = 2, 20
+    sizes = {1: [3000], 2: [40, 37], 3: [12, 13, 11]}[d]
+    out = {1: [301], 2: [13, 23], 3: [5, 7, 9]}[d]
+    table = torch.randn(1 if shared else n, c, *sizes, generator=gen, requires_grad=True)
+    grid = ((torch.rand(n, *out, d, generator=gen) * 2 - 1) * spread).requires_grad_()
+    ext = grad_ext.grid_sample(table, grid, mode, "zeros", False)
+    if d == 1:
+        ref = reference.grid_sample(table, grid, mode, "zeros", False)
+    else:
+        ref = F.grid_sample(table.expand(n, *table.shape[1:]), grid, mode, "zeros", False)
+    torch.testing.assert_close(ext, ref, rtol=1e-5, atol=1e-5)
+    gout = torch.randn(ref.shape, generator=gen)
+    got = torch.autograd.grad(ext, (table, grid), gout, allow_unused=True)
+    want = torch.autograd.grad(ref, (table, grid), gout, allow_unused=True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    if mode != "nearest":
+        # d index / d coordinate is size / 2: float32 rounding of the sums over channels scales with it
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6 * max(sizes) / 2 * c)
+
+
+def test_float32_row_loops_ignore_non_finite_values_outside():
+    # A large table (row loops) with inf/NaN cells: corners outside must read nothing, and a
+    # NaN output gradient at points wholly outside must not reach either gradient.
+    table = torch.randn(1, 3, 50, 60)
+    table[0, :, 0, :] = float("inf")
+    table[0, :, -1, :] = float("nan")
+    table.requires_grad_()
+    grid = torch.rand(1, 7, 9, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid[0, 0, :, 1] = -1.05  # the top row's corners above the table
+    grid[0, 1, :, 1] = 3.0    # wholly outside
+    grid.requires_grad_()
+    ext = grad_ext.grid_sample(table, grid, "bilinear", "zeros", False)
+    ref = F.grid_sample(table, grid, "bilinear", "zeros", False)
+    torch.testing.assert_close(ext, ref, equal_nan=True)
+    gout = torch.randn(ref.shape)
+    gout[0, :, 1, :] = float("nan")
+    got = torch.autograd.grad(ext, (table, grid), gout)
+    want = torch.autograd.grad(ref, (table, grid), gout)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    assert torch.isfinite(got[1][0, 1]).all()  # the points wholly outside
+    torch.testing.assert_close(got[1][0, 2:], want[1][0, 2:], rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 def test_corners_outside_ignore_non_finite_table_values_and_gradients():
     # Corners outside the table must add nothing, not 0 * inf: F.grid_sample skips them.
     table = torch.randn(1, 20, 4, 4, dtype=torch.float64)
@@ -249,6 +301,38 @@ def test_large_outputs_with_and_without_huge_pages(monkeypatch, huge_pages):
     gout = torch.randn(ref.shape, generator=gen)
     for a, b in zip(torch.autograd.grad(ext, (table, grid), gout), torch.autograd.grad(ref, (table, grid), gout)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("cache_mb", ["0", "256"])
+def test_large_outputs_reuse_freed_buffers(monkeypatch, cache_mb):
+    # CPU outputs of 8 MiB and more come from buffers earlier outputs freed (unless
+    # GRAD_EXT_OUTPUT_CACHE_MB=0): a reused buffer holds stale values, which every result must
+    # overwrite (the input gradient is zeroed first).
+    monkeypatch.setenv("GRAD_EXT_OUTPUT_CACHE_MB", cache_mb)
+    gen = torch.Generator().manual_seed(stable_seed("cache", cache_mb))
+    pointers = []
+    for _ in range(3):
+        table = torch.randn(8, 64, 64, 64, generator=gen, requires_grad=True)  # 8 MiB, and its gradient
+        grid = (torch.rand(8, 64, 64, 2, generator=gen) * 2.2 - 1.1).requires_grad_()
+        ext = grad_ext.grid_sample(table, grid)
+        ref = F.grid_sample(table, grid, align_corners=False)
+        torch.testing.assert_close(ext, ref, rtol=1e-5, atol=1e-5)
+        gout = torch.randn(ref.shape, generator=gen)
+        got = torch.autograd.grad(ext, (table, grid), gout)
+        want = torch.autograd.grad(ref, (table, grid), gout)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-3)
+        pointers.append(ext.data_ptr())
+        del ext, got
+    if cache_mb == "0":
+        return
+    assert len(set(pointers)) < len(pointers)  # a freed output's buffer served a later call
+
+
+def test_bad_output_cache_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GRAD_EXT_OUTPUT_CACHE_MB", "lots")
+    with pytest.raises(RuntimeError, match="GRAD_EXT_OUTPUT_CACHE_MB must be a number"):
+        grad_ext.grid_sample(torch.randn(1, 64, 8, 8), torch.rand(48, 28, 28, 2) * 2 - 1)
 
 
 def test_bad_huge_pages_setting_is_a_clear_error(monkeypatch):
@@ -469,6 +553,55 @@ def test_cpu_backward_is_bitwise_reproducible_in_both_modes():
         assert torch.equal(gi, runs[0][0]) and torch.equal(gg, runs[0][1])
 
 
+# ---- float16 / bfloat16 on the CPU -----------------------------------------------------------
+
+REDUCED_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+REDUCED_CASES = [(d, shared, mode) for d, shared in [(1, False), (2, False), (2, True), (3, False), (4, True)]
+                 for mode in ("bilinear", "nearest", "bicubic") if not (mode == "bicubic" and d == 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,shared,mode", REDUCED_CASES)
+def test_reduced_precision_on_the_cpu(dtype, d, shared, mode):
+    """Computed in float32 and rounded once: equal to the float32 kernel's result rounded, and
+    close to F.grid_sample in float32 and to float64 on the same rounded inputs. (F.grid_sample
+    itself computes CPU float16/bfloat16 coordinates in that dtype, several times less
+    accurately, and nearest can then pick another cell, so it is not the yardstick here.)"""
+    gen = torch.Generator().manual_seed(stable_seed("reduced", str(dtype), d, shared, mode))
+    sizes = {1: (9,), 2: (6, 5), 3: (4, 3, 5), 4: (3, 2, 3, 2)}[d]
+    table = torch.randn(1 if shared else 3, 24, *sizes, generator=gen).to(dtype).requires_grad_()
+    grid = ((torch.rand(3, *[3] * d, d, generator=gen) * 2 - 1) * 1.1).to(dtype).requires_grad_()
+    out = grad_ext.grid_sample(table, grid, mode, "border")
+    assert out.dtype == dtype
+    gout = torch.randn(out.shape, generator=gen).to(dtype)
+    grads = torch.autograd.grad(out, (table, grid), gout)
+    assert grads[0].dtype == grads[1].dtype == dtype
+    t32, g32 = table.detach().float().requires_grad_(), grid.detach().float().requires_grad_()
+    out32 = grad_ext.grid_sample(t32, g32, mode, "border")
+    grads32 = torch.autograd.grad(out32, (t32, g32), gout.float())
+    assert torch.equal(out, out32.to(dtype))
+    for a, b in zip(grads, grads32):
+        assert torch.equal(a, b.to(dtype))
+    t64, g64 = table.detach().double().requires_grad_(), grid.detach().double().requires_grad_()
+    ref = reference.grid_sample(t64, g64, mode, "border")
+    ref_grads = torch.autograd.grad(ref, (t64, g64), gout.double(), allow_unused=True)
+    tol = REDUCED_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(grads[0].double(), ref_grads[0], rtol=tol, atol=tol)
+    if mode == "nearest":
+        assert torch.count_nonzero(grads[1]) == 0
+    else:  # a sum over channels of rounded products: a looser absolute bound
+        torch.testing.assert_close(grads[1].double(), ref_grads[1], rtol=tol, atol=10 * tol)
+    if d == 2 or (d == 3 and mode != "bicubic"):  # F.grid_sample in float32
+        tf, gf = t32.detach().requires_grad_(), g32.detach().requires_grad_()
+        f_out = F.grid_sample(tf.expand(3, *tf.shape[1:]), gf, mode, "border", False)
+        torch.testing.assert_close(out.float(), f_out, rtol=tol, atol=tol)
+        f_grads = torch.autograd.grad(f_out, (tf, gf), gout.float(), allow_unused=True)
+        torch.testing.assert_close(grads[0].float(), f_grads[0], rtol=tol, atol=tol)
+        if mode != "nearest":
+            torch.testing.assert_close(grads[1].float(), f_grads[1], rtol=tol, atol=10 * tol)
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("inp,grid,kwargs,exc,match", [
@@ -479,8 +612,11 @@ def test_cpu_backward_is_bitwise_reproducible_in_both_modes():
     (torch.randn(3, 3, 4, 4), torch.rand(2, 3, 3, 2), {}, ValueError, "input batch must be 1"),
     (torch.randint(0, 5, (2, 3, 4, 4)), torch.rand(2, 3, 3, 2), {}, TypeError, "floating point"),
     (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2).double(), {}, TypeError, "same dtype"),
-    (torch.randn(2, 3, 4, 4).half(), torch.rand(2, 3, 3, 2).half(), {}, TypeError, "not supported on cpu"),
-    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"mode": "bicubic"}, ValueError, "mode must be one of"),
+    (torch.randn(2, 3, 4, 4).to(torch.complex64), torch.rand(2, 3, 3, 2).to(torch.complex64), {}, TypeError,
+     "floating point"),
+    (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"mode": "cubic"}, ValueError, "mode must be one of"),
+    (torch.randn(1, 2, 2, 2, 2, 2), torch.rand(1, 2, 2, 2, 2, 4), {"mode": "bicubic"}, ValueError,
+     "bicubic\\) supports 1-D to 3-D tables, got a 4-D table"),
     (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"padding_mode": "wrap"}, ValueError, "padding_mode must be"),
     (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"jitter_std": -1.0}, ValueError, "jitter_std"),
     (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 3, 2), {"jitter_prob": 1.5}, ValueError, "jitter_prob"),
@@ -543,9 +679,8 @@ def raw_op_bad_calls(device):
         if device == "cuda":
             calls += [(f"{op_name}-seed-device", make(std=0.5, prob=0.5, seed_=seed.cpu()), ValueError,
                        "jitter_seed must be on the input's device")]
-        else:
-            calls += [(f"{op_name}-half", make(input=inp.half(), grid=grid.half()), TypeError,
-                       "not supported on cpu")]
+        calls += [(f"{op_name}-bicubic-4d", make(input=t(1, 2, 2, 2, 2, 2), grid=g(1, 2, 2, 2, 2, 4), interp=2),
+                   ValueError, "supports 1-D to 3-D tables")]
     calls += [
         ("sample_grid_backward-grad-shape", bwd(grad=t(2, 2, 2, 3)), ValueError, "grad_output must have the output"),
         ("sample_grid_backward-grad-dtype", bwd(grad=gout.double()), TypeError, "grad_output must have dtype"),

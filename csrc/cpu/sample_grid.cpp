@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -30,53 +31,80 @@ namespace {
 
 using namespace grad_ext::cpu;
 
-template <typename scalar_t, int D, int K>
+template <typename scalar_t, int D, int TAPS>
 void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
                     int interpolation, int padding, bool align_corners, const JitterParams& jitter) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Tile = CornerTile<acc_t, TAPS, D>;
+  constexpr int K = Tile::K;
   const scalar_t* in = input.data_ptr<scalar_t>();
   const scalar_t* gr = grid.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t tiles_per_batch = ceil_div(g.P, kPointTile);
-  const int64_t point_tiles = g.N * tiles_per_batch;
   const int64_t threads = at::get_num_threads();
-  int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(4 * threads, point_tiles), 1, g.C));
+  const auto tile_channels = [&](int64_t point_tasks) {
+    return ceil_div(g.C, std::clamp<int64_t>(ceil_div(4 * threads, point_tasks), 1, g.C));
+  };
+  int64_t channel_tile = tile_channels(g.N * tiles_per_batch);
   const bool by_cells = use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsForwardReadsPerCell, 0);
-  if (by_cells) channel_tile = round_up(channel_tile, kLanes);
+  // The row loops take a block of tiles per task and run it channel by channel, so that one
+  // channel's row of the table stays in cache while all the block's points read it.
+  const int64_t block = by_cells ? 1 : rows_block_tiles<acc_t, K>(tiles_per_batch);
+  const int64_t blocks_per_batch = ceil_div(tiles_per_batch, block);
+  const int64_t point_blocks = g.N * blocks_per_batch;
+  if (by_cells) {
+    channel_tile = round_up(channel_tile, kLanes);
+  } else {
+    channel_tile = tile_channels(point_blocks);
+  }
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
   const at::Tensor cells = by_cells ? cell_major(input, g) : at::Tensor();
   const int64_t Cp = round_up(g.C, kLanes);
 
-  at::parallel_for(0, point_tiles * channel_tiles, 1, [&](int64_t begin, int64_t end) {
-    auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
+  at::parallel_for(0, point_blocks * channel_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::unique_ptr<Tile>> tiles(block);
+    for (auto& t : tiles) t = std::make_unique<Tile>();
     std::vector<acc_t> scratch(by_cells ? kPointTile * kScratchStride : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t pt = task / channel_tiles, ct = task % channel_tiles;
-      const int64_t n = pt / tiles_per_batch;
-      const int64_t p0 = (pt % tiles_per_batch) * kPointTile, p1 = std::min(g.P, p0 + kPointTile);
-      tile->fill(gr, n * g.P + p0, p1 - p0, g, interpolation, padding, align_corners, jitter, false);
+      const int64_t pb = task / channel_tiles, ct = task % channel_tiles;
+      const int64_t n = pb / blocks_per_batch;
+      const int64_t t0 = (pb % blocks_per_batch) * block, count = std::min(tiles_per_batch, t0 + block) - t0;
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t p0 = (t0 + j) * kPointTile;
+        tiles[j]->fill(gr, n * g.P + p0, std::min(g.P, p0 + kPointTile) - p0, g, interpolation, padding,
+                       align_corners, jitter, false);
+      }
       const int64_t b = g.N_in == 1 ? 0 : n;
       const scalar_t* table = in + b * g.C * g.S;
-      scalar_t* obase = o + n * g.C * g.P + p0;
+      scalar_t* obase = o + n * g.C * g.P + t0 * kPointTile;
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
       // Tiles with a non-finite bias (NaN coordinates) take the checked row loop.
-      if (by_cells && !tile->biased) {
-        forward_cells<scalar_t, K, D>({tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1,
-                                       g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
-      } else if (tile->checked) {
-        forward_rows<scalar_t, acc_t, K, D, true>(*tile, table, obase, c0, c1, g.S, g.P);
-      } else {
-        forward_rows<scalar_t, acc_t, K, D, false>(*tile, table, obase, c0, c1, g.S, g.P);
+      if (by_cells && !tiles[0]->biased) {
+        forward_cells<scalar_t, TAPS, D>({tiles[0].get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S,
+                                          c0, c1, g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
+        continue;
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t j = 0; j < count; ++j) {
+          const Tile& tile = *tiles[j];
+          scalar_t* tile_out = obase + j * kPointTile;
+          if (tile.checked) {
+            forward_rows<scalar_t, acc_t, TAPS, D, true>(tile, table, tile_out, c, g.S, g.P);
+          } else {
+            forward_rows<scalar_t, acc_t, TAPS, D, false>(tile, table, tile_out, c, g.S, g.P);
+          }
+        }
       }
     }
   });
 }
 
-template <typename scalar_t, int D, int K, bool NEED_INPUT, bool NEED_GRID>
+template <typename scalar_t, int D, int TAPS, bool NEED_INPUT, bool NEED_GRID>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& grid,
                      at::Tensor& grad_input, at::Tensor& grad_grid, const GridGeometry& g, int interpolation,
                      int padding, bool align_corners, const JitterParams& jitter) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Tile = CornerTile<acc_t, TAPS, D>;
   const scalar_t* in = input.data_ptr<scalar_t>();
   const scalar_t* gr = grid.data_ptr<scalar_t>();
   const scalar_t* go = grad_out.data_ptr<scalar_t>();
@@ -86,6 +114,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   // into its own slice of `partial` and reduced in a fixed order afterwards.
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
+  constexpr int K = Tile::K;
   const bool by_cells =
       use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell, sizeof(acc_t));
   if (by_cells) channel_tile = round_up(channel_tile, kLanes);
@@ -100,9 +129,13 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
     part = partial.data_ptr<acc_t>();
   }
 
+  // The row loops run a block of tiles channel by channel (see forward_kernel).
+  const int64_t tiles_per_batch = ceil_div(g.P, kPointTile);
+  const int64_t block = by_cells ? 1 : rows_block_tiles<acc_t, K>(tiles_per_batch);
   at::parallel_for(0, g.N_in * channel_tiles, 1, [&](int64_t begin, int64_t end) {
-    auto tile = std::make_unique<CornerTile<acc_t, K, D>>();
-    std::vector<acc_t> gacc(NEED_GRID ? kPointTile * D : 0);
+    std::vector<std::unique_ptr<Tile>> tiles(block);
+    for (auto& t : tiles) t = std::make_unique<Tile>();
+    std::vector<acc_t> gacc(NEED_GRID ? block * kPointTile * D : 0);
     std::vector<acc_t> scratch(by_cells ? kPointTile * kScratchStride : 0);
     const int64_t Wt = by_cells ? channel_tile : 0;  // a multiple of kLanes
     std::vector<acc_t> gradT(NEED_INPUT ? (g.S + 1) * Wt : 0);
@@ -114,31 +147,57 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
       scalar_t* gtable = NEED_INPUT ? gi + b * g.C * g.S : nullptr;
       std::fill(gradT.begin(), gradT.end(), acc_t(0));
       for (int64_t n = n_begin; n < n_end; ++n) {
-        for (int64_t p0 = 0; p0 < g.P; p0 += kPointTile) {
-          const int64_t p1 = std::min(g.P, p0 + kPointTile);
-          tile->fill(gr, n * g.P + p0, p1 - p0, g, interpolation, padding, align_corners, jitter, NEED_GRID);
+        for (int64_t t0 = 0; t0 < tiles_per_batch; t0 += block) {
+          const int64_t count = std::min(tiles_per_batch, t0 + block) - t0;
+          const int64_t p_begin = t0 * kPointTile;
+          for (int64_t j = 0; j < count; ++j) {
+            const int64_t p0 = (t0 + j) * kPointTile;
+            tiles[j]->fill(gr, n * g.P + p0, std::min(g.P, p0 + kPointTile) - p0, g, interpolation, padding,
+                           align_corners, jitter, NEED_GRID);
+          }
           std::fill(gacc.begin(), gacc.end(), acc_t(0));
-          const scalar_t* gout = go + n * g.C * g.P + p0;
-          if (by_cells && !tile->biased) {
-            backward_cells<scalar_t, K, D, NEED_INPUT, NEED_GRID>(
-                {tile.get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1, g.P, scratch.data(),
-                 nullptr, gout, gradT.data(), Wt, gacc.data()});
-          } else if (tile->checked) {
-            backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, true>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+          const scalar_t* gout = go + n * g.C * g.P + p_begin;
+          if (by_cells && !tiles[0]->biased) {
+            backward_cells<scalar_t, TAPS, D, NEED_INPUT, NEED_GRID>(
+                {tiles[0].get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1, g.P,
+                 scratch.data(), nullptr, gout, gradT.data(), Wt, gacc.data()});
           } else {
-            backward_rows<scalar_t, acc_t, K, D, NEED_INPUT, NEED_GRID, false>(*tile, table, gtable, gout, gacc.data(), c0, c1, g.S, g.P);
+            for (int64_t c = c0; c < c1; ++c) {
+              for (int64_t j = 0; j < count; ++j) {
+                const Tile& tile = *tiles[j];
+                acc_t* tile_gacc = NEED_GRID ? gacc.data() + j * kPointTile * D : nullptr;
+                const scalar_t* tile_gout = gout + j * kPointTile;
+                if (tile.checked) {
+                  backward_rows<scalar_t, acc_t, TAPS, D, NEED_INPUT, NEED_GRID, true>(
+                      tile, table, gtable, tile_gout, tile_gacc, c, g.S, g.P);
+                } else {
+                  backward_rows<scalar_t, acc_t, TAPS, D, NEED_INPUT, NEED_GRID, false>(
+                      tile, table, gtable, tile_gout, tile_gacc, c, g.S, g.P);
+                }
+              }
+            }
           }
           if (NEED_GRID) {
-            for (int a = 0; a < D; ++a) {
-              acc_t* dst = part + (ct * D + a) * total_points + n * g.P + p0;
-              for (int64_t i = 0; i < p1 - p0; ++i) dst[i] += gacc[a * kPointTile + i];
+            for (int64_t j = 0; j < count; ++j) {
+              const int64_t p0 = (t0 + j) * kPointTile, m = std::min(g.P, p0 + kPointTile) - p0;
+              for (int a = 0; a < D; ++a) {
+                acc_t* dst = part + (ct * D + a) * total_points + n * g.P + p0;
+                const acc_t* src = gacc.data() + j * kPointTile * D + a * kPointTile;
+                for (int64_t i = 0; i < m; ++i) dst[i] += src[i];
+              }
             }
           }
         }
       }
-      if (NEED_INPUT && by_cells) {  // the cell-major part of this task's rows
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t s = 0; s < g.S; ++s) gtable[c * g.S + s] += static_cast<scalar_t>(gradT[s * Wt + c - c0]);
+      if (NEED_INPUT && by_cells) {  // the cell-major part of this task's rows, in blocks of cells (see cell_major)
+        for (int64_t s0 = 0; s0 < g.S; s0 += kTransposeCells) {
+          const int64_t s1 = std::min(g.S, s0 + kTransposeCells);
+          for (int64_t c = c0; c < c1; ++c) {
+            scalar_t* __restrict__ dst = gtable + c * g.S;
+            const acc_t* __restrict__ src = gradT.data() + (c - c0);
+            for (int64_t s = s0; s < s1; ++s) dst[s] += static_cast<scalar_t>(src[s * Wt]);
+          }
+        }
       }
     }
   });
@@ -147,9 +206,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   scalar_t* gg = grad_grid.data_ptr<scalar_t>();
   const NonFinitePolicy policy = cpu_policy(D);
   at::parallel_for(0, total_points, 256, [&](int64_t begin, int64_t end) {
-    PointCorners<acc_t, D> pc;
+    PointCorners<acc_t, D, TAPS> pc;
     for (int64_t i = begin; i < end; ++i) {
-      point_corners<scalar_t, D>(gr, i, g, interpolation, padding, align_corners, policy, jitter, true, pc);
+      point_corners<scalar_t, D, TAPS>(gr, i, g, interpolation, padding, align_corners, policy, jitter, true, pc);
       for (int a = 0; a < D; ++a) {
         acc_t s = pc.grad_bias[a];
         for (int64_t ct = 0; ct < channel_tiles; ++ct) s += part[(ct * D + a) * total_points + i];
@@ -159,12 +218,43 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   });
 }
 
+// Calls f(std::integral_constant<int, TAPS>{}) with the taps per axis of the interpolation:
+// 1 nearest, 2 bilinear, 4 bicubic (1-D to 3-D tables; the checks reject 4-D bicubic).
+template <int D, typename F>
+void dispatch_taps(int64_t interpolation, F&& f) {
+  if (interpolation == kNearest) {
+    f(std::integral_constant<int, 1>{});
+  } else if (interpolation == kBilinear) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    if constexpr (D <= kMaxCubicDim) f(std::integral_constant<int, 4>{});
+  }
+}
+
+// The CPU loops address a channel's cells with 32-bit offsets (8 to a vector gather).
+void check_cpu_cells(const GridGeometry& g) {
+  TORCH_CHECK_VALUE(g.S <= std::numeric_limits<int32_t>::max(), "sample_grid: on the CPU one channel of input may ",
+                    "hold at most 2^31 - 1 cells, got ", g.S);
+}
+
+// float16 and bfloat16 run on float32 copies of their inputs, so every product and sum is in
+// float32 (as F.grid_sample computes them on the CPU) and each result is rounded once.
+bool reduced_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
 at::Tensor sample_grid_cpu(const at::Tensor& input_, const at::Tensor& grid_, int64_t interpolation,
                            int64_t padding, bool align_corners, double jitter_std, double jitter_prob,
                            int64_t jitter_mode, const c10::optional<at::Tensor>& jitter_seed) {
   at::Tensor seed;
   const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob,
                                            jitter_mode, jitter_seed, &seed);
+  check_cpu_cells(g);
+  if (reduced_precision(input_)) {
+    return sample_grid_cpu(input_.to(at::kFloat), grid_.to(at::kFloat), interpolation, padding, align_corners,
+                           jitter_std, jitter_prob, jitter_mode, jitter_seed)
+        .to(input_.scalar_type());
+  }
   at::Tensor out = empty_output(g.out_shape, input_.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor input = input_.contiguous(), grid = grid_.contiguous();
@@ -175,12 +265,10 @@ at::Tensor sample_grid_cpu(const at::Tensor& input_, const at::Tensor& grid_, in
       if (dense_eligible(g, static_cast<int>(interpolation)) &&
           dense_forward<scalar_t, D>(input, grid, out, g, static_cast<int>(padding), align_corners, jitter))
         return;
-      auto run = [&](auto k) {
-        forward_kernel<scalar_t, D, decltype(k)::value>(input, grid, out, g, static_cast<int>(interpolation),
-                                                        static_cast<int>(padding), align_corners, jitter);
-      };
-      if (interpolation == kNearest) run(std::integral_constant<int, 1>{});
-      else run(std::integral_constant<int, 1 << D>{});
+      dispatch_taps<D>(interpolation, [&](auto taps) {
+        forward_kernel<scalar_t, D, decltype(taps)::value>(input, grid, out, g, static_cast<int>(interpolation),
+                                                           static_cast<int>(padding), align_corners, jitter);
+      });
     });
   });
   return out;
@@ -193,6 +281,13 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(
   at::Tensor seed;
   const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob,
                                            jitter_mode, jitter_seed, &seed, &grad_output);
+  check_cpu_cells(g);
+  if (reduced_precision(input_)) {
+    auto grads = sample_grid_backward_cpu(grad_output.to(at::kFloat), input_.to(at::kFloat), grid_.to(at::kFloat),
+                                          interpolation, padding, align_corners, jitter_std, jitter_prob, jitter_mode,
+                                          jitter_seed, input_requires_grad, grid_requires_grad);
+    return {std::get<0>(grads).to(input_.scalar_type()), std::get<1>(grads).to(input_.scalar_type())};
+  }
   // A gradient that is not asked for comes back as an empty tensor.
   at::Tensor grad_input = input_requires_grad ? zeros_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
   at::Tensor grad_grid = grid_requires_grad ? zeros_output(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options());
@@ -206,23 +301,25 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(
           dense_backward<scalar_t, D>(gout, input, grid, grad_input, grad_grid, g, static_cast<int>(padding),
                                       align_corners, jitter, input_requires_grad, grid_requires_grad))
         return;
-      auto run = [&](auto k, auto need_input, auto need_grid) {
-        backward_kernel<scalar_t, D, decltype(k)::value, decltype(need_input)::value, decltype(need_grid)::value>(
-            gout, input, grid, grad_input, grad_grid, g, static_cast<int>(interpolation), static_cast<int>(padding),
-            align_corners, jitter);
-      };
-      using T = std::true_type;
-      using F = std::false_type;
-      constexpr auto bilinear = std::integral_constant<int, 1 << D>{};
-      if (interpolation == kNearest) {
-        if (input_requires_grad) run(std::integral_constant<int, 1>{}, T{}, F{});
-      } else if (input_requires_grad && grid_requires_grad) {
-        run(bilinear, T{}, T{});
-      } else if (input_requires_grad) {
-        run(bilinear, T{}, F{});
-      } else {
-        run(bilinear, F{}, T{});
-      }
+      dispatch_taps<D>(interpolation, [&](auto taps) {
+        constexpr int TAPS = decltype(taps)::value;
+        auto run = [&](auto need_input, auto need_grid) {
+          backward_kernel<scalar_t, D, TAPS, decltype(need_input)::value, decltype(need_grid)::value>(
+              gout, input, grid, grad_input, grad_grid, g, static_cast<int>(interpolation),
+              static_cast<int>(padding), align_corners, jitter);
+        };
+        using T = std::true_type;
+        using F = std::false_type;
+        if constexpr (TAPS == 1) {  // nearest is piecewise constant: its grid gradient stays 0
+          if (input_requires_grad) run(T{}, F{});
+        } else if (input_requires_grad && grid_requires_grad) {
+          run(T{}, T{});
+        } else if (input_requires_grad) {
+          run(T{}, F{});
+        } else {
+          run(F{}, T{});
+        }
+      });
     });
   });
   return {grad_input, grad_grid};

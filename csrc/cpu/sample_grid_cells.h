@@ -1,5 +1,7 @@
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 
@@ -24,16 +26,47 @@ constexpr int64_t kScratchStride = kCellBlock + kLanes;  // not a power of two: 
 // (N_in, C, S) input -> (N_in, S + 1, Cp) with Cp = C rounded up to kLanes, padded with zeros.
 // Row S is all zeros: invalid corners (weight 0) point there, so they add exact zeros even
 // when the table holds inf or NaN.
+// Transposed in blocks of kLanes channels x kTransposeCells cells, so that both sides are read
+// and written in whole cache lines (a strided copy touches a line per element).
+constexpr int64_t kTransposeCells = 64;
+
+template <typename T>
+void transpose_block(const T* __restrict__ src, int64_t src_stride, T* __restrict__ dst, int64_t dst_stride,
+                     int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+}
+
 inline at::Tensor cell_major(const at::Tensor& input, const GridGeometry& g) {
-  at::Tensor t = at::zeros({g.N_in, g.S + 1, round_up(g.C, kLanes)}, input.options());
-  t.narrow(1, 0, g.S).narrow(2, 0, g.C).copy_(input.view({g.N_in, g.C, g.S}).transpose(1, 2));
+  const int64_t Cp = round_up(g.C, kLanes);
+  at::Tensor t = at::empty({g.N_in, g.S + 1, Cp}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cell_major", [&] {
+    const scalar_t* in = input.data_ptr<scalar_t>();
+    scalar_t* out = t.data_ptr<scalar_t>();
+    const int64_t cell_blocks = ceil_div(g.S, kTransposeCells), lane_blocks = Cp / kLanes;
+    at::parallel_for(0, g.N_in * cell_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / cell_blocks, s0 = (task % cell_blocks) * kTransposeCells;
+        const int64_t cells = std::min(kTransposeCells, g.S - s0);
+        scalar_t* dst = out + (n * (g.S + 1) + s0) * Cp;
+        for (int64_t lb = 0; lb < lane_blocks; ++lb) {
+          const int64_t c0 = lb * kLanes, lanes = std::min(kLanes, g.C - c0);
+          if (lanes < kLanes) {  // padding channels are zero
+            for (int64_t s = 0; s < cells; ++s) std::fill(dst + s * Cp + c0 + lanes, dst + s * Cp + c0 + kLanes, scalar_t(0));
+          }
+          transpose_block(in + (n * g.C + c0) * g.S + s0, g.S, dst + c0, Cp, lanes, cells);
+        }
+      }
+    });
+    for (int64_t n = 0; n < g.N_in; ++n) std::fill(out + (n * (g.S + 1) + g.S) * Cp, out + (n * (g.S + 1) + g.S + 1) * Cp, scalar_t(0));
+  });
   return t;
 }
 
 // The arguments of both cell-major loops; `cells` is this table batch's (S + 1, Cp) copy.
-template <typename T, int K, int D>
+template <typename T, int TAPS, int D>
 struct CellsCall {
-  const CornerTile<T, K, D>* tile;
+  const CornerTile<T, TAPS, D>* tile;
   const T* cells;
   int64_t Cp;
   int64_t zero_cell;  // S: the zero row of `cells` (and a discarded row of gradT)
@@ -49,15 +82,26 @@ struct CellsCall {
   T* gacc;
 };
 
-template <typename T, int K, int D>
-GRAD_EXT_INLINE int64_t corner_cell(const CellsCall<T, K, D>& a, int k, int64_t i) {
+// The (channel, point) rows of outputs and output gradients are read and written a tile (512
+// bytes of floats) at a time in kCellBlock rows at once: more streams than the hardware
+// prefetcher follows, so each row's next tile is prefetched by hand (for writing, when
+// WRITE). Prefetches past the end of the data are harmless.
+template <bool WRITE, typename T>
+GRAD_EXT_INLINE void prefetch_next_tile(const T* row) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < kPointTile; i += kLine) __builtin_prefetch(row + kPointTile + i, WRITE ? 1 : 0, 1);
+}
+
+template <typename T, int TAPS, int D>
+GRAD_EXT_INLINE int64_t corner_cell(const CellsCall<T, TAPS, D>& a, int k, int64_t i) {
   return (a.tile->valid[i] >> k & 1u) ? a.tile->off[k][i] : a.zero_cell;
 }
 
-template <typename T, int K, int D>
-GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, K, D>& a) {
+template <typename T, int TAPS, int D>
+GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, TAPS, D>& a) {
   using V = simd_t<T>;
-  const CornerTile<T, K, D>& t = *a.tile;
+  constexpr int K = CornerTile<T, TAPS, D>::K;
+  const CornerTile<T, TAPS, D>& t = *a.tile;
   for (int64_t b0 = a.c_begin; b0 < a.c_end; b0 += kCellBlock) {
     const int64_t b1 = std::min(a.c_end, b0 + kCellBlock), width = round_up(b1 - b0, kLanes);
     for (int64_t i = 0; i < t.count; ++i) {
@@ -74,14 +118,16 @@ GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, K, D>& a) {
       T* __restrict__ orow = a.out + c * a.P;
       const T* __restrict__ s = a.scratch + (c - b0);
       for (int64_t i = 0; i < t.count; ++i) orow[i] = s[i * kScratchStride];
+      prefetch_next_tile<true>(orow);
     }
   }
 }
 
-template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
-GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, K, D>& a) {
+template <typename T, int TAPS, int D, bool NEED_INPUT, bool NEED_GRID>
+GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, TAPS, D>& a) {
   using V = simd_t<T>;
-  const CornerTile<T, K, D>& t = *a.tile;
+  constexpr int K = CornerTile<T, TAPS, D>::K;
+  const CornerTile<T, TAPS, D>& t = *a.tile;
   for (int64_t b0 = a.c_begin; b0 < a.c_end; b0 += kCellBlock) {
     const int64_t b1 = std::min(a.c_end, b0 + kCellBlock), width = round_up(b1 - b0, kLanes);
     for (int64_t c = b0; c < b0 + width; ++c) {
@@ -89,6 +135,7 @@ GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, K, D>& a) {
       if (c < b1) {
         const T* __restrict__ gorow = a.gout + c * a.P;
         for (int64_t i = 0; i < t.count; ++i) s[i * kScratchStride] = gorow[i];
+        prefetch_next_tile<false>(gorow);
       } else {  // padding lanes must be 0, not stale values: they meet the table's zero padding
         for (int64_t i = 0; i < t.count; ++i) s[i * kScratchStride] = T(0);
       }
@@ -128,34 +175,34 @@ GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, K, D>& a) {
   }
 }
 
-template <typename T, int K, int D>
-void forward_cells_base(const CellsCall<T, K, D>& a) { forward_cells_impl(a); }
-template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
-void backward_cells_base(const CellsCall<T, K, D>& a) { backward_cells_impl<T, K, D, NEED_INPUT, NEED_GRID>(a); }
+template <typename T, int TAPS, int D>
+void forward_cells_base(const CellsCall<T, TAPS, D>& a) { forward_cells_impl(a); }
+template <typename T, int TAPS, int D, bool NEED_INPUT, bool NEED_GRID>
+void backward_cells_base(const CellsCall<T, TAPS, D>& a) { backward_cells_impl<T, TAPS, D, NEED_INPUT, NEED_GRID>(a); }
 
 #ifdef GRAD_EXT_AVX2_DISPATCH
-template <typename T, int K, int D>
-__attribute__((target("avx2,fma"))) void forward_cells_avx2(const CellsCall<T, K, D>& a) { forward_cells_impl(a); }
-template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
-__attribute__((target("avx2,fma"))) void backward_cells_avx2(const CellsCall<T, K, D>& a) {
-  backward_cells_impl<T, K, D, NEED_INPUT, NEED_GRID>(a);
+template <typename T, int TAPS, int D>
+__attribute__((target("avx2,fma"))) void forward_cells_avx2(const CellsCall<T, TAPS, D>& a) { forward_cells_impl(a); }
+template <typename T, int TAPS, int D, bool NEED_INPUT, bool NEED_GRID>
+__attribute__((target("avx2,fma"))) void backward_cells_avx2(const CellsCall<T, TAPS, D>& a) {
+  backward_cells_impl<T, TAPS, D, NEED_INPUT, NEED_GRID>(a);
 }
 #endif
 
-template <typename T, int K, int D>
-void forward_cells(const CellsCall<T, K, D>& a) {
+template <typename T, int TAPS, int D>
+void forward_cells(const CellsCall<T, TAPS, D>& a) {
 #ifdef GRAD_EXT_AVX2_DISPATCH
   if (cpu_has_avx2()) return forward_cells_avx2(a);
 #endif
   forward_cells_base(a);
 }
 
-template <typename T, int K, int D, bool NEED_INPUT, bool NEED_GRID>
-void backward_cells(const CellsCall<T, K, D>& a) {
+template <typename T, int TAPS, int D, bool NEED_INPUT, bool NEED_GRID>
+void backward_cells(const CellsCall<T, TAPS, D>& a) {
 #ifdef GRAD_EXT_AVX2_DISPATCH
-  if (cpu_has_avx2()) return backward_cells_avx2<T, K, D, NEED_INPUT, NEED_GRID>(a);
+  if (cpu_has_avx2()) return backward_cells_avx2<T, TAPS, D, NEED_INPUT, NEED_GRID>(a);
 #endif
-  backward_cells_base<T, K, D, NEED_INPUT, NEED_GRID>(a);
+  backward_cells_base<T, TAPS, D, NEED_INPUT, NEED_GRID>(a);
 }
 
 

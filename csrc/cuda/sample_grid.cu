@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cuda(
                                            jitter_mode, jitter_seed, &seed, &grad_output);
   c10::cuda::CUDAGuard guard(input_.device());
   // Nearest sampling is piecewise constant: its grid gradient is 0.
-  const bool need_grid = grid_requires_grad && interpolation == kBilinear;
+  const bool need_grid = grid_requires_grad && interpolation != kNearest;
   BackwardBuffers buf;
   if (g.N * g.C * g.P > 0 && (input_requires_grad || need_grid)) {
     const at::Tensor input = input_.contiguous(), grid = grid_.contiguous(), gout = grad_output.contiguous();

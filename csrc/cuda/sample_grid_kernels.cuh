@@ -65,20 +65,21 @@ __device__ __forceinline__ JitterParams device_jitter(const SampleParams& sp) {
   return make_jitter(sp.jitter_std, sp.jitter_prob, sp.jitter_mode, sp.seed[0], sp.seed[1]);
 }
 
-// Corners of one point; `backward` selects F.grid_sample's backward handling of NaN.
-template <typename scalar_t, int D>
+// Corners (taps) of one point; `backward` selects F.grid_sample's backward handling of NaN.
+// TAPS: taps per axis, 4 for bicubic, else 2 (nearest uses tap 0 only).
+template <typename scalar_t, int D, int TAPS>
 __device__ __forceinline__ void device_corners(const scalar_t* __restrict__ grid, int64_t point,
                                                const KernelGeometry& g, const SampleParams& sp,
                                                const JitterParams& jitter, bool backward, bool with_grad,
-                                               PointCorners<at::opmath_type<scalar_t>, D>& pc) {
+                                               PointCorners<at::opmath_type<scalar_t>, D, TAPS>& pc) {
   using acc_t = at::opmath_type<scalar_t>;
   float noise[4];
   jitter_point(jitter, point, noise);
   acc_t coords[D];
 #pragma unroll
   for (int k = 0; k < D; ++k) coords[k] = static_cast<acc_t>(grid[point * D + k]) + static_cast<acc_t>(noise[k]);
-  setup_corners<acc_t, D>(coords, g.sizes, g.strides, sp.interpolation, sp.padding, sp.align_corners,
-                          backward ? cuda_backward_policy() : cuda_policy(), with_grad, pc);
+  setup_corners<acc_t, D, TAPS>(coords, g.sizes, g.strides, sp.interpolation, sp.padding, sp.align_corners,
+                                backward ? cuda_backward_policy() : cuda_policy(), with_grad, pc);
 }
 
 // Points handled by table batch b: all N*P points when the table is shared, else batch b's.
@@ -91,17 +92,19 @@ __device__ __forceinline__ int64_t out_index(const KernelGeometry& g, int64_t gq
 }
 
 // Corners of a tile of points kept in shared memory for the whole block (channel-lane kernels).
-template <typename acc_t, int D>
+template <typename acc_t, int D, int TAPS>
 struct TileCorners {
-  static constexpr int K = 1 << D;
+  static constexpr int K = Pow<TAPS, D>::value;
+  typedef typename TapMask<K>::type Mask;
   int offset[kTilePoints][K];
   acc_t weight[kTilePoints][K];
-  unsigned valid[kTilePoints];
+  Mask valid[kTilePoints];
+  acc_t bias[kTilePoints];  // bicubic: F.grid_sample's coefficient * 0 of taps outside (NaN for NaN points)
 };
 
 // ---- forward: points kernel ----------------------------------------------------------------
 
-template <typename scalar_t, int D>
+template <typename scalar_t, int D, int TAPS>
 __global__ void __launch_bounds__(kThreads) forward_points_kernel(const scalar_t* __restrict__ input,
                                                                   const scalar_t* __restrict__ grid,
                                                                   scalar_t* __restrict__ out, KernelGeometry g,
@@ -112,15 +115,16 @@ __global__ void __launch_bounds__(kThreads) forward_points_kernel(const scalar_t
   const int64_t p = (blockIdx.x % tiles_per_batch) * kPointLanes + threadIdx.x;
   if (p >= g.P) return;
   const JitterParams jitter = device_jitter(sp);
-  PointCorners<acc_t, D> pc;
-  device_corners<scalar_t, D>(grid, n * g.P + p, g, sp, jitter, false, false, pc);
-  const int K = sp.interpolation == kNearest ? 1 : (1 << D);
+  typedef PointCorners<acc_t, D, TAPS> PC;
+  PC pc;
+  device_corners<scalar_t, D, TAPS>(grid, n * g.P + p, g, sp, jitter, false, false, pc);
+  const int K = sp.interpolation == kNearest ? 1 : PC::K;
   const scalar_t* table = input + (g.N_in == 1 ? 0 : n) * g.C * g.S;
   for (int64_t c = blockIdx.y * kChannelLanes + threadIdx.y; c < g.C; c += kChannelLanes * gridDim.y) {
     const scalar_t* row = table + c * g.S;
     acc_t acc = pc.bias;
 #pragma unroll
-    for (int k = 0; k < (1 << D); ++k) {
+    for (int k = 0; k < PC::K; ++k) {
       if (k < K && (pc.valid >> k & 1u)) acc += pc.weight[k] * static_cast<acc_t>(row[pc.offset[k]]);
     }
     out[(n * g.C + c) * g.P + p] = static_cast<scalar_t>(acc);
@@ -132,16 +136,17 @@ __global__ void __launch_bounds__(kThreads) forward_points_kernel(const scalar_t
 // as [cell][slice + 1] (the odd row stride spreads both the staging writes and the reads of
 // one cell by consecutive channels over the banks), then the tile's corners.
 
-template <typename scalar_t, int D>
+template <typename scalar_t, int D, int TAPS>
 __global__ void __launch_bounds__(kMaxSliceChannels) forward_channels_kernel(
     const scalar_t* __restrict__ input, const scalar_t* __restrict__ grid, scalar_t* __restrict__ out,
     KernelGeometry g, SampleParams sp, int64_t points_per_group) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int KMax = 1 << D;
+  typedef TileCorners<acc_t, D, TAPS> TC;
+  constexpr int KMax = TC::K;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int slice = blockDim.x, tid = threadIdx.x, stride = slice + 1;
   acc_t* tab = reinterpret_cast<acc_t*>(smem_raw);
-  auto* tc = reinterpret_cast<TileCorners<acc_t, D>*>(tab + g.S * stride);
+  auto* tc = reinterpret_cast<TC*>(tab + g.S * stride);
 
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * slice, b = blockIdx.z;
   const int64_t width = c0 + slice < g.C ? slice : g.C - c0;
@@ -162,25 +167,28 @@ __global__ void __launch_bounds__(kMaxSliceChannels) forward_channels_kernel(
     __syncthreads();  // table staged / previous tile consumed
     if (tid < kTilePoints) {
       const int64_t q = q0 + tid;
-      unsigned valid = 0u;
+      typename TC::Mask valid = 0;
+      acc_t bias = acc_t(0);
       if (q < q_end) {
-        PointCorners<acc_t, D> pc;
-        device_corners<scalar_t, D>(grid, point_base + q, g, sp, jitter, false, false, pc);
+        PointCorners<acc_t, D, TAPS> pc;
+        device_corners<scalar_t, D, TAPS>(grid, point_base + q, g, sp, jitter, false, false, pc);
         valid = pc.valid;
+        bias = pc.bias;  // bilinear/nearest: 0 (the CUDA policy moves non-finite points outside)
 #pragma unroll
         for (int k = 0; k < KMax; ++k) {
           tc->offset[tid][k] = static_cast<int>(pc.offset[k]);
           tc->weight[tid][k] = pc.weight[k];
         }
       }
-      tc->valid[tid] = valid;  // with the CUDA policy an invalid corner adds exactly 0 (no bias)
+      tc->valid[tid] = valid;
+      tc->bias[tid] = bias;
     }
     __syncthreads();
     if (!active) continue;
     const int count = q_end - q0 < kTilePoints ? static_cast<int>(q_end - q0) : kTilePoints;
     for (int j = 0; j < count; ++j) {
-      const unsigned valid = tc->valid[j];
-      acc_t acc = acc_t(0);
+      const typename TC::Mask valid = tc->valid[j];
+      acc_t acc = tc->bias[j];
 #pragma unroll
       for (int k = 0; k < KMax; ++k) {
         if (k < K && (valid >> k & 1u)) acc += tc->weight[j][k] * tab[tc->offset[j][k] * stride + tid];
@@ -192,32 +200,38 @@ __global__ void __launch_bounds__(kMaxSliceChannels) forward_channels_kernel(
 
 // ---- backward: scatter kernel (also the grid gradient for large tables) ---------------------
 
-template <typename scalar_t, int D>
+template <typename scalar_t, int D, int TAPS>
 __global__ void __launch_bounds__(kThreads) scatter_backward_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ input, const scalar_t* __restrict__ grid,
     at::opmath_type<scalar_t>* __restrict__ grad_input, at::opmath_type<scalar_t>* __restrict__ grid_partial,
     KernelGeometry g, SampleParams sp) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int KMax = 1 << D;
+  typedef PointCorners<acc_t, D, TAPS> PC;
+  constexpr int KMax = PC::K;
   __shared__ acc_t lane_sums[kChannelLanes][kPointLanes][D];
   const int64_t tiles_per_batch = div_up(g.P, kPointLanes);
   const int64_t n = blockIdx.x / tiles_per_batch;
   const int64_t p = (blockIdx.x % tiles_per_batch) * kPointLanes + threadIdx.x;
   const bool active = p < g.P;
-  const int K = sp.interpolation == kBilinear ? KMax : 1;
+  const int K = sp.interpolation == kNearest ? 1 : KMax;
   acc_t gsum[D];
 #pragma unroll
   for (int a = 0; a < D; ++a) gsum[a] = acc_t(0);
   if (active) {
     const JitterParams jitter = device_jitter(sp);
-    PointCorners<acc_t, D> pc;
-    device_corners<scalar_t, D>(grid, n * g.P + p, g, sp, jitter, true, grid_partial != nullptr, pc);
-    acc_t dw[KMax][D];
-    if (grid_partial != nullptr) {
+    PC pc;
+    device_corners<scalar_t, D, TAPS>(grid, n * g.P + p, g, sp, jitter, true, grid_partial != nullptr, pc);
+    // Bilinear keeps the K x D weight derivatives in registers; bicubic's 4^D x D would spill,
+    // so it forms them from the per-axis factors in the loop.
+    constexpr int KD = TAPS == 2 ? KMax : 1;
+    acc_t dw[KD][D];
+    if constexpr (TAPS == 2) {
+      if (grid_partial != nullptr) {
 #pragma unroll
-      for (int k = 0; k < KMax; ++k)
+        for (int k = 0; k < KMax; ++k)
 #pragma unroll
-        for (int a = 0; a < D; ++a) dw[k][a] = corner_weight_grad(pc, k, a);
+          for (int a = 0; a < D; ++a) dw[k][a] = corner_weight_grad(pc, k, a);
+      }
     }
     const int64_t b = g.N_in == 1 ? 0 : n;
     const scalar_t* table = input + b * g.C * g.S;
@@ -231,7 +245,13 @@ __global__ void __launch_bounds__(kThreads) scatter_backward_kernel(
         if (grid_partial != nullptr) {
           const acc_t v = gv * static_cast<acc_t>(table[c * g.S + pc.offset[k]]);
 #pragma unroll
-          for (int a = 0; a < D; ++a) gsum[a] += dw[k][a] * v;
+          for (int a = 0; a < D; ++a) {
+            if constexpr (TAPS == 2) {
+              gsum[a] += dw[k][a] * v;
+            } else {
+              gsum[a] += corner_weight_grad(pc, k, a) * v;
+            }
+          }
         }
       }
     }
@@ -278,10 +298,11 @@ __device__ __forceinline__ int reduce_scatter8_index(int lane) {
   return ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
 }
 
-template <typename acc_t, int D>
+template <typename acc_t, int D, int TAPS>
 struct TableTile {
-  static constexpr int K = 1 << D;
-  TileCorners<acc_t, D> corners;
+  static constexpr int K = Pow<TAPS, D>::value;
+  typedef typename TileCorners<acc_t, D, TAPS>::Mask Mask;
+  TileCorners<acc_t, D, TAPS> corners;
   acc_t dw[kTilePoints][K][D];
   acc_t warp_sums[kMaxSliceChannels / kWarp][kTilePoints][D];
 };
@@ -289,31 +310,33 @@ struct TableTile {
 // Shared memory of the table kernel for a slice of `slice` channels: the gradient rows, the
 // table rows (grid gradient only) and the output-gradient tile, each [rows][slice + 1], then
 // the tile's corners and sums.
-template <typename acc_t, int D>
+template <typename acc_t, int D, int TAPS>
 __host__ __device__ inline int64_t table_smem_bytes(int64_t S, int64_t slice, bool need_grid) {
   const int64_t rows = S + (need_grid ? S : 0) + kTilePoints;
-  return rows * (slice + 1) * static_cast<int64_t>(sizeof(acc_t)) + static_cast<int64_t>(sizeof(TableTile<acc_t, D>));
+  return rows * (slice + 1) * static_cast<int64_t>(sizeof(acc_t)) +
+         static_cast<int64_t>(sizeof(TableTile<acc_t, D, TAPS>));
 }
 
 // Grid (groups * slices, 1, N_in); blockDim.x = slice channels (a multiple of 32).
 // The outputs, for block (group, slice, b): grad_input_direct (one group: the slice's rows),
 // grad_input_partial (deterministic: [group][N_in][C][S]) or grad_input_accum (atomics); the
 // grid gradient of each point into grid_partial[slice][point][D].
-template <typename scalar_t, int D, bool NEED_GRID>
+template <typename scalar_t, int D, int TAPS, bool NEED_GRID>
 __global__ void __launch_bounds__(kMaxSliceChannels) table_backward_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ input, const scalar_t* __restrict__ grid,
     scalar_t* __restrict__ grad_input_direct, at::opmath_type<scalar_t>* __restrict__ grad_input_accum,
     at::opmath_type<scalar_t>* __restrict__ grad_input_partial, at::opmath_type<scalar_t>* __restrict__ grid_partial,
     KernelGeometry g, SampleParams sp, int64_t slices, int64_t points_per_group, bool tile_along_points) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int KMax = 1 << D;
+  typedef TableTile<acc_t, D, TAPS> TT;
+  constexpr int KMax = TT::K;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int slice = blockDim.x, tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   const int warps = slice / kWarp, stride = slice + 1;
   acc_t* grad = reinterpret_cast<acc_t*>(smem_raw);  // [S][stride]
   acc_t* tab = grad + g.S * stride;                   // [S][stride] (NEED_GRID)
   acc_t* gtile = tab + (NEED_GRID ? g.S * stride : 0);  // [kTilePoints][stride]
-  auto* tt = reinterpret_cast<TableTile<acc_t, D>*>(gtile + kTilePoints * stride);
+  auto* tt = reinterpret_cast<TT*>(gtile + kTilePoints * stride);
 
   const int64_t group = blockIdx.x / slices, slice_index = blockIdx.x % slices, b = blockIdx.z;
   const int64_t c0 = slice_index * slice;
@@ -324,7 +347,7 @@ __global__ void __launch_bounds__(kMaxSliceChannels) table_backward_kernel(
   const int64_t point_base = g.N_in == 1 ? 0 : b * g.P;  // global index of this table's first point
   const int64_t total_points = g.N * g.P;
   const JitterParams jitter = device_jitter(sp);
-  const int K = sp.interpolation == kBilinear ? KMax : 1;
+  const int K = sp.interpolation == kNearest ? 1 : KMax;
   const bool active = tid < width;
   const scalar_t* table = input + (b * g.C + c0) * g.S;
 
@@ -340,10 +363,10 @@ __global__ void __launch_bounds__(kMaxSliceChannels) table_backward_kernel(
     const int count = q_end - q0 < kTilePoints ? static_cast<int>(q_end - q0) : kTilePoints;
     __syncthreads();  // previous tile consumed
     if (tid < kTilePoints) {
-      unsigned valid = 0u;
+      typename TT::Mask valid = 0;
       if (tid < count) {
-        PointCorners<acc_t, D> pc;
-        device_corners<scalar_t, D>(grid, point_base + q0 + tid, g, sp, jitter, true, NEED_GRID, pc);
+        PointCorners<acc_t, D, TAPS> pc;
+        device_corners<scalar_t, D, TAPS>(grid, point_base + q0 + tid, g, sp, jitter, true, NEED_GRID, pc);
         valid = pc.valid;
 #pragma unroll
         for (int k = 0; k < KMax; ++k) {
@@ -382,8 +405,8 @@ __global__ void __launch_bounds__(kMaxSliceChannels) table_backward_kernel(
         for (int m = 0; m < kGridChunk; ++m) {
           const int j = j0 + m;
           if (j >= count) break;
-          const unsigned valid = tt->corners.valid[j];  // the same for the whole block: no divergence
-          if (valid == 0u) continue;                     // wholly outside: adds nothing, even for NaN gradients
+          const typename TT::Mask valid = tt->corners.valid[j];  // the same for the whole block: no divergence
+          if (valid == 0) continue;                    // wholly outside: adds nothing, even for NaN gradients
           const acc_t gv = gtile[j * stride + tid];
 #pragma unroll
           for (int k = 0; k < KMax; ++k) {
@@ -437,7 +460,7 @@ __global__ void __launch_bounds__(kMaxSliceChannels) table_backward_kernel(
 
 // ---- backward: owner kernel (deterministic, large tables) -------------------------------------
 
-template <typename scalar_t, int D>
+template <typename scalar_t, int D, int TAPS>
 __global__ void owner_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ grid,
                                       at::opmath_type<scalar_t>* __restrict__ partial, KernelGeometry g,
                                       SampleParams sp, int64_t groups, int64_t points_per_group) {
@@ -451,17 +474,18 @@ __global__ void owner_backward_kernel(const scalar_t* __restrict__ grad_out, con
   const int64_t point_base = g.N_in == 1 ? 0 : b * g.P;
   const int64_t q_begin = group * points_per_group;
   const int64_t q_end = q_begin + points_per_group < npoints ? q_begin + points_per_group : npoints;
-  const int K = sp.interpolation == kNearest ? 1 : (1 << D);
+  typedef PointCorners<acc_t, D, TAPS> PC;
+  const int K = sp.interpolation == kNearest ? 1 : PC::K;
   acc_t* out = partial + (group * rows + row) * g.S;
   const JitterParams jitter = device_jitter(sp);
   for (int64_t q = q_begin; q < q_end; ++q) {
     const int64_t gq = point_base + q;
-    PointCorners<acc_t, D> pc;
-    device_corners<scalar_t, D>(grid, gq, g, sp, jitter, true, false, pc);
-    if (pc.valid == 0u) continue;
+    PC pc;
+    device_corners<scalar_t, D, TAPS>(grid, gq, g, sp, jitter, true, false, pc);
+    if (pc.valid == 0) continue;
     const acc_t gv = static_cast<acc_t>(grad_out[out_index(g, gq, c)]);
 #pragma unroll
-    for (int k = 0; k < (1 << D); ++k) {
+    for (int k = 0; k < PC::K; ++k) {
       if (k < K && (pc.valid >> k & 1u)) out[pc.offset[k]] += pc.weight[k] * gv;
     }
   }
@@ -481,7 +505,7 @@ __global__ void reduce_partials_kernel(const at::opmath_type<scalar_t>* __restri
   out[e] = static_cast<scalar_t>(s);
 }
 
-template <typename scalar_t, int D>
+template <typename scalar_t, int D, int TAPS>
 __global__ void reduce_grid_kernel(const at::opmath_type<scalar_t>* __restrict__ partial, int64_t parts,
                                    const scalar_t* __restrict__ grid, scalar_t* __restrict__ grad_grid,
                                    KernelGeometry g, SampleParams sp) {
@@ -490,8 +514,8 @@ __global__ void reduce_grid_kernel(const at::opmath_type<scalar_t>* __restrict__
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= total_points) return;
   const JitterParams jitter = device_jitter(sp);
-  PointCorners<acc_t, D> pc;
-  device_corners<scalar_t, D>(grid, i, g, sp, jitter, true, true, pc);
+  PointCorners<acc_t, D, TAPS> pc;
+  device_corners<scalar_t, D, TAPS>(grid, i, g, sp, jitter, true, true, pc);
 #pragma unroll
   for (int a = 0; a < D; ++a) {
     acc_t s = pc.grad_bias[a];

@@ -86,18 +86,18 @@ int64_t points_per_group(int64_t points, int64_t others, int64_t target) {
   return ceil_div(tiles, groups) * kTilePoints;
 }
 
-template <typename scalar_t, int D>
+template <typename scalar_t, int D, int TAPS>
 void launch_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
                     const KernelGeometry& kg, const SampleParams& sp, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (g.P < kFewPointsPerBatch) {
     const auto smem_bytes = [&](int64_t w) {
-      return g.S * (w + 1) * static_cast<int64_t>(sizeof(acc_t)) + static_cast<int64_t>(sizeof(TileCorners<acc_t, D>));
+      return g.S * (w + 1) * static_cast<int64_t>(sizeof(acc_t)) + static_cast<int64_t>(sizeof(TileCorners<acc_t, D, TAPS>));
     };
     const int64_t slice = slice_channels(g.C, kForwardStageBytes, smem_bytes);
     if (slice > 0 && g.N_in <= kMaxGridY) {
       const int64_t slices = ceil_div(g.C, slice), smem = smem_bytes(slice);
-      auto kernel = forward_channels_kernel<scalar_t, D>;
+      auto kernel = forward_channels_kernel<scalar_t, D, TAPS>;
       const int64_t target = resident_blocks(kernel, static_cast<int>(slice), smem) * sm_count();
       const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
       const int64_t per_group = points_per_group(npoints, slices * g.N_in, target);
@@ -111,7 +111,7 @@ void launch_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
       return;
     }
   }
-  auto kernel = forward_points_kernel<scalar_t, D>;
+  auto kernel = forward_points_kernel<scalar_t, D, TAPS>;
   const int64_t point_blocks = g.N * ceil_div(g.P, kPointLanes);
   const int64_t target = resident_blocks(kernel, kThreads, 0) * sm_count();
   const int64_t splits = std::clamp<int64_t>(ceil_div(target, point_blocks), 1,
@@ -134,7 +134,7 @@ void launch_reduce_partials(const at::Tensor& partial, at::Tensor& out, cudaStre
 }
 
 // Table kernel; false when the table's rows do not fit in shared memory (nothing launched).
-template <typename scalar_t, int D, bool NEED_GRID>
+template <typename scalar_t, int D, int TAPS, bool NEED_GRID>
 bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
                            BackwardBuffers& buf, const GridGeometry& g, const KernelGeometry& kg,
                            const SampleParams& sp, bool deterministic, cudaStream_t stream) {
@@ -143,14 +143,14 @@ bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, cons
   const auto* props = at::cuda::getCurrentDeviceProperties();
   // Two blocks per SM if the slice can be that narrow (each block also costs the SM its reserved
   // shared memory), else one as large as a block may be.
-  const auto smem_bytes = [&](int64_t w) { return table_smem_bytes<acc_t, D>(g.S, w, NEED_GRID); };
+  const auto smem_bytes = [&](int64_t w) { return table_smem_bytes<acc_t, D, TAPS>(g.S, w, NEED_GRID); };
   const int64_t two_per_sm = static_cast<int64_t>(props->sharedMemPerMultiprocessor) / 2 -
                              static_cast<int64_t>(props->reservedSharedMemPerBlock);
   int64_t slice = slice_channels(g.C, two_per_sm, smem_bytes);
   if (slice == 0) slice = slice_channels(g.C, static_cast<int64_t>(props->sharedMemPerBlockOptin), smem_bytes);
   if (slice == 0) return false;
   const int64_t slices = ceil_div(g.C, slice), smem = smem_bytes(slice);
-  auto kernel = table_backward_kernel<scalar_t, D, NEED_GRID>;
+  auto kernel = table_backward_kernel<scalar_t, D, TAPS, NEED_GRID>;
   const int64_t target = resident_blocks(kernel, static_cast<int>(slice), smem) * sm_count();
   const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
   const int64_t table_bytes = g.N_in * g.C * g.S * static_cast<int64_t>(sizeof(acc_t));
@@ -199,7 +199,7 @@ bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, cons
 
 // Large tables: atomics (scatter kernel), or thread-owned rows in deterministic mode; the grid
 // gradient always through the scatter kernel's per-split partial sums.
-template <typename scalar_t, int D>
+template <typename scalar_t, int D, int TAPS>
 void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
                                  BackwardBuffers& buf, const GridGeometry& g, const KernelGeometry& kg,
                                  const SampleParams& sp, bool need_input, bool need_grid, bool deterministic,
@@ -208,7 +208,7 @@ void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input
   const auto acc_opts = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t point_blocks = g.N * ceil_div(g.P, kPointLanes);
   TORCH_CHECK(point_blocks <= INT_MAX, "sample_grid_backward: too many points for one launch (", g.N * g.P, ")");
-  auto kernel = scatter_backward_kernel<scalar_t, D>;
+  auto kernel = scatter_backward_kernel<scalar_t, D, TAPS>;
   const int64_t target = resident_blocks(kernel, kThreads, 0) * sm_count();
   const int64_t splits = std::clamp<int64_t>(ceil_div(target, point_blocks), 1,
                                              std::min<int64_t>(ceil_div(g.C, kChannelLanes), kMaxGridY));
@@ -239,12 +239,23 @@ void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input
     at::Tensor partial = at::zeros({groups, g.N_in, g.C, g.S}, acc_opts);
     const int64_t work = rows * groups;
     TORCH_CHECK(ceil_div(work, kOwnerThreads) <= INT_MAX, "sample_grid_backward: table too large for one launch");
-    owner_backward_kernel<scalar_t, D><<<static_cast<unsigned>(ceil_div(work, kOwnerThreads)), kOwnerThreads, 0,
+    owner_backward_kernel<scalar_t, D, TAPS><<<static_cast<unsigned>(ceil_div(work, kOwnerThreads)), kOwnerThreads, 0,
                                          stream>>>(gout.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
                                                    partial.data_ptr<acc_t>(), kg, sp, groups, per_group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     buf.grad_input = at::empty(input.sizes(), input.options());
     launch_reduce_partials<scalar_t>(partial, buf.grad_input, stream);
+  }
+}
+
+// Calls f(std::integral_constant<int, TAPS>{}) with the taps per axis: 4 for bicubic (1-D to
+// 3-D tables; the checks reject 4-D), else 2 (nearest uses the first tap only).
+template <int D, typename F>
+void dispatch_taps(int64_t interpolation, F&& f) {
+  if (interpolation != kBicubic) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    if constexpr (D <= kMaxCubicDim) f(std::integral_constant<int, 4>{});
   }
 }
 
@@ -257,7 +268,9 @@ void forward_typed(const at::Tensor& input, const at::Tensor& grid, at::Tensor& 
   const KernelGeometry kg = kernel_geometry(call.g);
   dispatch_dim(call.g.D, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    launch_forward<scalar_t, D>(input, grid, out, call.g, kg, sp, call.stream);
+    dispatch_taps<D>(call.interpolation, [&](auto taps) {
+      launch_forward<scalar_t, D, decltype(taps)::value>(input, grid, out, call.g, kg, sp, call.stream);
+    });
   });
 }
 
@@ -271,24 +284,29 @@ void backward_typed(const at::Tensor& gout, const at::Tensor& input, const at::T
   cudaStream_t stream = call.stream;
   dispatch_dim(g.D, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    bool done = false;
-    if (need_input) {
-      done = need_grid ? launch_table_backward<scalar_t, D, true>(gout, input, grid, buf, g, kg, sp, deterministic, stream)
-                       : launch_table_backward<scalar_t, D, false>(gout, input, grid, buf, g, kg, sp, deterministic, stream);
-    }
-    if (!done) {
-      launch_large_table_backward<scalar_t, D>(gout, input, grid, buf, g, kg, sp, need_input, need_grid,
-                                               deterministic, stream);
-    }
-    if (need_grid) {
-      buf.grad_grid = at::empty(grid.sizes(), grid.options());  // every element written below
-      const int64_t total_points = g.N * g.P;
-      reduce_grid_kernel<scalar_t, D><<<static_cast<unsigned>(ceil_div(total_points, kReduceThreads)), kReduceThreads,
-                                        0, stream>>>(buf.grid_partial.data_ptr<at::opmath_type<scalar_t>>(),
-                                                     buf.grid_parts, grid.data_ptr<scalar_t>(),
-                                                     buf.grad_grid.data_ptr<scalar_t>(), kg, sp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    dispatch_taps<D>(call.interpolation, [&](auto taps) {
+      constexpr int TAPS = decltype(taps)::value;
+      bool done = false;
+      if (need_input) {
+        done = need_grid ? launch_table_backward<scalar_t, D, TAPS, true>(gout, input, grid, buf, g, kg, sp,
+                                                                         deterministic, stream)
+                         : launch_table_backward<scalar_t, D, TAPS, false>(gout, input, grid, buf, g, kg, sp,
+                                                                          deterministic, stream);
+      }
+      if (!done) {
+        launch_large_table_backward<scalar_t, D, TAPS>(gout, input, grid, buf, g, kg, sp, need_input, need_grid,
+                                                       deterministic, stream);
+      }
+      if (need_grid) {
+        buf.grad_grid = at::empty(grid.sizes(), grid.options());  // every element written below
+        const int64_t total_points = g.N * g.P;
+        reduce_grid_kernel<scalar_t, D, TAPS><<<static_cast<unsigned>(ceil_div(total_points, kReduceThreads)),
+                                                kReduceThreads, 0, stream>>>(
+            buf.grid_partial.data_ptr<at::opmath_type<scalar_t>>(), buf.grid_parts, grid.data_ptr<scalar_t>(),
+            buf.grad_grid.data_ptr<scalar_t>(), kg, sp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
   });
 }
 
