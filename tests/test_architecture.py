@@ -25,7 +25,7 @@ MAX_LINES = 400
 # implementers (datasets, features, evaluation, fusion, FBP, runtime), which is why config sits
 # above them and reads them, and everything built from a config sits above config.
 LAYERS = (
-    ("gradad.io_utils", "gradad.runtime", "gradad.runtime_onnx"),
+    ("gradad.io_utils", "gradad.runtime", "gradad.deploy"),
     ("gradad.datasets",),
     ("gradad.backbones", "gradad.metrics"),
     ("gradad.evaluation", "gradad.features", "gradad.models.fusion", "gradad.models.fbp", "gradad.models"),
