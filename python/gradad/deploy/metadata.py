@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+
+from .files import atomic_write_bytes
 
 __all__ = ["FORMAT", "INPUT_DTYPES", "SCHEMA_VERSION", "MetadataError", "make_metadata", "metadata_path",
            "read_metadata", "validate_metadata", "write_metadata"]
@@ -120,20 +121,7 @@ def make_metadata(*, input_name: str, height: int, width: int, dtype: str, map_o
 def write_metadata(path: str | os.PathLike, meta: dict) -> str:
     """Validates ``meta`` and writes it as JSON to ``path`` atomically (temporary file + rename)."""
     text = json.dumps(validate_metadata(meta), indent=2, sort_keys=True) + "\n"
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
