@@ -107,8 +107,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if exported_checkpoint(argv) is not None:
         return _light_main(argv)
-    from . import commands  # torch side: only for the commands that need it (see the docstring)
-
+    try:
+        from . import commands  # torch side: only for the commands that need it (see the docstring)
+    except ImportError as error:  # gradad-runtime, or no torch: only predict of an exported model runs
+        print(f"gradad: error: this command needs the full grad-ext install with torch ({error}); without "
+              f"it only `gradad predict IMAGES --checkpoint model.onnx|model.xml` runs", file=sys.stderr)
+        return EXIT_ERROR
     return commands.main(argv)
 
 
