@@ -19,7 +19,7 @@ from PIL import Image
 
 import grad_ext.onnx
 from gradad import deploy
-from gradad.checkpoint import read_checkpoint
+from gradad.checkpoint import CHECKPOINT_KIND, read_checkpoint
 from gradad.cli import main
 from gradad.export import export_detector
 from gradad.inference import load_model, predict
@@ -163,6 +163,18 @@ def test_predict_without_torch(trained, images, tmp_path):
 
 # ---- bad input -------------------------------------------------------------------------------
 
+def test_failed_export_leaves_nothing(trained, tmp_path):
+    """A 3-D table as GridSample below opset 20 fails inside the exporter, after the staging
+    folder was made: the error is grad_ext.onnx's, and neither --out nor the staging folder stays."""
+    variant, checkpoint, _ = trained
+    if variant != "grad-3d":
+        pytest.skip("needs a 3-D table")
+    out = tmp_path / "never"
+    with pytest.raises(grad_ext.onnx.ExportError, match="opset"):
+        export_detector(checkpoint, "onnx", out, opset=18, sampler="gridsample")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_input_raises_and_leaves_nothing(trained, tmp_path):
     variant, checkpoint, _ = trained
     if variant != "grad":
@@ -174,6 +186,10 @@ def test_bad_input_raises_and_leaves_nothing(trained, tmp_path):
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt.pt"):
         export_detector(corrupt, "onnx", out)
+    unknown = tmp_path / "unknown.pt"
+    torch.save({"kind": CHECKPOINT_KIND, "format": 999}, unknown)
+    with pytest.raises(ValueError, match="format 999"):
+        export_detector(unknown, "onnx", out)
     with pytest.raises(grad_ext.onnx.ExportError, match="opset"):
         export_detector(checkpoint, "onnx", out, opset=15)
     with pytest.raises(ValueError, match="format"):
