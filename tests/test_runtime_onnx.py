@@ -1,4 +1,4 @@
-"""gradad.runtime_onnx: the torch-free scorer of an exported model, on a tiny hand-made ONNX model
+"""gradad.deploy: the torch-free scorer of an exported model, on a tiny hand-made ONNX model
 with the exported detector's contract, against the same module run in torch on images prepared
 the way gradad trains (torch's antialiased bilinear resize)."""
 import json
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from gradad import runtime_onnx as rt
+from gradad import deploy as rt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 32, 48
@@ -206,7 +206,7 @@ def test_runs_where_torch_cannot_be_imported(exported, images, tmp_path):
                                       "raise ImportError('torch is not installed on this machine (test stub)')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"), os.path.join(ROOT, "python")]))
     check = ("import sys\n"
-             "from gradad.runtime_onnx import Scorer\n"
+             "from gradad.deploy import Scorer\n"
              f"preds = Scorer({path!r}, backend=sys.argv[1]).predict({images!r})\n"
              "assert 'torch' not in sys.modules, 'torch was imported'\n"
              "print(repr([p.score for p in preds]))\n")
@@ -216,7 +216,7 @@ def test_runs_where_torch_cannot_be_imported(exported, images, tmp_path):
                               cwd=str(tmp_path))
         assert done.returncode == 0, done.stderr
         np.testing.assert_allclose(eval(done.stdout), expected, rtol=1e-5)
-    cli = subprocess.run([sys.executable, "-m", "gradad.runtime_onnx", path, *images], env=env, capture_output=True,
+    cli = subprocess.run([sys.executable, "-m", "gradad.deploy", path, *images], env=env, capture_output=True,
                          text=True, cwd=str(tmp_path))
     assert cli.returncode == 0, cli.stderr
     rows = [json.loads(line) for line in cli.stdout.splitlines()]

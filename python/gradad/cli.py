@@ -1,4 +1,11 @@
-"""The ``gradad`` command line: train, test, predict and demo.
+"""The ``gradad`` command line: train, test, predict, export and demo.
+
+This module imports only light modules (the standard library and gradad.deploy: numpy, Pillow),
+so that ``gradad predict IMAGES --checkpoint model.onnx`` (or ``model.xml``) runs on a machine
+without torch: that command is parsed and run here, through :mod:`gradad.deploy`. Every other
+command, and predict of a torch checkpoint, is :mod:`gradad.commands` (the parser of all
+subcommands and their torch-side implementations), imported by :func:`main` only then: the
+one function-level import of a gradad module that tests/test_architecture.py allows.
 
 Every command builds its config in the same order, each step overriding the previous one:
 the preset (--preset) or, for test/predict, the checkpoint's own config, or the defaults;
@@ -11,223 +18,68 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import warnings
 from typing import Optional, Sequence
 
 from . import __version__
-from .checkpoint import run_config
-from .config import (
-    ARCHITECTURES,
-    PRESETS,
-    Config,
-    apply_overrides,
-    config_to_yaml,
-    dump_config,
-    load_config,
-    preset_config,
-)
-from .datasets import DATASET_NAMES, ON_ERROR_CHOICES
-from .engine import train
-from .inference import load_model, load_run, predict, run_test
-from .report import format_table, pixel_notes, write_predictions, write_test_report
-from .runtime import finish_distributed, is_main_process
+from .deploy.metadata import MetadataError
+from .deploy.predict import ON_ERROR_CHOICES, predict_files
+from .deploy.scorer import BACKENDS
 
-# The demo: ELPV solar cells, offline EfficientNet-Lite weights, sized for a small CPU: a
-# seeded subset of the training cells.
-DEMO_PRESET = "lite-demo"
-DEMO_BIGRID_PRESET = "bigrid-lite"
-DEMO_OVERRIDES = ("data.dataset=elpv", "data.root=none", "split.max_train_images=400")
-DEMO_OUT = "runs/demo"
-CONFIG_NAME = "config.yaml"
+# --checkpoint files scored by gradad.deploy, without torch
+EXPORTED_SUFFIXES = (".onnx", ".xml")
 EXIT_ERROR = 1
-# Errors of bad input or environment: shown as one line, without a traceback.
-USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError, OSError,
-               RuntimeError, FloatingPointError, ImportError)
+LIGHT_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError, ImportError, MetadataError)
+# names gradad.cli re-exports from gradad.commands when asked for (build_parser, build_config, ...)
+_LAZY = ("build_parser", "build_config", "demo_config", "COMMANDS", "USER_ERRORS", "DEMO_PRESET", "DEMO_OUT")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, with_preset: bool = True,
-                      with_model: bool = False) -> None:
-    group = parser.add_argument_group("configuration")
-    group.add_argument("--config", metavar="YAML", help="YAML config file (missing keys keep the defaults)")
-    if with_preset:
-        group.add_argument("--preset", choices=sorted(PRESETS), help="named starting config")
-    if with_model:
-        group.add_argument("--model", choices=ARCHITECTURES,
-                           help="grad, or bigrid: Bi-Grid GRAD trained in the stages of the bigrid "
-                           "section (model.architecture)")
-    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one config value, e.g. --set train.epochs=10 (repeatable)")
-    group.add_argument("--dataset", help=f"dataset name: {', '.join(DATASET_NAMES)} (data.dataset)")
-    group.add_argument("--root", help="dataset folder (data.root)")
-    group.add_argument("--classes", help="comma-separated class names (data.classes); default: all")
-    group.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
-    group.add_argument("--out", help="output folder")
-    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+def exported_checkpoint(argv: Sequence[str]) -> Optional[str]:
+    """The --checkpoint of a ``predict`` command line when it names an exported model
+    (:data:`EXPORTED_SUFFIXES`), else None."""
+    args = list(argv)
+    positional = [a for a in args if not a.startswith("-")]
+    if not positional or positional[0] != "predict":
+        return None
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg == "--checkpoint" and i + 1 < len(args) else \
+            arg.split("=", 1)[1] if arg.startswith("--checkpoint=") else None
+        if value is not None and value.lower().endswith(EXPORTED_SUFFIXES):
+            return value
+    return None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of all subcommands."""
-    parser = argparse.ArgumentParser(prog="gradad", description="GRAD anomaly detection: train on normal "
-                                     "images, then score images with anomaly heatmaps.")
+def build_light_parser() -> argparse.ArgumentParser:
+    """The parser of ``gradad predict IMAGES --checkpoint EXPORTED`` (no torch)."""
+    parser = argparse.ArgumentParser(prog="gradad", description="GRAD anomaly detection (exported model).")
     parser.add_argument("--version", action="version", version=f"gradad {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train = commands.add_parser("train", help="train a model; writes <out>/checkpoint.pt",
-                                description="Train GRAD on the normal training images of a dataset.")
-    _add_config_flags(train, with_model=True)
-    train.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    _add_split_flags(train)
-
-    test = commands.add_parser("test", help="evaluate a checkpoint on a test split",
-                               description="Metrics (docs/method.md §5), scores, ROC curves and heatmaps of a "
-                               "dataset's test split; default dataset: the checkpoint's.")
-    test.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    _add_config_flags(test)
-
-    predict = commands.add_parser("predict", help="score image files or folders",
-                                  description="Image score, anomalous/normal decision and heatmap per "
-                                  "image; results.json and results.csv in --out.")
+    predict = commands.add_parser("predict", help="score image files or folders with an exported model")
     predict.add_argument("images", nargs="+", help="image files and/or folders of images")
-    predict.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    threshold = predict.add_mutually_exclusive_group()
-    threshold.add_argument("--threshold", type=float, help="decision threshold on the image score")
-    threshold.add_argument("--quantile", type=float,
-                           help="threshold = this quantile of the checkpoint's validation scores")
-    predict.add_argument("--on-error", choices=ON_ERROR_CHOICES,
-                         help="unreadable image: stop with an error or skip it with a warning")
-    _add_config_flags(predict)
-
-    demo = commands.add_parser("demo", help="train and evaluate on ELPV solar cells (CPU-sized)",
-                               description="Train on ELPV normal cells with the offline "
-                               "EfficientNet-Lite backbone, evaluate on the ELPV test split and write "
-                               "the report to --out.")
-    _add_config_flags(demo, with_preset=False, with_model=True)
-    _add_split_flags(demo)
+    predict.add_argument("--checkpoint", required=True, help="exported model.onnx or model.xml, model.json beside it")
+    predict.add_argument("--threshold", type=float, help="decision threshold instead of the metadata's")
+    predict.add_argument("--backend", choices=BACKENDS, default="auto", help="runtime (auto: by the file's suffix)")
+    predict.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="raise",
+                         help="unreadable image: fail the run (after scoring the others) or skip it")
+    predict.add_argument("--batch-size", type=int, default=8, help="images read per step")
+    predict.add_argument("--out", help="output folder (default: predict/ beside the model file)")
+    predict.add_argument("--no-progress", action="store_true", help="accepted for symmetry; nothing to hide")
     return parser
 
 
-def _add_split_flags(parser: argparse.ArgumentParser) -> None:
-    # shortcuts to the config's split section (defaults there; the demo caps the images)
-    group = parser.add_argument_group("training images and threshold")
-    group.add_argument("--max-train-images", help="train on a seeded subset of at most this many images "
-                       "(split.max_train_images; 'none' for all)")
-    group.add_argument("--val-fraction", help="seeded fraction of the training normals held out for the "
-                       "threshold (split.val_fraction)")
-    group.add_argument("--threshold-quantile", help="decision threshold: this quantile of the held-out "
-                       "normals' scores (split.threshold_quantile)")
-
-
-def build_config(args: argparse.Namespace, base: Optional[Config] = None) -> Config:
-    """The run's config from the parsed flags (see the module docstring for the order)."""
-    if getattr(args, "preset", None):
-        cfg = preset_config(args.preset)
-    else:
-        cfg = base if base is not None else Config()
-    if args.config:
-        cfg = load_config(args.config, base=cfg)
-    shortcuts = []
-    if getattr(args, "model", None) is not None:
-        shortcuts.append(f"model.architecture={args.model}")
-    if args.dataset is not None:
-        shortcuts.append(f"data.dataset={args.dataset}")
-    if args.root is not None:
-        shortcuts.append(f"data.root={args.root}")
-    if args.classes is not None:
-        shortcuts.append(f"data.classes={args.classes}")
-    if args.device is not None:
-        shortcuts.append(f"train.device={args.device}")
-    for flag, key in (("max_train_images", "max_train_images"), ("val_fraction", "val_fraction"),
-                      ("threshold_quantile", "threshold_quantile")):
-        if getattr(args, flag, None) is not None:
-            shortcuts.append(f"split.{key}={getattr(args, flag)}")
-    return apply_overrides(cfg, shortcuts + list(args.overrides))
-
-
-def _command_train(args: argparse.Namespace) -> int:
-    cfg = build_config(args)
-    out_dir = args.out or cfg.output_dir
-    cfg = apply_overrides(cfg, [f"output_dir={out_dir}"])
-    if is_main_process():
-        dump_config(cfg, os.path.join(out_dir, CONFIG_NAME))
-    try:
-        result = train(cfg, out_dir, resume=args.resume, progress=not args.no_progress)
-    finally:
-        finish_distributed()
-    if is_main_process():
-        for path, losses in zip(result.checkpoints, result.epoch_losses):
-            last = f", last epoch loss {losses[-1]:.5g}" if losses else ""
-            print(f"checkpoint: {path} ({result.epochs} epochs{last})")
-    return 0
-
-
-def _run_and_out_dir(args: argparse.Namespace, default_subfolder: str):
-    """The loaded run of --checkpoint under the config of the flags, and the output folder."""
-    cfg = build_config(args, base=run_config(args.checkpoint))
-    models = load_run(args.checkpoint, cfg, cfg.train.device)
-    run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
-    return models, args.out or os.path.join(run_dir, default_subfolder)
-
-
-def _command_test(args: argparse.Namespace) -> int:
-    models, out_dir = _run_and_out_dir(args, "test")
-    result = run_test(models, progress=not args.no_progress)
-    write_test_report(result, out_dir, progress=not args.no_progress)
-    _print_results(result)
-    print(f"report: {out_dir}")
-    return 0
-
-
-def _print_results(result) -> None:
-    print(format_table(result.results))
-    for note in pixel_notes(result.pixel_masks):
-        print(note)
-
-
-def _command_predict(args: argparse.Namespace) -> int:
-    models, out_dir = _run_and_out_dir(args, "predict")
-    if None not in models:
-        raise ValueError(f"{args.checkpoint} is a per-class run ({', '.join(models)}): pass the checkpoint "
-                         f"of one class, e.g. {os.path.join(args.checkpoint, next(iter(models)), 'checkpoint.pt')}")
-    prediction = predict(models[None], args.images, threshold=args.threshold, quantile=args.quantile,
-                         on_error=args.on_error, progress=not args.no_progress)
-    results = write_predictions(prediction, out_dir, config_to_yaml(models[None].config))
-    for row in results:
+def _light_predict(args: argparse.Namespace) -> int:
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "predict")
+    result = predict_files(args.checkpoint, args.images, out_dir, threshold=args.threshold, backend=args.backend,
+                           on_error=args.on_error, batch_size=args.batch_size)
+    for row in result.rows:
         verdict = "ANOMALOUS" if row["anomalous"] else "normal"
         print(f"{row['score']:.5g}\t{verdict}\t{row['path']}")
     print(f"results: {os.path.join(out_dir, 'results.json')}")
-    if prediction.problems and prediction.on_error == "raise":
-        print(f"gradad predict: error: {len(prediction.problems)} image(s) could not be scored (listed in "
-              f"results.json; --on-error skip accepts that): {', '.join(prediction.problems[:5])}"
-              + (" ..." if len(prediction.problems) > 5 else ""), file=sys.stderr)
+    if result.problems and args.on_error == "raise":
+        print(f"gradad predict: error: {len(result.problems)} image(s) could not be scored (listed in "
+              f"results.json; --on-error skip accepts that): {', '.join(result.problems[:5])}", file=sys.stderr)
         return EXIT_ERROR
-    return 0
-
-
-def demo_config(args: argparse.Namespace) -> Config:
-    """The demo's config: the 'lite-demo' preset ('bigrid-lite' with --model bigrid) on a
-    seeded subset of ELPV (:data:`DEMO_OVERRIDES`), then the user's flags."""
-    preset = DEMO_BIGRID_PRESET if getattr(args, "model", None) == "bigrid" else DEMO_PRESET
-    return build_config(args, base=apply_overrides(preset_config(preset), DEMO_OVERRIDES))
-
-
-def _command_demo(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    cfg = demo_config(args)
-    out_dir = args.out or DEMO_OUT
-    cfg = apply_overrides(cfg, [f"output_dir={out_dir}"])
-    dump_config(cfg, os.path.join(out_dir, CONFIG_NAME))
-    result = train(cfg, out_dir, progress=not args.no_progress)
-    trained = time.perf_counter()
-    loaded = load_model(result.checkpoints[0], cfg, cfg.train.device)
-    tested = run_test(loaded, progress=not args.no_progress)
-    write_test_report(tested, out_dir, progress=not args.no_progress)
-    finished = time.perf_counter()
-    _print_results(tested)
-    print(f"demo: trained in {trained - started:.0f} s, evaluated in {finished - trained:.0f} s, "
-          f"total {finished - started:.0f} s on {loaded.device}")
-    print(f"report: {out_dir}")
     return 0
 
 
@@ -235,25 +87,39 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-COMMANDS = {"train": _command_train, "test": _command_test, "predict": _command_predict, "demo": _command_demo}
+def _light_main(argv: Sequence[str]) -> int:
+    args = build_light_parser().parse_args(argv)
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _light_predict(args)
+    except LIGHT_ERRORS as error:
+        if args.traceback:
+            raise
+        print(f"gradad predict: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        warnings.formatwarning = previous_format
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``gradad`` console script; returns the exit status (0 on success, 1
     on an error, which is printed as one line unless --traceback is given)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if exported_checkpoint(argv) is not None:
+        return _light_main(argv)
     try:
-        return COMMANDS[args.command](args)
-    except USER_ERRORS as error:
-        if args.traceback:
-            raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"gradad {args.command}: error: {message}", file=sys.stderr)
+        from . import commands  # torch side: only for the commands that need it (see the docstring)
+    except ImportError as error:  # gradad-runtime, or no torch: only predict of an exported model runs
+        print(f"gradad: error: this command needs the full grad-ext install with torch ({error}); without "
+              f"it only `gradad predict IMAGES --checkpoint model.onnx|model.xml` runs", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"gradad {args.command}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        warnings.formatwarning = previous_format
+    return commands.main(argv)
+
+
+def __getattr__(name: str):
+    """build_parser, build_config, ... of :mod:`gradad.commands`, imported on first use."""
+    if name in _LAZY:
+        from . import commands  # as in main: torch side on demand
+
+        return getattr(commands, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

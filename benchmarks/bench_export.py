@@ -1,0 +1,166 @@
+"""Images per second of the exported detector (gradad.export.DetectorGraph: resize, normalisation,
+backbone, GRAD, strict post-processing, all in one graph) on this CPU, in torch eager (the
+grad_ext kernels), onnxruntime (the ONNX file gradad export writes) and OpenVINO (its IR, with
+the resize as matrix products), at batch 1 and 32, for the Lite demo (preset lite-demo) and the
+paper's configuration (preset grad, EfficientNet-B4). Random backbone weights: only the timing
+matters. Input: images at the model's own size (so the resize is the identity's cost). Runtimes timed
+in one process take turns call by call (onnxruntime's idle threads do not spin); on a 2-core VM
+torch eager still slows by 5-80x beside a loaded OpenVINO/onnxruntime, so the committed figures
+time each runtime alone in its own process::
+
+    for r in eager onnxruntime openvino; do python benchmarks/bench_export.py --runtimes $r; done
+
+    python benchmarks/bench_export.py [--specs lite-demo grad] [--out benchmarks/results]
+
+Writes ``<out>/<cpu slug>/export.json`` and ``export.md`` (rows of specs and runtimes not run are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:0] = [_ROOT, os.path.join(_ROOT, "python")]
+
+import numpy as np
+import onnxruntime as ort
+import openvino as ov
+import torch
+
+import grad_ext.onnx
+from benchmarks.bench_detector import DetectorSpec, build_detector
+from benchmarks.device_info import device_slug, environment
+from benchmarks.reporting import markdown_table
+from gradad.export import DetectorGraph, dynamic_shapes
+
+SPECS = {"lite-demo": DetectorSpec("Lite demo (random weights)", "lite-demo", "random"),
+         "grad": DetectorSpec("GRAD, EfficientNet-B4 (random weights)", "grad", "random")}
+BATCHES = (1, 32)
+# the paper's B4 model takes about a second per image on a small CPU: batch 32 is cut to this
+CPU_MAX_BATCH = {"grad": 4}
+WARMUP, MIN_REPEATS, BUDGET_S = 2, 5, 6.0
+
+
+def _time_interleaved(steps: Dict[str, object], batch: int) -> Dict[str, Dict[str, float]]:
+    """Times the steps round-robin (one call of each in turn, so a busy spell of the shared
+    machine slows all of them), at least MIN_REPEATS rounds and about BUDGET_S seconds."""
+    for step in steps.values():
+        for _ in range(WARMUP):
+            step()
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    started = time.perf_counter()
+    while min(map(len, times.values())) < MIN_REPEATS or time.perf_counter() - started < BUDGET_S:
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "repeats": len(t),
+                   "images_per_s": batch / statistics.median(t)} for name, t in times.items()}
+
+
+RUNTIMES = {"eager": "torch eager (ext kernels)", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def run_spec(name: str, threads: int, folder: str,
+             runtimes: Sequence[str] = tuple(RUNTIMES)) -> List[Dict[str, object]]:
+    """Rows {spec, runtime, batch, requested_batch, median_ms, min_ms, images_per_s, repeats}
+    of ``runtimes`` (keys of :data:`RUNTIMES`)."""
+    spec = SPECS[name]
+    backbone, model, cfg = build_detector(spec, "ext", torch.device("cpu"))
+    side = cfg.model.input_size
+    graphs = {"native": DetectorGraph(backbone, model.eval(), side, "native").eval(),
+              "matmul": DetectorGraph(backbone, model.eval(), side, "matmul").eval()}
+    example = torch.rand(2, 3, side + 8, side + 12) * 255
+    onnx_path = os.path.join(folder, f"{name}.onnx")
+    ov_onnx = os.path.join(folder, f"{name}-matmul.onnx")
+    with torch.no_grad():
+        for graph, path, runtime in ((graphs["native"], onnx_path, "onnxruntime"),
+                                     (graphs["matmul"], ov_onnx, "openvino")):
+            if runtime not in runtimes:
+                continue
+            grad_ext.onnx.export(graph, (example,), path, dynamic_shapes=dynamic_shapes(),
+                                 input_names=["image"], output_names=["anomaly_map", "score"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # idle threads must not spin: the runtimes take turns on the same cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if "onnxruntime" in runtimes:
+        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    if "openvino" in runtimes:
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(ov_onnx), "CPU",
+                                      {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+
+    def eager(images):
+        with torch.no_grad():
+            return graphs["native"](torch.from_numpy(images))
+
+    rows = []
+    for requested in BATCHES:
+        batch = min(requested, CPU_MAX_BATCH.get(name, requested))
+        images = (np.random.default_rng(0).random((batch, 3, side, side)) * 255).astype(np.float32)
+        steps = {"eager": lambda images=images: eager(images),
+                 "onnxruntime": lambda images=images: session.run(None, {"image": images}),
+                 "openvino": lambda images=images: request.infer({"image": images})}
+        steps = {RUNTIMES[key]: step for key, step in steps.items() if key in runtimes}
+        for runtime, timing in _time_interleaved(steps, batch).items():
+            rows.append({"spec": name, "runtime": runtime, "batch": batch, "requested_batch": requested,
+                         "input_size": side, **timing})
+            print(f"{name} {runtime} batch {batch}: {timing['images_per_s']:.1f} images/s", flush=True)
+    return rows
+
+
+def to_markdown(results: Dict[str, object]) -> str:
+    """The results as a markdown table, with the speed-up over torch eager at each batch."""
+    rows = results["rows"]
+    eager = {(r["spec"], r["batch"]): r["images_per_s"] for r in rows if r["runtime"].startswith("torch")}
+    table = [[r["spec"], str(r["input_size"]), r["runtime"],
+              f"{r['batch']}" + (f" (asked {r['requested_batch']})" if r["batch"] != r["requested_batch"] else ""),
+              f"{r['median_ms']:.1f}", f"{r['images_per_s']:.1f}",
+              f"{r['images_per_s'] / eager[(r['spec'], r['batch'])]:.2f}×"] for r in rows]
+    lines = [f"# Exported detector throughput: {results['device']}", "",
+             f"{results['threads']} threads; image to answer (resize, normalisation, backbone, GRAD, strict "
+             "post-processing) at the model's input size; random backbone weights.", "",
+             markdown_table(["spec", "input", "runtime", "batch", "median ms", "images/s", "vs eager"], table)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Runs the benchmark and writes export.json / export.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--specs", nargs="+", choices=sorted(SPECS), default=["lite-demo", "grad"])
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--runtimes", nargs="+", choices=sorted(RUNTIMES), default=sorted(RUNTIMES),
+                        help="runtimes to time (one alone: none of the others is loaded in the process)")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [row for name in args.specs for row in run_spec(name, args.threads, folder, args.runtimes)]
+    out = os.path.join(args.out, device_slug(device))
+    os.makedirs(out, exist_ok=True)
+    previous = os.path.join(out, "export.json")
+    if os.path.isfile(previous):  # keep the rows of the specs not run this time
+        with open(previous, encoding="utf-8") as handle:
+            ran = {(r["spec"], r["runtime"]) for r in rows}
+            rows = [r for r in json.load(handle)["rows"] if (r["spec"], r["runtime"]) not in ran] + rows
+    results = {"device": device_slug(device), "threads": args.threads, "environment": environment(device),
+               "rows": sorted(rows, key=lambda r: (r["spec"] != "lite-demo", r["spec"]))}
+    with open(os.path.join(out, "export.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    with open(os.path.join(out, "export.md"), "w", encoding="utf-8") as handle:
+        handle.write(to_markdown(results))
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

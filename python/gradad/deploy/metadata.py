@@ -1,0 +1,141 @@
+"""The metadata JSON of an exported GRAD detector (``model.json`` beside ``model.onnx`` or
+``model.xml``): this module is the single owner of its schema (:data:`SCHEMA_VERSION`,
+:func:`validate_metadata`, :func:`make_metadata`, :func:`write_metadata`, :func:`read_metadata`).
+Standard library only, so it runs where torch is not installed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from .files import atomic_write_bytes
+
+__all__ = ["FORMAT", "INPUT_DTYPES", "SCHEMA_VERSION", "MetadataError", "make_metadata", "metadata_path",
+           "read_metadata", "validate_metadata", "write_metadata"]
+
+FORMAT = "gradad-exported-model"
+SCHEMA_VERSION = 1
+INPUT_DTYPES = ("float32", "uint8")
+_REQUIRED = {"format", "schema_version", "input", "outputs", "threshold", "class_names", "versions"}
+# optional: the image-score protocol, where the threshold came from, whether the graph takes
+# images of any size (and resizes and post-processes inside), free-form extra facts
+_OPTIONAL = {"anomaly_map_size", "protocol", "threshold_source", "any_input_size", "extra"}
+
+
+class MetadataError(ValueError):
+    """The metadata JSON is missing a field, has a wrong one, or does not match the model file."""
+
+
+# ---- metadata --------------------------------------------------------------------------------
+
+def metadata_path(model_path: str | os.PathLike) -> str:
+    """The metadata JSON of a model file: same folder and stem, ``.json`` (model.onnx -> model.json)."""
+    root, _ = os.path.splitext(os.fspath(model_path))
+    return root + ".json"
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate_metadata(meta) -> dict:
+    """Checks ``meta`` against schema version :data:`SCHEMA_VERSION`; returns it.
+
+    Fields: format (:data:`FORMAT`), schema_version (int), input {name, height, width, dtype in
+    'float32'/'uint8'}, outputs {anomaly_map, score} (graph output names), threshold (finite
+    number), class_names (list of str: the categories the model was trained on), versions
+    (str -> str: gradad, grad_ext, torch, opset, ...); optional anomaly_map_size [h, w],
+    protocol (str), threshold_source (str), any_input_size (bool: the graph takes (N, 3, H', W')
+    at any H', W', resizes to input height x width inside and returns maps (N, H', W') already
+    post-processed; without it the input must be height x width), extra (dict). Raises
+    MetadataError naming the field.
+    """
+    if not isinstance(meta, dict):
+        raise MetadataError(f"metadata must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise MetadataError(f"metadata field 'format' must be {FORMAT!r}, got {meta.get('format')!r}")
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise MetadataError(f"metadata field 'schema_version' is {version!r}; this reader knows version "
+                            f"{SCHEMA_VERSION}")
+    missing = sorted(_REQUIRED - set(meta))
+    if missing:
+        raise MetadataError(f"metadata lacks the field(s) {missing}")
+    unknown = sorted(set(meta) - _REQUIRED - _OPTIONAL)
+    if unknown:
+        raise MetadataError(f"metadata has unknown field(s) {unknown} for schema version {SCHEMA_VERSION}")
+    inp = meta["input"]
+    if not isinstance(inp, dict) or set(inp) != {"name", "height", "width", "dtype"}:
+        raise MetadataError(f"metadata field 'input' must be {{name, height, width, dtype}}, got {inp!r}")
+    if not isinstance(inp["name"], str) or not inp["name"]:
+        raise MetadataError(f"metadata field 'input.name' must be a non-empty string, got {inp['name']!r}")
+    for key in ("height", "width"):
+        if not _positive_int(inp[key]):
+            raise MetadataError(f"metadata field 'input.{key}' must be a positive int, got {inp[key]!r}")
+    if inp["dtype"] not in INPUT_DTYPES:
+        raise MetadataError(f"metadata field 'input.dtype' must be one of {list(INPUT_DTYPES)}, got {inp['dtype']!r}")
+    outs = meta["outputs"]
+    if not isinstance(outs, dict) or set(outs) != {"anomaly_map", "score"} or \
+            not all(isinstance(v, str) and v for v in outs.values()):
+        raise MetadataError(f"metadata field 'outputs' must map anomaly_map and score to output names, got {outs!r}")
+    threshold = meta["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise MetadataError(f"metadata field 'threshold' must be a finite number, got {threshold!r}")
+    names = meta["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise MetadataError(f"metadata field 'class_names' must be a list of strings, got {names!r}")
+    versions = meta["versions"]
+    if not isinstance(versions, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in versions.items()):
+        raise MetadataError(f"metadata field 'versions' must map names to version strings, got {versions!r}")
+    size = meta.get("anomaly_map_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(map(_positive_int, size))):
+        raise MetadataError(f"metadata field 'anomaly_map_size' must be [h, w] of positive ints, got {size!r}")
+    for key in ("protocol", "threshold_source"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise MetadataError(f"metadata field {key!r} must be a string, got {meta[key]!r}")
+    if meta.get("any_input_size") is not None and not isinstance(meta["any_input_size"], bool):
+        raise MetadataError(f"metadata field 'any_input_size' must be true or false, got {meta['any_input_size']!r}")
+    if meta.get("extra") is not None and not isinstance(meta["extra"], dict):
+        raise MetadataError(f"metadata field 'extra' must be an object, got {meta['extra']!r}")
+    return meta
+
+
+def make_metadata(*, input_name: str, height: int, width: int, dtype: str, map_output: str, score_output: str,
+                  threshold: float, class_names, versions: dict, anomaly_map_size=None, protocol=None,
+                  threshold_source=None, any_input_size=None, extra=None) -> dict:
+    """A validated metadata dict (see :func:`validate_metadata` for the fields)."""
+    meta = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
+            "input": {"name": input_name, "height": height, "width": width, "dtype": dtype},
+            "outputs": {"anomaly_map": map_output, "score": score_output},
+            "threshold": float(threshold) if isinstance(threshold, (int, float)) else threshold,
+            "class_names": list(class_names), "versions": dict(versions)}
+    optional = {"anomaly_map_size": None if anomaly_map_size is None else list(anomaly_map_size),
+                "protocol": protocol, "threshold_source": threshold_source,
+                "any_input_size": any_input_size, "extra": extra}
+    meta.update({k: v for k, v in optional.items() if v is not None})
+    return validate_metadata(meta)
+
+
+def write_metadata(path: str | os.PathLike, meta: dict) -> str:
+    """Validates ``meta`` and writes it as JSON to ``path`` atomically (temporary file + rename)."""
+    text = json.dumps(validate_metadata(meta), indent=2, sort_keys=True) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The validated metadata in the JSON file ``path``; FileNotFoundError or MetadataError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model metadata {path} not found: an exported model needs the JSON written "
+                                f"beside it by the export")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise MetadataError(f"model metadata {path} is not valid JSON: {exc}") from exc
+    try:
+        return validate_metadata(meta)
+    except MetadataError as exc:
+        raise MetadataError(f"{path}: {exc}") from None

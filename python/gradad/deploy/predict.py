@@ -1,0 +1,155 @@
+"""``gradad predict IMAGES --checkpoint model.onnx|model.xml``: the predict run of an exported model
+with numpy, Pillow and onnxruntime / OpenVINO only (no torch, no compiled extension).
+
+It writes what gradad's torch-side predict writes (gradad.report.runs.write_predictions):
+results.json (checkpoint, threshold, threshold_source, protocol, on_error, skipped_images,
+failed_images, images: [{path, score, anomalous, heatmap}]), results.csv (path, score,
+threshold, anomalous, heatmap) and heatmaps/<stem>.png: the image | its heatmap over it, drawn
+with Pillow on one colour scale, 0 to twice the threshold. No report.html (that needs the
+torch-side report package).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .files import atomic_write_bytes
+from .images import load_image
+from .scorer import Scorer
+
+__all__ = ["IMAGE_EXTENSIONS", "ON_ERROR_CHOICES", "LightPrediction", "collect_images", "heatmap_png",
+           "predict_files"]
+
+# as gradad.datasets.records.IMAGE_EXTENSIONS and gradad.datasets.ON_ERROR_CHOICES (this package
+# must not import them: they live beside torch code)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+ON_ERROR_CHOICES = ("raise", "skip")
+RESULTS_JSON, RESULTS_CSV, HEATMAP_DIR = "results.json", "results.csv", "heatmaps"
+HEATMAP_ALPHA = 0.5
+
+
+def collect_images(paths) -> list:
+    """Image files named by ``paths`` (files as given, folders by their image files, not
+    recursive), each once; a missing path or an empty folder raises."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise ValueError("images: no image files or folders given to predict on")
+    files = []
+    for path in map(os.fspath, paths):
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                           if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n)))
+            if not found:
+                raise ValueError(f"images: folder {path} holds no image files (suffixes {', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"images: image file or folder not found: {path}")
+    return list(dict.fromkeys(files))
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """(H, W) in 0..1 -> (H, W, 3) uint8, a jet-like colour ramp (blue, cyan, yellow, red)."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    red = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    green = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    blue = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.concatenate([red, green, blue], axis=-1) * 255).round().astype(np.uint8)
+
+
+def heatmap_png(rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> bytes:
+    """PNG bytes of the image (H, W, 3) uint8 beside its map (H, W) drawn over it (colour scale
+    vmin..vmax, blended with alpha :data:`HEATMAP_ALPHA`)."""
+    if amap.shape != rgb.shape[:2]:
+        amap = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(
+            (rgb.shape[1], rgb.shape[0]), Image.Resampling.BILINEAR))
+    span = vmax - vmin if vmax > vmin else 1.0
+    overlay = (1 - HEATMAP_ALPHA) * rgb + HEATMAP_ALPHA * _jet((amap - vmin) / span)
+    panel = np.concatenate([rgb, overlay.round().astype(np.uint8)], axis=1)
+    buffer = io.BytesIO()
+    Image.fromarray(panel).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _stem(path: str, seen: dict) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.splitext(os.path.basename(path))[0]).strip("-.") or "x"
+    count = seen.get(name, 0)
+    seen[name] = count + 1
+    return name if count == 0 else f"{name}_{count}"
+
+
+@dataclass
+class LightPrediction:
+    """A finished light predict run: one row per scored image (path, score, anomalous,
+    heatmap), the unreadable images, the ones that failed while scored, and the threshold."""
+
+    rows: list
+    threshold: float
+    skipped: list = field(default_factory=list)
+    failed: dict = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list:
+        """The images left out, in the order they were met."""
+        return self.skipped + list(self.failed)
+
+
+def predict_files(model_path: str, images, out_dir: str, *, threshold: float | None = None,
+                  backend: str = "auto", on_error: str = "raise", batch_size: int = 8) -> LightPrediction:
+    """Scores image files / folders with an exported model and writes results.json,
+    results.csv and heatmaps/ to ``out_dir`` (see the module docstring). An unreadable image is
+    left out with a warning and the others are still scored; ``on_error`` says whether the
+    caller should then fail the run."""
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of {list(ON_ERROR_CHOICES)}, got {on_error!r}")
+    scorer = Scorer(model_path, backend=backend, threshold=threshold)
+    files = collect_images(images)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(os.path.join(out_dir, HEATMAP_DIR), exist_ok=True)
+    vmax = 2 * scorer.threshold if scorer.threshold > 0 else None
+    result = LightPrediction([], scorer.threshold)
+    seen: dict = {}
+    for start in range(0, len(files), batch_size):
+        part, rgbs = [], []
+        for path in files[start:start + batch_size]:
+            try:
+                rgbs.append(load_image(path, "image"))
+                part.append(path)
+            except (OSError, ValueError, TypeError) as error:
+                warnings.warn(f"cannot read image {path}: {error}; left out")
+                result.skipped.append(path)
+        for path, rgb in zip(part, rgbs):
+            try:
+                (pred,) = scorer.predict([rgb], original_size=True)
+            except (OSError, ValueError, RuntimeError) as error:
+                result.failed[path] = f"{type(error).__name__}: {error}"
+                warnings.warn(f"cannot score image {path}: {error}; left out")
+                continue
+            lo, hi = (0.0, vmax) if vmax else (float(pred.anomaly_map.min()), float(pred.anomaly_map.max()))
+            heatmap = os.path.join(out_dir, HEATMAP_DIR, _stem(path, seen) + ".png")
+            atomic_write_bytes(heatmap, heatmap_png(rgb, pred.anomaly_map, lo, hi))
+            result.rows.append({"path": path, "score": pred.score, "anomalous": pred.anomalous, "heatmap": heatmap})
+    meta = scorer.metadata
+    summary = {"checkpoint": os.fspath(model_path), "threshold": scorer.threshold,
+               "threshold_source": "given" if threshold is not None else meta.get("threshold_source", "metadata"),
+               "protocol": meta.get("protocol", "strict"), "on_error": on_error, "skipped_images": result.skipped,
+               "failed_images": dict(result.failed), "images": result.rows}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "score", "threshold", "anomalous", "heatmap"])
+    for row in result.rows:
+        writer.writerow([row["path"], repr(row["score"]), repr(scorer.threshold), int(row["anomalous"]),
+                         row["heatmap"]])
+    atomic_write_bytes(os.path.join(out_dir, RESULTS_JSON), (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(os.path.join(out_dir, RESULTS_CSV), buffer.getvalue().encode())
+    return result

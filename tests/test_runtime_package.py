@@ -1,0 +1,53 @@
+"""runtime/: the gradad-runtime distribution builds a wheel of the light modules only (gradad's
+__init__, __main__, cli and gradad.deploy), and its command runs with no torch importable."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIGHT_FILES = {"gradad/__init__.py", "gradad/__main__.py", "gradad/cli.py"}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(wheel file names, a folder with the wheel installed into it)."""
+    tmp = tmp_path_factory.mktemp("runtime")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            os.path.join(ROOT, "runtime"), "-w", str(tmp / "wheel")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp / "wheel").iterdir()
+    names = set(zipfile.ZipFile(wheel).namelist())
+    target = tmp / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr
+    return names, target
+
+
+def test_wheel_holds_only_the_light_modules(installed):
+    names, _ = installed
+    modules = {n for n in names if n.endswith(".py")}
+    deploy = {n for n in modules if n.startswith("gradad/deploy/")}
+    assert modules == LIGHT_FILES | deploy
+    assert {"gradad/deploy/scorer.py", "gradad/deploy/metadata.py", "gradad/deploy/predict.py"} <= deploy
+    assert not any(n.startswith("grad_ext/") for n in names)
+
+
+def test_installed_command_runs_without_torch(installed, tmp_path):
+    _, target = installed
+    stub = tmp_path / "stub" / "torch"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('torch is not installed on this machine (test stub)')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"), str(target)]))
+    done = subprocess.run([sys.executable, "-m", "gradad", "predict", "a.png", "--checkpoint", "missing.onnx"],
+                          env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    assert done.returncode == 1 and "missing.onnx" in done.stderr and "Traceback" not in done.stderr
+    where = subprocess.run([sys.executable, "-c", "import gradad.cli; print(gradad.cli.__file__)"], env=env,
+                           capture_output=True, text=True, cwd=str(tmp_path))
+    assert where.stdout.startswith(str(target))
+    train = subprocess.run([sys.executable, "-m", "gradad", "train"], env=env, capture_output=True, text=True,
+                           cwd=str(tmp_path))
+    assert train.returncode == 1 and "needs the full grad-ext" in train.stderr
