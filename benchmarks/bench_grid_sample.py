@@ -3,12 +3,13 @@
 Cases (see :func:`default_cases`): GRAD's global shape (one table of 216·28·28 channels at B
 points) in the model's form (grid (B, 1, 1, 2): one point per image, the headline) against
 F.grid_sample as the reference code calls it (grid (1, B, 1, 2), output transposed to
-(B, C·H·W)), and both sides in the reference code's form; the local shape (one 216×8×8 table shared by B images of 28×28 points, which the
-reference code repeats over the batch), drop-in 2-D/3-D F.grid_sample shapes, 1-D and 4-D
-tables against ``grad_ext.reference.multilinear_sample``, deterministic mode, and in-kernel
-jitter against "torch noise, then F.grid_sample". Each case is timed forward (no_grad) and
-forward+backward (gradients for table and grid), warm-up first, then the median of repeated
-calls that rotate between input copies larger than the last-level cache together.
+(B, C·H·W)), and both sides in the reference code's form; the local shape (one 216×8×8
+table shared by B images of 28×28 points, which the reference code repeats over the batch),
+drop-in 2-D/3-D F.grid_sample shapes, 1-D and 4-D tables against
+``grad_ext.reference.multilinear_sample``, deterministic mode, and in-kernel jitter against
+"torch noise, then F.grid_sample". Each case is timed forward (no_grad) and forward+backward
+(gradients for table and grid), warm-up first, then the median of repeated calls that rotate
+between input copies larger than the last-level cache together.
 
 Bytes that must move (E = element size, P = grid points N·prod(O), C = channels, T = table
 elements N_in·C·prod(S), K = 2^d corners for bilinear, 1 for nearest, and the table read
@@ -31,7 +32,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
@@ -43,9 +44,8 @@ from tqdm import tqdm
 
 import grad_ext
 import grad_ext.reference as reference
-from gradad.config import ModelConfig
-
 from benchmarks.timing import TimingSettings, default_timing, input_copies, measure_interleaved
+from gradad.config import ModelConfig
 
 # GRAD's shapes: C = 216 feature channels (EfficientNet-B4), 28×28 features, local grid 8×8,
 # global grid 4×4 storing whole C×28×28 maps.
@@ -335,9 +335,10 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    import json
+
     from benchmarks.device_info import device_name, environment, measure_copy_bandwidth, resolve_device
     from gradad.io_utils import atomic_write_text
-    import json
 
     parser = argparse.ArgumentParser(description="grad_ext.grid_sample vs the torch reference")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")

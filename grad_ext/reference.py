@@ -14,11 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (COS_WEIGHT, INTERPOLATIONS, JITTER_MODES, MSE_THRESHOLD, MSE_WEIGHT, PADDINGS, JitterNoise,
-                      RefineOutput, call_seed, check_tensors, choice, real, seed_tensor)
+from ._common import (
+    COS_WEIGHT,
+    INTERPOLATIONS,
+    JITTER_MODES,
+    MSE_THRESHOLD,
+    MSE_WEIGHT,
+    PADDINGS,
+    JitterNoise,
+    RefineOutput,
+    call_seed,
+    check_tensors,
+    choice,
+    real,
+    seed_tensor,
+)
 
-__all__ = ["CUBIC_A", "cubic_kernel", "cubic_sample", "grid_sample", "jitter_grid", "jitter_noise", "multilinear_sample",
-           "philox4x32_10", "refine"]
+__all__ = ["CUBIC_A", "cubic_kernel", "cubic_sample", "grid_sample", "jitter_grid", "jitter_noise",
+           "multilinear_sample", "philox4x32_10", "refine"]
 
 
 def jitter_grid(grid: Tensor, noise: Tensor) -> Tensor:
@@ -120,8 +133,9 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     F.grid_sample for 2-D and 3-D tables, a shared table used as the GRAD reference code does:
     repeated over the batch, or, when every grid batch holds one point, sampled once at all N
     points and transposed; the explicit multilinear gather :func:`multilinear_sample` for
-    1-D and 4-D, and :func:`cubic_sample` for bicubic on 1-D and 3-D tables. A jittered call draws its seed exactly as grad_ext does (so the same torch
-    seed gives the same noise), adds :func:`jitter_noise` to the grid and samples there.
+    1-D and 4-D, and :func:`cubic_sample` for bicubic on 1-D and 3-D tables. A jittered call
+    draws its seed exactly as grad_ext does (so the same torch seed gives the same noise), adds
+    :func:`jitter_noise` to the grid and samples there.
 
     Args:
         input: (N_in, C, S_1, ..., S_d), N_in in {1, N}.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._common import COSINE_EPS, COS_WEIGHT, MSE_THRESHOLD, MSE_WEIGHT, RefineOutput, check_tensors, real
+from ._common import COS_WEIGHT, COSINE_EPS, MSE_THRESHOLD, MSE_WEIGHT, RefineOutput, check_tensors, real
 from ._ops import ops
 
 __all__ = ["COSINE_EPS", "COS_WEIGHT", "MSE_THRESHOLD", "MSE_WEIGHT", "RefineOutput", "refine"]

@@ -9,8 +9,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import (INTERPOLATIONS, JITTER_MODES, PADDINGS, JitterNoise, call_seed, check_tensors, choice,
-                      draw_jitter_seed, real, seed_tensor)
+from ._common import (
+    INTERPOLATIONS,
+    JITTER_MODES,
+    PADDINGS,
+    JitterNoise,
+    call_seed,
+    check_tensors,
+    choice,
+    draw_jitter_seed,
+    real,
+    seed_tensor,
+)
 from ._ops import ops
 
 __all__ = ["INTERPOLATIONS", "JITTER_MODES", "PADDINGS", "GridSample", "JitterNoise", "draw_jitter_seed",

@@ -28,7 +28,9 @@ def _cuda_float_to_int(x: np.float32) -> int:
     """static_cast<int>(float) on the GPU (cvt.rzi.s32): NaN -> 0, out of range saturates."""
     if math.isnan(x):
         return 0
-    return int(max(min(math.trunc(float(x)), INT_MAX), INT_MIN)) if math.isfinite(x) else (INT_MAX if x > 0 else INT_MIN)
+    if not math.isfinite(x):
+        return INT_MAX if x > 0 else INT_MIN
+    return int(max(min(math.trunc(float(x)), INT_MAX), INT_MIN))
 
 
 def _unnormalize(coord, size, align):

@@ -6,10 +6,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sample_grid import PADDINGS, _assert_matches_f_grid_sample, stable_seed
 
 import grad_ext
 from grad_ext import reference
-from test_sample_grid import PADDINGS, _assert_matches_f_grid_sample, stable_seed
 
 ALIGNS = [False, True]
 
@@ -172,7 +172,8 @@ def test_module_and_opcheck():
     torch.testing.assert_close(m(table, grid), F.grid_sample(table.expand(2, -1, -1, -1), grid, "bicubic",
                                                              "reflection", True))
     gen = torch.Generator().manual_seed(0)
-    for table_shape, grid_shape in (((2, 3, 4, 5), (2, 3, 2, 2)), ((1, 3, 6), (2, 5, 1)), ((1, 2, 3, 4, 3), (2, 2, 1, 2, 3))):
+    shapes = (((2, 3, 4, 5), (2, 3, 2, 2)), ((1, 3, 6), (2, 5, 1)), ((1, 2, 3, 4, 3), (2, 2, 1, 2, 3)))
+    for table_shape, grid_shape in shapes:
         table = torch.randn(table_shape, generator=gen).requires_grad_()
         grid = (torch.rand(grid_shape, generator=gen) * 2 - 1).requires_grad_()
         for padding in range(3):

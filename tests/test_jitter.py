@@ -7,7 +7,6 @@ import torch
 import grad_ext
 from grad_ext import reference
 
-
 # The reference draws the same Philox numbers in torch's float32 log/cos/sin, a few ulp from the
 # kernels' libm: jittered results agree to float32 precision of the noise, not bit for bit.
 NOISE_TOL = dict(rtol=1e-5, atol=1e-6)

@@ -15,11 +15,11 @@ import zlib
 import pytest
 import torch
 
-import grad_ext
-
 # expecttest is a test dependency (setup.py extras "test"): without it op_db cannot be imported,
 # and this module fails rather than skipping.
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+
+import grad_ext
 
 # torch.grid_sampler_2d/3d codes (aten's GridSamplerInterpolation / GridSamplerPadding enums).
 TORCH_INTERPOLATION = {0: "bilinear", 1: "nearest", 2: "bicubic"}
@@ -89,7 +89,8 @@ def test_op_db_samples_match_torch(name, dtype):
         t_grid = grid.detach().to(ref_dtype).requires_grad_()
         ref = op.op(t_inp, t_grid, *sample.args[1:], **sample.kwargs)
         ref_grads = _grads(ref, (t_inp, t_grid), gout.to(ref_dtype))
-        what = f"{name} {dtype} sample {mapped}: input {tuple(inp.shape)} grid {tuple(grid.shape)} {mode} {padding} {align}"
+        what = (f"{name} {dtype} sample {mapped}: input {tuple(inp.shape)} grid {tuple(grid.shape)} "
+                f"{mode} {padding} {align}")
         torch.testing.assert_close(out.to(ref_dtype), ref, rtol=rtol, atol=atol, msg=lambda m: f"{what} value: {m}")
         torch.testing.assert_close(grads[0].to(ref_dtype), ref_grads[0], rtol=rtol, atol=atol,
                                    msg=lambda m: f"{what} input gradient: {m}")
