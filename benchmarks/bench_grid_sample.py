@@ -13,7 +13,8 @@ between input copies larger than the last-level cache together.
 
 Bytes that must move (E = element size, P = grid points N·prod(O), C = channels, T = table
 elements N_in·C·prod(S), K = 2^d corners for bilinear, 1 for nearest, and the table read
-R = min(T, P·C·K): a call reads no more than the whole table and no more than its corners):
+R = min(T, P·C·K): a call reads no more than the whole table and no more than its corners; K = 4^d
+for bicubic):
 
     forward          = E · (R + P·d + P·C)                       table, grid read; output written
     backward         = E · (P·C + P·d + R + T + P·d)             grad_out, grid, table read;
@@ -93,8 +94,8 @@ class SampleCase:
                              f"(input (N_in, C, S_1..S_d), grid (N, O_1..O_d, d), d in 1..4)")
         if self.input_shape[0] not in (1, self.grid_shape[0]):
             raise ValueError(f"case {self.label!r}: input batch must be 1 or the grid batch, got {self.input_shape}")
-        if self.mode not in ("bilinear", "nearest"):
-            raise ValueError(f"case {self.label!r}: mode must be 'bilinear' or 'nearest', got {self.mode!r}")
+        if self.mode not in ("bilinear", "nearest", "bicubic"):
+            raise ValueError(f"case {self.label!r}: mode must be 'bilinear', 'nearest' or 'bicubic', got {self.mode!r}")
         unknown = set(self.directions) - set(DIRECTIONS)
         if unknown or not self.directions:
             raise ValueError(f"case {self.label!r}: directions must be among {DIRECTIONS}, got {self.directions}")
@@ -153,6 +154,8 @@ def default_cases(device: torch.device) -> List[SampleCase]:
     cases += [SampleCase("drop-in 2-D", f"2-D N=16 C=64 64²→64² {dt}", (16, 64, 64, 64), (16, 64, 64, 2), dtype=dt)
               for dt in dtypes]
     cases += [
+        SampleCase("drop-in 2-D bicubic", "2-D bicubic N=16 C=64 64²→64²", (16, 64, 64, 64), (16, 64, 64, 2),
+                   mode="bicubic"),
         SampleCase("drop-in 3-D", "3-D N=4 C=32 32³→32³", (4, 32, 32, 32, 32), (4, 32, 32, 32, 3)),
         SampleCase("1-D", "1-D N=16 C=64 4096→4096", (16, 64, 4096), (16, 4096, 1)),
         SampleCase("4-D", "4-D N=2 C=16 8⁴→16⁴", (2, 16, 8, 8, 8, 8), (2, 16, 16, 16, 16, 4)),
@@ -166,12 +169,16 @@ def default_cases(device: torch.device) -> List[SampleCase]:
 
 # ---- bytes and FLOPs -----------------------------------------------------------------------
 
+def _corners(case: SampleCase) -> int:
+    return {"bilinear": 2**case.dim, "bicubic": 4**case.dim, "nearest": 1}[case.mode]
+
+
 def bytes_moved(case: SampleCase, direction: str) -> int:
     """Bytes that must move for one call (formula in the module docstring)."""
     elem = torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
     p, c, d = case.points, case.channels, case.dim
     table = math.prod(case.input_shape)
-    corners = 2**d if case.mode == "bilinear" else 1
+    corners = _corners(case)
     table_read = min(table, p * c * corners)
     forward = table_read + p * d + p * c
     backward = p * c + p * d + table_read + table + p * d
@@ -184,7 +191,7 @@ def bytes_moved(case: SampleCase, direction: str) -> int:
 
 def flops(case: SampleCase, direction: str) -> int:
     """Approximate FLOPs of one call (formula in the module docstring)."""
-    corners = 2**case.dim if case.mode == "bilinear" else 1
+    corners = _corners(case)
     forward = 2 * corners * case.points * case.channels
     if direction == FORWARD:
         return forward

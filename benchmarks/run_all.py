@@ -58,7 +58,7 @@ def run_refine(config: "bench_refine.BenchConfig", copy_gbps: Optional[float] = 
 
 def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
               grid_cases: Optional[Sequence[bench_grid_sample.SampleCase]] = None,
-              detector_specs: Sequence[bench_detector.DetectorSpec] = bench_detector.DEFAULT_SPECS,
+              detector_specs: Optional[Sequence[bench_detector.DetectorSpec]] = None,
               refine: Optional["bench_refine.BenchConfig"] = None,
               metrics: Optional["bench_metrics.MetricsCase"] = None,
               kernel_timing: Optional[TimingSettings] = None, model_timing: Optional[TimingSettings] = None,
@@ -111,7 +111,8 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
         results["grid_sample"] = bench_grid_sample.run(device, kernel_timing, grid_cases, copy_gbps, progress)
         part_times["grid_sample"] = time.perf_counter() - begin
         if device.type == "cpu":
-            notes.append("grid_sample bfloat16 drop-in case: CUDA only (the CPU kernels are float32/float64).")
+            notes.append("grid_sample bfloat16 drop-in case: CUDA only (on the CPU, bfloat16 runs the float32 "
+                         "kernels on float32 copies).")
         checkpoint()
     if "refine" in parts:
         begin = time.perf_counter()
@@ -120,6 +121,7 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
         checkpoint()
     if "detector" in parts:
         begin = time.perf_counter()
+        detector_specs = bench_detector.DEFAULT_SPECS if detector_specs is None else detector_specs
         results["detector"] = bench_detector.run(device, model_timing, detector_specs, progress)
         part_times["detector"] = time.perf_counter() - begin
         notes.extend(results["detector"]["notes"])
@@ -173,8 +175,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     print(f"benchmarking on {device_name(device)} ({device}, {torch.get_num_threads()} threads)")
-    specs = bench_detector.DEFAULT_SPECS
-    if args.detector_weights == "random":
+    specs = None
+    if args.detector_weights == "random" and "detector" in (args.only or PARTS):
+        specs = bench_detector.DEFAULT_SPECS
         specs = [s if s.backbone_weights == "random" else
                  dataclasses.replace(s, title=f"{s.title.split(' (')[0]} (RANDOM backbone weights: timing only)",
                                      backbone_weights="random") for s in specs]

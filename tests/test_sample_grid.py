@@ -217,9 +217,10 @@ def test_float32_row_loops_match_f_grid_sample(d, mode, shared, spread):
 
 
 def test_float32_row_loops_ignore_non_finite_values_outside():
-    # A large table (row loops) with inf/NaN cells: corners outside must read nothing, and a
-    # NaN output gradient at points wholly outside must not reach either gradient.
-    table = torch.randn(1, 3, 50, 60)
+    # A large table (64 channels of 3000 cells: the row loops) with inf/NaN cells: corners
+    # outside must read nothing, and a NaN output gradient at points wholly outside must not
+    # reach either gradient.
+    table = torch.randn(1, 64, 50, 60)
     table[0, :, 0, :] = float("inf")
     table[0, :, -1, :] = float("nan")
     table.requires_grad_()

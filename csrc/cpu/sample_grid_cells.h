@@ -29,6 +29,7 @@ constexpr int64_t kScratchStride = kCellBlock + kLanes;  // not a power of two: 
 // Transposed in blocks of kLanes channels x kTransposeCells cells, so that both sides are read
 // and written in whole cache lines (a strided copy touches a line per element).
 constexpr int64_t kTransposeCells = 64;
+constexpr int64_t kTransposeParallelElems = int64_t(1) << 20;
 
 template <typename T>
 void transpose_block(const T* __restrict__ src, int64_t src_stride, T* __restrict__ dst, int64_t dst_stride,
@@ -44,7 +45,9 @@ inline at::Tensor cell_major(const at::Tensor& input, const GridGeometry& g) {
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* out = t.data_ptr<scalar_t>();
     const int64_t cell_blocks = ceil_div(g.S, kTransposeCells), lane_blocks = Cp / kLanes;
-    at::parallel_for(0, g.N_in * cell_blocks, 1, [&](int64_t begin, int64_t end) {
+    // in parallel only when it is large: a parallel region costs more than a small copy
+    const int64_t grain = std::max<int64_t>(1, kTransposeParallelElems / (kTransposeCells * Cp));
+    at::parallel_for(0, g.N_in * cell_blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / cell_blocks, s0 = (task % cell_blocks) * kTransposeCells;
         const int64_t cells = std::min(kTransposeCells, g.S - s0);
