@@ -112,8 +112,7 @@ GE_HD T reflect_coordinate(T x, int64_t twice_low, int64_t twice_high, const Non
 
 // Index into an axis of `size` cells for a normalised coordinate; *grad = d index / d coord.
 template <typename T>
-GE_HD T source_index(T coord, int64_t size, int padding, bool align_corners,
-                     const NonFinitePolicy& policy, T* grad) {
+GE_HD T source_index(T coord, int64_t size, int padding, bool align_corners, const NonFinitePolicy& policy, T* grad) {
   T g_unnorm;
   T x = unnormalize(coord, size, align_corners, &g_unnorm);
   T g = g_unnorm;
@@ -206,9 +205,7 @@ struct PointCorners {
   T bias;
   T grad_bias[D];
 
-  static GE_HD int digit(int k, int a) {
-    return (k >> (TapBits<TAPS>::value * (D - 1 - a))) & (TAPS - 1);
-  }
+  static GE_HD int digit(int k, int a) { return (k >> (TapBits<TAPS>::value * (D - 1 - a))) & (TAPS - 1); }
 };
 
 // Derivative of tap k's weight along axis a: that axis's weight derivative times the other
@@ -243,9 +240,9 @@ GE_HD T pad_tap(T x, int64_t size, int padding, bool align_corners, const NonFin
 // coords: the D grid components in grid_sample order; sizes/strides: per table axis. TAPS must
 // fit the interpolation: 4 for bicubic, 2 for bilinear, any for nearest.
 template <typename T, int D, int TAPS>
-GE_HD void setup_corners(const T* coords, const int64_t* sizes, const int64_t* strides,
-                         int interpolation, int padding, bool align_corners,
-                         const NonFinitePolicy& policy, bool with_grad, PointCorners<T, D, TAPS>& pc) {
+GE_HD void setup_corners(const T* coords, const int64_t* sizes, const int64_t* strides, int interpolation, int padding,
+                         bool align_corners, const NonFinitePolicy& policy, bool with_grad,
+                         PointCorners<T, D, TAPS>& pc) {
   typedef PointCorners<T, D, TAPS> PC;
   pc.bias = T(0);
 #if defined(__CUDACC__)

@@ -14,11 +14,20 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 template <typename F>
 void dispatch_dim(int D, F&& f) {
   switch (D) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: TORCH_CHECK_VALUE(false, "grad_ext: table dimension must be 1 to 4, got ", D);
+    case 1:
+      f(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    case 3:
+      f(std::integral_constant<int, 3>{});
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, "grad_ext: table dimension must be 1 to 4, got ", D);
   }
 }
 

@@ -60,8 +60,8 @@ inline int64_t output_cache_bytes() {
   if (env == nullptr) return int64_t(256) << 20;
   char* end = nullptr;
   const long long mb = std::strtoll(env, &end, 10);
-  TORCH_CHECK(end != env && *end == '\0' && mb >= 0, "GRAD_EXT_OUTPUT_CACHE_MB must be a number of megabytes >= 0, got '",
-              env, "'");
+  TORCH_CHECK(end != env && *end == '\0' && mb >= 0,
+              "GRAD_EXT_OUTPUT_CACHE_MB must be a number of megabytes >= 0, got '", env, "'");
   return static_cast<int64_t>(mb) << 20;
 }
 
@@ -125,8 +125,8 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   }
   const size_t size = static_cast<size_t>((bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes);
   void* p = OutputCache::get().acquire(size);
-  at::Tensor t = at::from_blob(p, sizes, [size](void* q) { OutputCache::get().release(q, size); },
-                               options.memory_format(c10::nullopt));
+  at::Tensor t = at::from_blob(
+      p, sizes, [size](void* q) { OutputCache::get().release(q, size); }, options.memory_format(c10::nullopt));
   advise_huge_pages(t);
   return t;
 }

@@ -76,11 +76,12 @@ inline at::Tensor allocate_refine_grad(const at::Tensor& input, bool requires_gr
 inline at::Tensor upstream_grad(const c10::optional<at::Tensor>& grad, at::IntArrayRef shape, const at::Tensor& rec,
                                 const char* name) {
   if (!grad.has_value() || !grad->defined()) return at::Tensor();
-  TORCH_CHECK_VALUE(grad->sizes() == shape, "refine_backward: ", name, " must have shape ", shape, ", got ", grad->sizes());
+  TORCH_CHECK_VALUE(grad->sizes() == shape, "refine_backward: ", name, " must have shape ", shape, ", got ",
+                    grad->sizes());
   TORCH_CHECK_TYPE(grad->scalar_type() == rec.scalar_type(), "refine_backward: ", name, " must have dtype ",
-              rec.scalar_type(), ", got ", grad->scalar_type());
+                   rec.scalar_type(), ", got ", grad->scalar_type());
   TORCH_CHECK_VALUE(grad->device() == rec.device(), "refine_backward: ", name, " must be on ", rec.device(), ", got ",
-              grad->device());
+                    grad->device());
   return grad->contiguous();
 }
 
@@ -94,9 +95,9 @@ inline RefineUpstream check_refine_backward(const c10::optional<at::Tensor>& gra
                                             const c10::optional<at::Tensor>& grad_refined, const at::Tensor& rec,
                                             const at::Tensor& stats, const RefineGeometry& g) {
   TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({kStatsRows, g.B, g.H, g.W}) &&
-                  stats.scalar_type() == stats_dtype(rec.scalar_type()) && stats.device() == rec.device(),
-              "refine_backward: stats must be the ", stats_dtype(rec.scalar_type()), " tensor (", kStatsRows,
-              ", B, H, W) returned by refine, got ", stats.scalar_type(), " ", stats.sizes());
+                        stats.scalar_type() == stats_dtype(rec.scalar_type()) && stats.device() == rec.device(),
+                    "refine_backward: stats must be the ", stats_dtype(rec.scalar_type()), " tensor (", kStatsRows,
+                    ", B, H, W) returned by refine, got ", stats.scalar_type(), " ", stats.sizes());
   RefineUpstream up;
   up.sim = upstream_grad(grad_sim, {g.B, g.H, g.W}, rec, "grad_sim");
   up.map = upstream_grad(grad_map, {g.B, g.H, g.W}, rec, "grad_map");

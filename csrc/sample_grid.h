@@ -20,9 +20,9 @@ struct GridGeometry {
   int64_t N = 0;     // grid batch
   int64_t N_in = 0;  // input batch: N or 1
   int64_t C = 0;
-  int64_t P = 0;     // output points per batch
-  int D = 0;         // table dimension
-  int64_t S = 1;     // table cells per channel
+  int64_t P = 0;  // output points per batch
+  int D = 0;      // table dimension
+  int64_t S = 1;  // table cells per channel
   int64_t sizes[kMaxDim] = {1, 1, 1, 1};
   int64_t strides[kMaxDim] = {0, 0, 0, 0};
   std::vector<int64_t> out_shape;
@@ -36,8 +36,8 @@ inline GridGeometry describe_call(const at::Tensor& input, const at::Tensor& gri
   g.D = static_cast<int>(input.dim() - 2);
   TORCH_CHECK_VALUE(grid.dim() == g.D + 2, "sample_grid: grid must have ", g.D + 2, " dimensions (N, *out, ", g.D,
                     ") for a ", input.dim(), "-D input, got ", grid.sizes());
-  TORCH_CHECK_VALUE(grid.size(-1) == g.D, "sample_grid: grid's last dimension must be ", g.D, " for a ",
-                    input.dim(), "-D input, got shape ", grid.sizes());
+  TORCH_CHECK_VALUE(grid.size(-1) == g.D, "sample_grid: grid's last dimension must be ", g.D, " for a ", input.dim(),
+                    "-D input, got shape ", grid.sizes());
   g.N = grid.size(0);
   g.N_in = input.size(0);
   TORCH_CHECK_VALUE(g.N_in == g.N || g.N_in == 1, "sample_grid: input batch must be 1 (shared) or equal grid batch ",
@@ -45,8 +45,9 @@ inline GridGeometry describe_call(const at::Tensor& input, const at::Tensor& gri
   TORCH_CHECK_TYPE(input.is_floating_point() && grid.is_floating_point(),
                    "sample_grid: input and grid must be floating point, got ", input.scalar_type(), " and ",
                    grid.scalar_type());
-  TORCH_CHECK_TYPE(input.scalar_type() == grid.scalar_type(), "sample_grid: input and grid must have the same dtype, got ",
-                   input.scalar_type(), " and ", grid.scalar_type());
+  TORCH_CHECK_TYPE(input.scalar_type() == grid.scalar_type(),
+                   "sample_grid: input and grid must have the same dtype, got ", input.scalar_type(), " and ",
+                   grid.scalar_type());
   TORCH_CHECK_VALUE(input.device() == grid.device(), "sample_grid: input and grid must be on the same device, got ",
                     input.device(), " and ", grid.device());
   check_supported_dtype("sample_grid", "input", input, /*reduced_on_cpu=*/true);

@@ -30,7 +30,10 @@ def _random_case(gen, d, shared=False, dtype=torch.float64, spread=1.3):
     n = int(torch.randint(1, 4, (1,), generator=gen))
     c = int(torch.randint(1, 6, (1,), generator=gen))
     sizes = [int(v) for v in torch.randint(1, 7, (d,), generator=gen)]
-    out = [int(v) for v in torch.randint(1, 6, (d,), generator=gen)] if d != 1 else [int(torch.randint(1, 9, (1,), generator=gen))]
+    if d != 1:
+        out = [int(v) for v in torch.randint(1, 6, (d,), generator=gen)]
+    else:
+        out = [int(torch.randint(1, 9, (1,), generator=gen))]
     inp = torch.randn(1 if shared else n, c, *sizes, generator=gen, dtype=dtype)
     grid_shape = (n, *out, d)
     grid = (torch.rand(grid_shape, generator=gen, dtype=dtype) * 2 - 1) * spread
@@ -73,8 +76,9 @@ def test_shared_table_equals_repeated_table(d, padding):
     grid = (torch.rand(4, *grid.shape[1:], generator=gen, dtype=grid.dtype) * 2.2 - 1.1).requires_grad_()
     gout = torch.randn(4, inp.shape[1], *grid.shape[1:-1], dtype=inp.dtype, generator=gen)
     out, (gi, gg) = _grads(lambda a, b: grad_ext.grid_sample(a, b, "bilinear", padding), (inp, grid), gout)
-    ref, (ri, rg) = _grads(lambda a, b: F.grid_sample(a.repeat(4, *([1] * (a.dim() - 1))), b, "bilinear", padding, False),
-                           (inp, grid), gout)
+    ref, (ri, rg) = _grads(
+        lambda a, b: F.grid_sample(a.repeat(4, *([1] * (a.dim() - 1))), b, "bilinear", padding, False),
+        (inp, grid), gout)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gi, ri, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gg, rg, rtol=1e-10, atol=1e-10)
@@ -277,7 +281,8 @@ def test_baseline_simd_build_matches_f_grid_sample(tmp_path):
         "    ext = grad_ext.grid_sample(table, grid, align_corners=False)\n"
         "    ref = F.grid_sample(table.expand(4, -1, -1, -1), grid, align_corners=False)\n"
         "    torch.testing.assert_close(ext, ref, rtol=1e-5, atol=1e-5)\n"
-        "    for a, b in zip(torch.autograd.grad(ext, (table, grid), gout), torch.autograd.grad(ref, (table, grid), gout)):\n"
+        "    grads = torch.autograd.grad(ext, (table, grid), gout)\n"
+        "    for a, b in zip(grads, torch.autograd.grad(ref, (table, grid), gout)):\n"
         "        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)\n"
         "print('ok')\n")
     env = {**os.environ, "GRAD_EXT_CPU_SIMD": "baseline"}
@@ -402,7 +407,8 @@ def test_multilinear_reference_matches_f_grid_sample():
 def test_special_coordinates_match_f_grid_sample(d, mode, padding, align):
     """Exactly on borders and cell centres, far outside, +-inf and NaN."""
     inp = torch.randn(1, 2, *([4] * d), dtype=torch.float64)
-    specials = [-1.0, 1.0, 0.0, -0.75, 0.75, 1.25, -1.25, 7.0, -9.5, 1e3, -1e3, float("inf"), float("-inf"), float("nan")]
+    specials = [-1.0, 1.0, 0.0, -0.75, 0.75, 1.25, -1.25, 7.0, -9.5, 1e3, -1e3,
+                float("inf"), float("-inf"), float("nan")]
     vals = torch.tensor(specials, dtype=torch.float64)
     comb = torch.cartesian_prod(*([vals] * d)) if d > 1 else vals[:, None]
     grid = comb.reshape(1, comb.shape[0], *([1] * (d - 1)), d)
@@ -442,7 +448,8 @@ def test_non_contiguous_and_channels_last():
         g = grid.transpose(1, 2) if inp.shape[2] != base.shape[2] else grid
         torch.testing.assert_close(grad_ext.grid_sample(inp, g), F.grid_sample(inp, g, align_corners=False))
     g_strided = torch.rand(3, 4, 9, 4, generator=gen)[..., ::2] * 2 - 1
-    torch.testing.assert_close(grad_ext.grid_sample(base, g_strided), F.grid_sample(base, g_strided, align_corners=False))
+    torch.testing.assert_close(grad_ext.grid_sample(base, g_strided),
+                               F.grid_sample(base, g_strided, align_corners=False))
     inp3d = torch.randn(2, 3, 4, 5, 6, generator=gen).to(memory_format=torch.channels_last_3d)
     g3 = torch.rand(2, 2, 3, 4, 3, generator=gen) * 2 - 1
     torch.testing.assert_close(grad_ext.grid_sample(inp3d, g3), F.grid_sample(inp3d, g3, align_corners=False))
@@ -458,7 +465,8 @@ def test_gradcheck(d, shared, padding):
     # keep coordinates away from cell boundaries, where the interpolation is not differentiable
     grid = (torch.rand(2, *out, d, dtype=torch.float64, generator=gen) * 1.6 - 0.8).requires_grad_()
     for align in (False, True):
-        assert torch.autograd.gradcheck(lambda a, b: grad_ext.grid_sample(a, b, "bilinear", padding, align), (inp, grid))
+        assert torch.autograd.gradcheck(lambda a, b: grad_ext.grid_sample(a, b, "bilinear", padding, align),
+                                        (inp, grid))
 
 
 def test_opcheck():
@@ -533,7 +541,8 @@ def test_only_one_gradient_requested():
     inp2 = torch.randn(2, 3, 4, 4)
     grid2 = (torch.rand(2, 3, 3, 2) * 2 - 1).requires_grad_()
     grad_ext.grid_sample(inp2, grid2).sum().backward()
-    torch.testing.assert_close(grid2.grad, torch.autograd.grad(F.grid_sample(inp2, grid2, align_corners=False).sum(), grid2)[0])
+    expected = torch.autograd.grad(F.grid_sample(inp2, grid2, align_corners=False).sum(), grid2)[0]
+    torch.testing.assert_close(grid2.grad, expected)
 
 
 def test_cpu_backward_is_bitwise_reproducible_in_both_modes():
@@ -650,7 +659,8 @@ def raw_op_bad_calls(device):
     t = lambda *shape, **kw: torch.randn(*shape, device=device, **kw)  # noqa: E731
     g = lambda *shape: torch.rand(*shape, device=device) * 2 - 1  # noqa: E731
     seed = torch.tensor([3, 4], device=device)
-    sg, sgb, jn = torch.ops.grad_ext.sample_grid, torch.ops.grad_ext.sample_grid_backward, torch.ops.grad_ext.jitter_noise
+    ops = torch.ops.grad_ext
+    sg, sgb, jn = ops.sample_grid, ops.sample_grid_backward, ops.jitter_noise
     inp, grid, gout = t(1, 2, 3, 3), g(2, 2, 2, 2), t(2, 2, 2, 2)
 
     def fwd(*, input=inp, grid=grid, interp=0, padding=0, std=0.0, prob=0.0, mode=0, seed_=None):
@@ -704,7 +714,8 @@ def raw_op_bad_calls(device):
         ("refine-int", lambda: rf(rec.long(), feat.long(), 0.3, 0.7, 10.0, False), TypeError, "floating point"),
         ("refine-empty", lambda: rf(rec[:0], feat[:0], 0.3, 0.7, 10.0, False), ValueError, "must not be empty"),
         ("refine-threshold", lambda: rf(rec, feat, 0.3, 0.7, -1.0, False), ValueError, "mse_threshold must be >= 0"),
-        ("refine-weight", lambda: rf(rec, feat, float("nan"), 0.7, 10.0, False), ValueError, "mse_weight must be finite"),
+        ("refine-weight", lambda: rf(rec, feat, float("nan"), 0.7, 10.0, False), ValueError,
+         "mse_weight must be finite"),
         ("refine_backward-weight", lambda: rfb(None, None, torch.ones((), device=device), None, rec, feat, stats,
                                                0.3, float("inf"), True, True), ValueError, "cos_weight must be finite"),
         ("refine_backward-stats", lambda: rfb(None, None, torch.ones((), device=device), None, rec, feat,
@@ -757,7 +768,8 @@ class TestCUDA:
             torch.testing.assert_close(ui.cpu(), ci)
             torch.testing.assert_close(ug.cpu(), cg)
             if d in (2, 3):
-                ref, (ri, rg) = _grads(lambda a, b: reference.grid_sample(a, b, mode, padding, align), (ic, gc), gout.cuda())
+                ref, (ri, rg) = _grads(lambda a, b: reference.grid_sample(a, b, mode, padding, align), (ic, gc),
+                                       gout.cuda())
                 torch.testing.assert_close(cuda, ref)
                 torch.testing.assert_close(ui, ri)
                 torch.testing.assert_close(ug, rg)
@@ -775,7 +787,8 @@ class TestCUDA:
         g = grid.to("cuda", dtype).requires_grad_()
         gi, gg = torch.autograd.grad(grad_ext.grid_sample(i, g).float().square().sum(), (i, g))
         i64, g64 = inp.clone().requires_grad_(), grid.clone().requires_grad_()
-        ri, rg = torch.autograd.grad(F.grid_sample(i64.repeat(4, 1, 1, 1), g64, align_corners=False).square().sum(), (i64, g64))
+        ref_loss = F.grid_sample(i64.repeat(4, 1, 1, 1), g64, align_corners=False).square().sum()
+        ri, rg = torch.autograd.grad(ref_loss, (i64, g64))
         torch.testing.assert_close(gi.double().cpu(), ri, rtol=10 * tol, atol=10 * tol)
         torch.testing.assert_close(gg.double().cpu(), rg, rtol=10 * tol, atol=10 * tol)
 
@@ -783,7 +796,8 @@ class TestCUDA:
     def test_grad_shapes_and_determinism(self, shape):
         gen = torch.Generator().manual_seed(6)
         if shape == "global":
-            inp, grid = torch.randn(1, 216 * 28 * 28, 4, 4, generator=gen), torch.rand(1, 16, 1, 2, generator=gen) * 2 - 1
+            inp = torch.randn(1, 216 * 28 * 28, 4, 4, generator=gen)
+            grid = torch.rand(1, 16, 1, 2, generator=gen) * 2 - 1
         elif shape == "local":
             inp, grid = torch.randn(1, 216, 8, 8, generator=gen), torch.rand(16, 28, 28, 2, generator=gen) * 2 - 1
         else:

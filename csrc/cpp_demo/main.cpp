@@ -18,15 +18,15 @@ int main(int argc, char** argv) {
   }
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("grad_ext::sample_grid", "")
-                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, double, double,
-                                  int64_t, const std::optional<at::Tensor>&)>();
+                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, double, double, int64_t,
+                                  const std::optional<at::Tensor>&)>();
   at::manual_seed(0);
   const at::Tensor table = at::randn({1, 8, 6, 6});
   const at::Tensor grid = at::rand({3, 5, 5, 2}) * 2 - 1;
   const at::Tensor out = op.call(table, grid, 0, 0, false, 0.0, 0.0, 0, std::nullopt);
   const at::Tensor ref = at::grid_sampler(table.expand({3, 8, 6, 6}), grid, 0, 0, false);
   const double err = (out - ref).abs().max().item<double>();
-  std::cout << "grad_ext::sample_grid from C++: output " << out.sizes() << ", max |diff| vs at::grid_sampler = "
-            << err << "\n";
+  std::cout << "grad_ext::sample_grid from C++: output " << out.sizes() << ", max |diff| vs at::grid_sampler = " << err
+            << "\n";
   return err < 1e-5 ? 0 : 1;
 }

@@ -155,9 +155,8 @@ void backward_kernel(const RefineUpstream& up, const scalar_t* rec, const scalar
   const scalar_t* g_sim = up.sim.defined() ? up.sim.data_ptr<scalar_t>() : nullptr;
   const scalar_t* g_map = up.map.defined() ? up.map.data_ptr<scalar_t>() : nullptr;
   const scalar_t* g_ref = up.refined.defined() ? up.refined.data_ptr<scalar_t>() : nullptr;
-  const acc_t g_loss = up.loss.defined() ? static_cast<acc_t>(*up.loss.data_ptr<scalar_t>()) /
-                                               static_cast<acc_t>(g.numel())
-                                         : acc_t(0);
+  const acc_t g_loss =
+      up.loss.defined() ? static_cast<acc_t>(*up.loss.data_ptr<scalar_t>()) / static_cast<acc_t>(g.numel()) : acc_t(0);
   const Tiling tiling = make_tiling(g);
 
   at::parallel_for(0, tiling.count, 1, [&](int64_t begin, int64_t end) {
@@ -181,8 +180,8 @@ void backward_kernel(const RefineUpstream& up, const scalar_t* rec, const scalar
       }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t p = p0 + i;
-        const PixelSums<acc_t> s{stats[kSumSqDiff * g.P + p], stats[kSumSqRec * g.P + p],
-                                 stats[kSumSqFeat * g.P + p], stats[kSumRecFeat * g.P + p]};
+        const PixelSums<acc_t> s{stats[kSumSqDiff * g.P + p], stats[kSumSqRec * g.P + p], stats[kSumSqFeat * g.P + p],
+                                 stats[kSumRecFeat * g.P + p]};
         tg.set(i, refine_pixel_grad(s, stats[kIndicator * g.P + p], mse_weight, cos_weight,
                                     g_sim ? static_cast<acc_t>(g_sim[p]) : acc_t(0),
                                     g_map ? static_cast<acc_t>(g_map[p]) : acc_t(0), g_loss, dot[i]));
@@ -201,10 +200,11 @@ void backward_kernel(const RefineUpstream& up, const scalar_t* rec, const scalar
   });
 }
 
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_cpu(
-    const at::Tensor& rec_, const at::Tensor& feat_, double mse_weight, double cos_weight, double mse_threshold,
-    bool return_refined) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_cpu(const at::Tensor& rec_,
+                                                                                  const at::Tensor& feat_,
+                                                                                  double mse_weight, double cos_weight,
+                                                                                  double mse_threshold,
+                                                                                  bool return_refined) {
   const RefineGeometry g = describe_refine(rec_, feat_);
   check_refine_params(mse_weight, cos_weight, mse_threshold);
   auto outputs = allocate_refine_outputs(rec_, g, return_refined);
@@ -220,11 +220,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_cp
   return outputs;
 }
 
-std::tuple<at::Tensor, at::Tensor> refine_backward_cpu(
-    const c10::optional<at::Tensor>& grad_sim, const c10::optional<at::Tensor>& grad_map,
-    const c10::optional<at::Tensor>& grad_loss, const c10::optional<at::Tensor>& grad_refined,
-    const at::Tensor& rec_, const at::Tensor& feat_, const at::Tensor& stats_, double mse_weight, double cos_weight,
-    bool rec_requires_grad, bool feat_requires_grad) {
+std::tuple<at::Tensor, at::Tensor> refine_backward_cpu(const c10::optional<at::Tensor>& grad_sim,
+                                                       const c10::optional<at::Tensor>& grad_map,
+                                                       const c10::optional<at::Tensor>& grad_loss,
+                                                       const c10::optional<at::Tensor>& grad_refined,
+                                                       const at::Tensor& rec_, const at::Tensor& feat_,
+                                                       const at::Tensor& stats_, double mse_weight, double cos_weight,
+                                                       bool rec_requires_grad, bool feat_requires_grad) {
   const RefineGeometry g = describe_refine(rec_, feat_);
   check_refine_weights(mse_weight, cos_weight);
   const RefineUpstream up = check_refine_backward(grad_sim, grad_map, grad_loss, grad_refined, rec_, stats_, g);

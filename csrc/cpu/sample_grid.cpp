@@ -71,8 +71,8 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
       const int64_t t0 = (pb % blocks_per_batch) * block, count = std::min(tiles_per_batch, t0 + block) - t0;
       for (int64_t j = 0; j < count; ++j) {
         const int64_t p0 = (t0 + j) * kPointTile;
-        tiles[j]->fill(gr, n * g.P + p0, std::min(g.P, p0 + kPointTile) - p0, g, interpolation, padding,
-                       align_corners, jitter, false);
+        tiles[j]->fill(gr, n * g.P + p0, std::min(g.P, p0 + kPointTile) - p0, g, interpolation, padding, align_corners,
+                       jitter, false);
       }
       const int64_t b = g.N_in == 1 ? 0 : n;
       const scalar_t* table = in + b * g.C * g.S;
@@ -80,8 +80,8 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
       // Tiles with a non-finite bias (NaN coordinates) take the checked row loop.
       if (by_cells && !tiles[0]->biased) {
-        forward_cells<scalar_t, TAPS, D>({tiles[0].get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S,
-                                          c0, c1, g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
+        forward_cells<scalar_t, TAPS, D>({tiles[0].get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0,
+                                          c1, g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
         continue;
       }
       for (int64_t c = c0; c < c1; ++c) {
@@ -115,8 +115,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
   constexpr int K = Tile::K;
-  const bool by_cells =
-      use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell, sizeof(acc_t));
+  const bool by_cells = use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell, sizeof(acc_t));
   if (by_cells) channel_tile = round_up(channel_tile, kLanes);
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
   const at::Tensor cells = by_cells ? cell_major(input, g) : at::Tensor();
@@ -125,7 +124,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   at::Tensor partial;
   acc_t* part = nullptr;
   if (NEED_GRID) {
-    partial = at::zeros({channel_tiles, D, total_points}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    partial =
+        at::zeros({channel_tiles, D, total_points}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     part = partial.data_ptr<acc_t>();
   }
 
@@ -159,8 +159,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
           const scalar_t* gout = go + n * g.C * g.P + p_begin;
           if (by_cells && !tiles[0]->biased) {
             backward_cells<scalar_t, TAPS, D, NEED_INPUT, NEED_GRID>(
-                {tiles[0].get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1, g.P,
-                 scratch.data(), nullptr, gout, gradT.data(), Wt, gacc.data()});
+                {tiles[0].get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1, g.P, scratch.data(),
+                 nullptr, gout, gradT.data(), Wt, gacc.data()});
           } else {
             for (int64_t c = c0; c < c1; ++c) {
               for (int64_t j = 0; j < count; ++j) {
@@ -168,11 +168,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
                 acc_t* tile_gacc = NEED_GRID ? gacc.data() + j * kPointTile * D : nullptr;
                 const scalar_t* tile_gout = gout + j * kPointTile;
                 if (tile.checked) {
-                  backward_rows<scalar_t, acc_t, TAPS, D, NEED_INPUT, NEED_GRID, true>(
-                      tile, table, gtable, tile_gout, tile_gacc, c, g.S, g.P);
+                  backward_rows<scalar_t, acc_t, TAPS, D, NEED_INPUT, NEED_GRID, true>(tile, table, gtable, tile_gout,
+                                                                                       tile_gacc, c, g.S, g.P);
                 } else {
-                  backward_rows<scalar_t, acc_t, TAPS, D, NEED_INPUT, NEED_GRID, false>(
-                      tile, table, gtable, tile_gout, tile_gacc, c, g.S, g.P);
+                  backward_rows<scalar_t, acc_t, TAPS, D, NEED_INPUT, NEED_GRID, false>(tile, table, gtable, tile_gout,
+                                                                                        tile_gacc, c, g.S, g.P);
                 }
               }
             }
@@ -239,16 +239,14 @@ void check_cpu_cells(const GridGeometry& g) {
 
 // float16 and bfloat16 run on float32 copies of their inputs, so every product and sum is in
 // float32 (as F.grid_sample computes them on the CPU) and each result is rounded once.
-bool reduced_precision(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
+bool reduced_precision(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
-at::Tensor sample_grid_cpu(const at::Tensor& input_, const at::Tensor& grid_, int64_t interpolation,
-                           int64_t padding, bool align_corners, double jitter_std, double jitter_prob,
-                           int64_t jitter_mode, const c10::optional<at::Tensor>& jitter_seed) {
+at::Tensor sample_grid_cpu(const at::Tensor& input_, const at::Tensor& grid_, int64_t interpolation, int64_t padding,
+                           bool align_corners, double jitter_std, double jitter_prob, int64_t jitter_mode,
+                           const c10::optional<at::Tensor>& jitter_seed) {
   at::Tensor seed;
-  const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob,
-                                           jitter_mode, jitter_seed, &seed);
+  const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob, jitter_mode,
+                                           jitter_seed, &seed);
   check_cpu_cells(g);
   if (reduced_precision(input_)) {
     return sample_grid_cpu(input_.to(at::kFloat), grid_.to(at::kFloat), interpolation, padding, align_corners,
@@ -274,13 +272,15 @@ at::Tensor sample_grid_cpu(const at::Tensor& input_, const at::Tensor& grid_, in
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input_, const at::Tensor& grid_, int64_t interpolation,
-    int64_t padding, bool align_corners, double jitter_std, double jitter_prob, int64_t jitter_mode,
-    const c10::optional<at::Tensor>& jitter_seed, bool input_requires_grad, bool grid_requires_grad) {
+std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input_,
+                                                            const at::Tensor& grid_, int64_t interpolation,
+                                                            int64_t padding, bool align_corners, double jitter_std,
+                                                            double jitter_prob, int64_t jitter_mode,
+                                                            const c10::optional<at::Tensor>& jitter_seed,
+                                                            bool input_requires_grad, bool grid_requires_grad) {
   at::Tensor seed;
-  const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob,
-                                           jitter_mode, jitter_seed, &seed, &grad_output);
+  const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob, jitter_mode,
+                                           jitter_seed, &seed, &grad_output);
   check_cpu_cells(g);
   if (reduced_precision(input_)) {
     auto grads = sample_grid_backward_cpu(grad_output.to(at::kFloat), input_.to(at::kFloat), grid_.to(at::kFloat),
@@ -289,8 +289,10 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(
     return {std::get<0>(grads).to(input_.scalar_type()), std::get<1>(grads).to(input_.scalar_type())};
   }
   // A gradient that is not asked for comes back as an empty tensor.
-  at::Tensor grad_input = input_requires_grad ? zeros_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
-  at::Tensor grad_grid = grid_requires_grad ? zeros_output(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options());
+  at::Tensor grad_input =
+      input_requires_grad ? zeros_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
+  at::Tensor grad_grid =
+      grid_requires_grad ? zeros_output(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options());
   if (g.N * g.C * g.P == 0 || (!input_requires_grad && !grid_requires_grad)) return {grad_input, grad_grid};
   const at::Tensor input = input_.contiguous(), grid = grid_.contiguous(), gout = grad_output.contiguous();
   const JitterParams jitter = host_jitter(jitter_std, jitter_prob, jitter_mode, seed);
@@ -305,8 +307,8 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(
         constexpr int TAPS = decltype(taps)::value;
         auto run = [&](auto need_input, auto need_grid) {
           backward_kernel<scalar_t, D, TAPS, decltype(need_input)::value, decltype(need_grid)::value>(
-              gout, input, grid, grad_input, grad_grid, g, static_cast<int>(interpolation),
-              static_cast<int>(padding), align_corners, jitter);
+              gout, input, grid, grad_input, grad_grid, g, static_cast<int>(interpolation), static_cast<int>(padding),
+              align_corners, jitter);
         };
         using T = std::true_type;
         using F = std::false_type;
@@ -332,7 +334,8 @@ std::tuple<at::Tensor, at::Tensor> jitter_noise_cpu(const at::Tensor& seed_, int
   at::Tensor noise = at::empty({num_points, dim}, seed.options().dtype(at::kFloat));
   at::Tensor flags = at::empty({num_points}, seed.options().dtype(at::kBool));
   const int64_t* s = seed.data_ptr<int64_t>();
-  const JitterParams j = make_jitter(static_cast<float>(std), static_cast<float>(prob), static_cast<int>(mode), s[0], s[1]);
+  const JitterParams j =
+      make_jitter(static_cast<float>(std), static_cast<float>(prob), static_cast<int>(mode), s[0], s[1]);
   float* nz = noise.data_ptr<float>();
   bool* fl = flags.data_ptr<bool>();
   at::parallel_for(0, num_points, 1024, [&](int64_t begin, int64_t end) {

@@ -19,9 +19,8 @@ namespace cpu {
 // point-major scratch block that is transposed on the way out (in). The loops are written
 // once with GCC/Clang vector types and compiled twice on x86: for the baseline ISA and for
 // AVX2+FMA, picked at run time.
-constexpr int64_t kCellBlock = 64;                     // channels per scratch block (a multiple of kLanes)
+constexpr int64_t kCellBlock = 64;                       // channels per scratch block (a multiple of kLanes)
 constexpr int64_t kScratchStride = kCellBlock + kLanes;  // not a power of two: spreads the rows over cache sets
-
 
 // (N_in, C, S) input -> (N_in, S + 1, Cp) with Cp = C rounded up to kLanes, padded with zeros.
 // Row S is all zeros: invalid corners (weight 0) point there, so they add exact zeros even
@@ -55,13 +54,15 @@ inline at::Tensor cell_major(const at::Tensor& input, const GridGeometry& g) {
         for (int64_t lb = 0; lb < lane_blocks; ++lb) {
           const int64_t c0 = lb * kLanes, lanes = std::min(kLanes, g.C - c0);
           if (lanes < kLanes) {  // padding channels are zero
-            for (int64_t s = 0; s < cells; ++s) std::fill(dst + s * Cp + c0 + lanes, dst + s * Cp + c0 + kLanes, scalar_t(0));
+            for (int64_t s = 0; s < cells; ++s)
+              std::fill(dst + s * Cp + c0 + lanes, dst + s * Cp + c0 + kLanes, scalar_t(0));
           }
           transpose_block(in + (n * g.C + c0) * g.S + s0, g.S, dst + c0, Cp, lanes, cells);
         }
       }
     });
-    for (int64_t n = 0; n < g.N_in; ++n) std::fill(out + (n * (g.S + 1) + g.S) * Cp, out + (n * (g.S + 1) + g.S + 1) * Cp, scalar_t(0));
+    for (int64_t n = 0; n < g.N_in; ++n)
+      std::fill(out + (n * (g.S + 1) + g.S) * Cp, out + (n * (g.S + 1) + g.S + 1) * Cp, scalar_t(0));
   });
   return t;
 }
@@ -179,13 +180,19 @@ GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, TAPS, D>& a) {
 }
 
 template <typename T, int TAPS, int D>
-void forward_cells_base(const CellsCall<T, TAPS, D>& a) { forward_cells_impl(a); }
+void forward_cells_base(const CellsCall<T, TAPS, D>& a) {
+  forward_cells_impl(a);
+}
 template <typename T, int TAPS, int D, bool NEED_INPUT, bool NEED_GRID>
-void backward_cells_base(const CellsCall<T, TAPS, D>& a) { backward_cells_impl<T, TAPS, D, NEED_INPUT, NEED_GRID>(a); }
+void backward_cells_base(const CellsCall<T, TAPS, D>& a) {
+  backward_cells_impl<T, TAPS, D, NEED_INPUT, NEED_GRID>(a);
+}
 
 #ifdef GRAD_EXT_AVX2_DISPATCH
 template <typename T, int TAPS, int D>
-__attribute__((target("avx2,fma"))) void forward_cells_avx2(const CellsCall<T, TAPS, D>& a) { forward_cells_impl(a); }
+__attribute__((target("avx2,fma"))) void forward_cells_avx2(const CellsCall<T, TAPS, D>& a) {
+  forward_cells_impl(a);
+}
 template <typename T, int TAPS, int D, bool NEED_INPUT, bool NEED_GRID>
 __attribute__((target("avx2,fma"))) void backward_cells_avx2(const CellsCall<T, TAPS, D>& a) {
   backward_cells_impl<T, TAPS, D, NEED_INPUT, NEED_GRID>(a);
@@ -208,7 +215,6 @@ void backward_cells(const CellsCall<T, TAPS, D>& a) {
   backward_cells_base<T, TAPS, D, NEED_INPUT, NEED_GRID>(a);
 }
 
-
 // When the cell-major loops are used: they pay one transposed copy of the table (and in the
 // backward pass a private (cell, channel) gradient block per thread), which is repaid when the
 // task's table rows fit in cache, or when each cell is read by many corners (the copy is one
@@ -222,7 +228,7 @@ constexpr int64_t kCellsMaxPrivateBytes = 16 << 20;
 
 // private_elem: bytes per element of the backward pass's private gradient block, 0 forward.
 inline bool use_cells(const GridGeometry& g, int K, int64_t channel_tile, int64_t elem, int64_t reads_per_cell,
-               int64_t private_elem) {
+                      int64_t private_elem) {
   if ((g.S + 1) * round_up(channel_tile, kLanes) * private_elem > kCellsMaxPrivateBytes) return false;
   if (channel_tile * g.S * elem <= kCellsInCacheBytes) return true;
   return g.N * g.P * K >= reads_per_cell * g.N_in * g.S;

@@ -24,8 +24,8 @@ constexpr int64_t kDenseMinChannels = 256;
 
 inline bool dense_eligible(const GridGeometry& g, int interpolation) {
   const int64_t K = int64_t(1) << g.D;
-  return interpolation == kBilinear && g.N_in == 1 && (g.N == 1 || g.P == 1) &&
-         g.S <= kDenseMaxCellsPerCorner * K && g.C >= kDenseMinChannels;
+  return interpolation == kBilinear && g.N_in == 1 && (g.N == 1 || g.P == 1) && g.S <= kDenseMaxCellsPerCorner * K &&
+         g.C >= kDenseMinChannels;
 }
 
 // Corners of all Q points; false when a point has a non-finite bias (the sparse kernels
@@ -47,8 +47,8 @@ bool dense_corners(const at::Tensor& grid, const GridGeometry& g, int padding, b
 }
 
 template <typename scalar_t, int D>
-at::Tensor dense_weights(const std::vector<PointCorners<at::opmath_type<scalar_t>, D>>& corners,
-                         const GridGeometry& g, const at::TensorOptions& options) {
+at::Tensor dense_weights(const std::vector<PointCorners<at::opmath_type<scalar_t>, D>>& corners, const GridGeometry& g,
+                         const at::TensorOptions& options) {
   const int64_t Q = static_cast<int64_t>(corners.size());
   at::Tensor W = at::zeros({g.S, Q}, options);
   scalar_t* w = W.data_ptr<scalar_t>();
@@ -66,8 +66,8 @@ inline at::Tensor channels_by_points(const at::Tensor& t, const GridGeometry& g)
 }
 
 template <typename scalar_t, int D>
-bool dense_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
-                   int padding, bool align_corners, const JitterParams& jitter) {
+bool dense_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g, int padding,
+                   bool align_corners, const JitterParams& jitter) {
   std::vector<PointCorners<at::opmath_type<scalar_t>, D>> corners;
   if (!dense_corners<scalar_t, D>(grid, g, padding, align_corners, jitter, false, corners)) return false;
   const at::Tensor W = dense_weights<scalar_t, D>(corners, g, input.options());
@@ -83,9 +83,9 @@ bool dense_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor& 
 }
 
 template <typename scalar_t, int D>
-bool dense_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
-                    at::Tensor& grad_input, at::Tensor& grad_grid, const GridGeometry& g, int padding,
-                    bool align_corners, const JitterParams& jitter, bool need_input, bool need_grid) {
+bool dense_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid, at::Tensor& grad_input,
+                    at::Tensor& grad_grid, const GridGeometry& g, int padding, bool align_corners,
+                    const JitterParams& jitter, bool need_input, bool need_grid) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<PointCorners<acc_t, D>> corners;
   if (!dense_corners<scalar_t, D>(grid, g, padding, align_corners, jitter, need_grid, corners)) return false;

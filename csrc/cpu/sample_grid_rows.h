@@ -24,17 +24,16 @@ constexpr int64_t kPointTile = 128;
 
 // Corner setup of one point, with the jitter added to its coordinates.
 template <typename scalar_t, int D, int TAPS>
-void point_corners(const scalar_t* grid, int64_t point, const GridGeometry& g, int interpolation,
-                   int padding, bool align_corners, const NonFinitePolicy& policy,
-                   const JitterParams& jitter, bool with_grad,
+void point_corners(const scalar_t* grid, int64_t point, const GridGeometry& g, int interpolation, int padding,
+                   bool align_corners, const NonFinitePolicy& policy, const JitterParams& jitter, bool with_grad,
                    PointCorners<at::opmath_type<scalar_t>, D, TAPS>& pc) {
   using acc_t = at::opmath_type<scalar_t>;
   float noise[4];
   jitter_point(jitter, point, noise);
   acc_t coords[D];
   for (int k = 0; k < D; ++k) coords[k] = static_cast<acc_t>(grid[point * D + k]) + static_cast<acc_t>(noise[k]);
-  setup_corners<acc_t, D, TAPS>(coords, g.sizes, g.strides, interpolation, padding, align_corners, policy,
-                          with_grad, pc);
+  setup_corners<acc_t, D, TAPS>(coords, g.sizes, g.strides, interpolation, padding, align_corners, policy, with_grad,
+                                pc);
 }
 
 // Corners (taps) of a tile of points in structure-of-arrays form, so the per-channel loops
@@ -65,7 +64,7 @@ struct CornerTile {
     PointCorners<acc_t, D, TAPS> pc;
     for (int64_t i = 0; i < count; ++i) {
       point_corners<scalar_t, D, TAPS>(grid, first_point + i, g, interpolation, padding, align_corners, policy, jitter,
-                                 with_grad, pc);
+                                       with_grad, pc);
       valid[i] = pc.valid;
       bias[i] = pc.bias;
       if (pc.valid != all_taps<K>() || pc.bias != acc_t(0)) checked = true;
@@ -148,8 +147,8 @@ struct RowsAvx2 {
     int64_t i = 0;
     for (; i + 8 <= t.count; i += 8) {
       __m256 acc = CHECKED ? _mm256_loadu_ps(t.bias + i) : _mm256_setzero_ps();
-      const __m256i valid = CHECKED ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.valid + i))
-                                    : _mm256_setzero_si256();
+      const __m256i valid =
+          CHECKED ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.valid + i)) : _mm256_setzero_si256();
       for (int k = 0; k < K; ++k) {
         const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.off[k] + i));
         const __m256 v = CHECKED ? _mm256_mask_i32gather_ps(_mm256_setzero_ps(), row, idx,
@@ -170,8 +169,8 @@ struct RowsAvx2 {
     alignas(32) float contrib[8];
     for (; i + 8 <= t.count; i += 8) {
       const __m256 gv = _mm256_loadu_ps(gorow + i);
-      const __m256i valid = CHECKED ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.valid + i))
-                                    : _mm256_setzero_si256();
+      const __m256i valid =
+          CHECKED ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.valid + i)) : _mm256_setzero_si256();
       __m256 ga[D];
       for (int a = 0; a < D; ++a) ga[a] = _mm256_setzero_ps();
       for (int k = 0; k < K; ++k) {

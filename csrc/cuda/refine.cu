@@ -41,11 +41,12 @@ __device__ __forceinline__ PixelIndex pixel_index(int64_t C, int64_t HW, int64_t
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads) refine_forward_kernel(
-    const scalar_t* __restrict__ rec, const scalar_t* __restrict__ feat, int64_t C, int64_t HW, int64_t P,
-    at::opmath_type<scalar_t> mse_weight, at::opmath_type<scalar_t> cos_weight, at::opmath_type<scalar_t> threshold,
-    scalar_t* __restrict__ sim_out, scalar_t* __restrict__ map_out, at::opmath_type<scalar_t>* __restrict__ stats,
-    at::opmath_type<scalar_t>* __restrict__ loss_partials, scalar_t* __restrict__ refined) {
+__global__ void __launch_bounds__(kBlockThreads)
+    refine_forward_kernel(const scalar_t* __restrict__ rec, const scalar_t* __restrict__ feat, int64_t C, int64_t HW,
+                          int64_t P, at::opmath_type<scalar_t> mse_weight, at::opmath_type<scalar_t> cos_weight,
+                          at::opmath_type<scalar_t> threshold, scalar_t* __restrict__ sim_out,
+                          scalar_t* __restrict__ map_out, at::opmath_type<scalar_t>* __restrict__ stats,
+                          at::opmath_type<scalar_t>* __restrict__ loss_partials, scalar_t* __restrict__ refined) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ PixelSums<acc_t> lane_sums[kChannelLanes][kPixelsPerBlock];
   __shared__ acc_t pixel_sim[kPixelsPerBlock];
@@ -93,14 +94,16 @@ __global__ void __launch_bounds__(kBlockThreads) refine_forward_kernel(
 #pragma unroll 4
   for (int64_t c = ty; c < C; c += kChannelLanes) {
     const int64_t off = idx.base + c * HW;
-    refined[off] = static_cast<scalar_t>(refined_value(sim, static_cast<acc_t>(rec[off]), static_cast<acc_t>(feat[off])));
+    refined[off] =
+        static_cast<scalar_t>(refined_value(sim, static_cast<acc_t>(rec[off]), static_cast<acc_t>(feat[off])));
   }
 }
 
 // One block adds the per-block loss partials in a fixed order and divides by B*C*H*W.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kReduceThreads) sum_loss_kernel(const at::opmath_type<scalar_t>* __restrict__ partials,
-                                                                   int64_t count, double numel, scalar_t* __restrict__ loss) {
+__global__ void __launch_bounds__(kReduceThreads)
+    sum_loss_kernel(const at::opmath_type<scalar_t>* __restrict__ partials, int64_t count, double numel,
+                    scalar_t* __restrict__ loss) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ double buffer[kReduceThreads];
   double s = 0;
@@ -115,13 +118,14 @@ __global__ void __launch_bounds__(kReduceThreads) sum_loss_kernel(const at::opma
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads) refine_backward_kernel(
-    const scalar_t* __restrict__ grad_sim, const scalar_t* __restrict__ grad_map,
-    const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ grad_refined,
-    const scalar_t* __restrict__ rec, const scalar_t* __restrict__ feat,
-    const at::opmath_type<scalar_t>* __restrict__ stats, int64_t C, int64_t HW, int64_t P,
-    at::opmath_type<scalar_t> mse_weight, at::opmath_type<scalar_t> cos_weight, at::opmath_type<scalar_t> numel,
-    scalar_t* __restrict__ grad_rec, scalar_t* __restrict__ grad_feat) {
+__global__ void __launch_bounds__(kBlockThreads)
+    refine_backward_kernel(const scalar_t* __restrict__ grad_sim, const scalar_t* __restrict__ grad_map,
+                           const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ grad_refined,
+                           const scalar_t* __restrict__ rec, const scalar_t* __restrict__ feat,
+                           const at::opmath_type<scalar_t>* __restrict__ stats, int64_t C, int64_t HW, int64_t P,
+                           at::opmath_type<scalar_t> mse_weight, at::opmath_type<scalar_t> cos_weight,
+                           at::opmath_type<scalar_t> numel, scalar_t* __restrict__ grad_rec,
+                           scalar_t* __restrict__ grad_feat) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t lane_dot[kChannelLanes][kPixelsPerBlock];
   __shared__ PixelGrad<acc_t> pixel_grad[kPixelsPerBlock];
@@ -169,7 +173,6 @@ __global__ void __launch_bounds__(kBlockThreads) refine_backward_kernel(
   }
 }
 
-
 int64_t block_count(const RefineGeometry& g) {
   const int64_t blocks = (g.P + kPixelsPerBlock - 1) / kPixelsPerBlock;
   TORCH_CHECK(blocks <= INT_MAX, "refine: too many pixels for one launch (", g.P, ")");
@@ -181,9 +184,11 @@ const scalar_t* optional_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_cuda(
-    const at::Tensor& rec_, const at::Tensor& feat_, double mse_weight, double cos_weight, double mse_threshold,
-    bool return_refined) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_cuda(const at::Tensor& rec_,
+                                                                                   const at::Tensor& feat_,
+                                                                                   double mse_weight, double cos_weight,
+                                                                                   double mse_threshold,
+                                                                                   bool return_refined) {
   const RefineGeometry g = describe_refine(rec_, feat_);
   check_refine_params(mse_weight, cos_weight, mse_threshold);
   const c10::cuda::OptionalCUDAGuard guard(rec_.device());
@@ -202,18 +207,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_cu
         map.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(), partials.data_ptr<acc_t>(),
         return_refined ? refined.data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sum_loss_kernel<scalar_t><<<1, kReduceThreads, 0, stream>>>(partials.data_ptr<acc_t>(), blocks,
-                                                               static_cast<double>(g.numel()), loss.data_ptr<scalar_t>());
+    sum_loss_kernel<scalar_t><<<1, kReduceThreads, 0, stream>>>(
+        partials.data_ptr<acc_t>(), blocks, static_cast<double>(g.numel()), loss.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return outputs;
 }
 
-std::tuple<at::Tensor, at::Tensor> refine_backward_cuda(
-    const c10::optional<at::Tensor>& grad_sim, const c10::optional<at::Tensor>& grad_map,
-    const c10::optional<at::Tensor>& grad_loss, const c10::optional<at::Tensor>& grad_refined,
-    const at::Tensor& rec_, const at::Tensor& feat_, const at::Tensor& stats_, double mse_weight, double cos_weight,
-    bool rec_requires_grad, bool feat_requires_grad) {
+std::tuple<at::Tensor, at::Tensor> refine_backward_cuda(const c10::optional<at::Tensor>& grad_sim,
+                                                        const c10::optional<at::Tensor>& grad_map,
+                                                        const c10::optional<at::Tensor>& grad_loss,
+                                                        const c10::optional<at::Tensor>& grad_refined,
+                                                        const at::Tensor& rec_, const at::Tensor& feat_,
+                                                        const at::Tensor& stats_, double mse_weight, double cos_weight,
+                                                        bool rec_requires_grad, bool feat_requires_grad) {
   const RefineGeometry g = describe_refine(rec_, feat_);
   check_refine_weights(mse_weight, cos_weight);
   const c10::cuda::OptionalCUDAGuard guard(rec_.device());
@@ -226,12 +233,13 @@ std::tuple<at::Tensor, at::Tensor> refine_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rec.scalar_type(), "refine_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    refine_backward_kernel<scalar_t><<<static_cast<unsigned>(blocks), dim3(kPixelsPerBlock, kChannelLanes), 0, stream>>>(
-        optional_ptr<scalar_t>(up.sim), optional_ptr<scalar_t>(up.map), optional_ptr<scalar_t>(up.loss),
-        optional_ptr<scalar_t>(up.refined), rec.data_ptr<scalar_t>(), feat.data_ptr<scalar_t>(),
-        stats.data_ptr<acc_t>(), g.C, g.HW, g.P, static_cast<acc_t>(mse_weight), static_cast<acc_t>(cos_weight),
-        static_cast<acc_t>(g.numel()), rec_requires_grad ? grad_rec.data_ptr<scalar_t>() : nullptr,
-        feat_requires_grad ? grad_feat.data_ptr<scalar_t>() : nullptr);
+    refine_backward_kernel<scalar_t>
+        <<<static_cast<unsigned>(blocks), dim3(kPixelsPerBlock, kChannelLanes), 0, stream>>>(
+            optional_ptr<scalar_t>(up.sim), optional_ptr<scalar_t>(up.map), optional_ptr<scalar_t>(up.loss),
+            optional_ptr<scalar_t>(up.refined), rec.data_ptr<scalar_t>(), feat.data_ptr<scalar_t>(),
+            stats.data_ptr<acc_t>(), g.C, g.HW, g.P, static_cast<acc_t>(mse_weight), static_cast<acc_t>(cos_weight),
+            static_cast<acc_t>(g.numel()), rec_requires_grad ? grad_rec.data_ptr<scalar_t>() : nullptr,
+            feat_requires_grad ? grad_feat.data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_rec, grad_feat};

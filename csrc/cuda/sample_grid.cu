@@ -32,41 +32,51 @@ __global__ void jitter_noise_kernel(const int64_t* __restrict__ seed, int64_t nu
 
 SampleCall make_call(const GridGeometry& g, const at::Tensor& seed, int64_t interpolation, int64_t padding,
                      bool align_corners, double jitter_std, double jitter_prob, int64_t jitter_mode) {
-  return SampleCall{g, interpolation, padding, align_corners, jitter_std, jitter_prob, jitter_mode, seed,
+  return SampleCall{g,
+                    interpolation,
+                    padding,
+                    align_corners,
+                    jitter_std,
+                    jitter_prob,
+                    jitter_mode,
+                    seed,
                     at::cuda::getCurrentCUDAStream()};
 }
 
-at::Tensor sample_grid_cuda(const at::Tensor& input_, const at::Tensor& grid_, int64_t interpolation,
-                            int64_t padding, bool align_corners, double jitter_std, double jitter_prob,
-                            int64_t jitter_mode, const c10::optional<at::Tensor>& jitter_seed) {
+at::Tensor sample_grid_cuda(const at::Tensor& input_, const at::Tensor& grid_, int64_t interpolation, int64_t padding,
+                            bool align_corners, double jitter_std, double jitter_prob, int64_t jitter_mode,
+                            const c10::optional<at::Tensor>& jitter_seed) {
   at::Tensor seed;
-  const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob,
-                                           jitter_mode, jitter_seed, &seed);
+  const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob, jitter_mode,
+                                           jitter_seed, &seed);
   c10::cuda::CUDAGuard guard(input_.device());
   at::Tensor out = at::empty(g.out_shape, input_.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor input = input_.contiguous(), grid = grid_.contiguous();
-  const SampleCall call = make_call(g, seed, interpolation, padding, align_corners, jitter_std, jitter_prob, jitter_mode);
+  const SampleCall call =
+      make_call(g, seed, interpolation, padding, align_corners, jitter_std, jitter_prob, jitter_mode);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sample_grid_cuda",
                                   [&] { forward_typed<scalar_t>(input, grid, out, call); });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input_, const at::Tensor& grid_, int64_t interpolation,
-    int64_t padding, bool align_corners, double jitter_std, double jitter_prob, int64_t jitter_mode,
-    const c10::optional<at::Tensor>& jitter_seed, bool input_requires_grad, bool grid_requires_grad) {
+std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input_,
+                                                             const at::Tensor& grid_, int64_t interpolation,
+                                                             int64_t padding, bool align_corners, double jitter_std,
+                                                             double jitter_prob, int64_t jitter_mode,
+                                                             const c10::optional<at::Tensor>& jitter_seed,
+                                                             bool input_requires_grad, bool grid_requires_grad) {
   at::Tensor seed;
-  const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob,
-                                           jitter_mode, jitter_seed, &seed, &grad_output);
+  const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob, jitter_mode,
+                                           jitter_seed, &seed, &grad_output);
   c10::cuda::CUDAGuard guard(input_.device());
   // Nearest sampling is piecewise constant: its grid gradient is 0.
   const bool need_grid = grid_requires_grad && interpolation != kNearest;
   BackwardBuffers buf;
   if (g.N * g.C * g.P > 0 && (input_requires_grad || need_grid)) {
     const at::Tensor input = input_.contiguous(), grid = grid_.contiguous(), gout = grad_output.contiguous();
-    const SampleCall call = make_call(g, seed, interpolation, padding, align_corners, jitter_std, jitter_prob,
-                                      jitter_mode);
+    const SampleCall call =
+        make_call(g, seed, interpolation, padding, align_corners, jitter_std, jitter_prob, jitter_mode);
     const bool deterministic = at::globalContext().deterministicAlgorithms();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sample_grid_backward_cuda", [&] {
       backward_typed<scalar_t>(gout, input, grid, buf, call, input_requires_grad, need_grid, deterministic);
@@ -74,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cuda(
   }
   // A gradient that is not asked for is an empty tensor; one with nothing to add is zeros.
   if (!buf.grad_input.defined()) {
-    buf.grad_input = input_requires_grad ? at::zeros(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
+    buf.grad_input =
+        input_requires_grad ? at::zeros(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
   }
   if (!buf.grad_grid.defined()) {
     buf.grad_grid = grid_requires_grad ? at::zeros(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options());
@@ -92,10 +103,9 @@ std::tuple<at::Tensor, at::Tensor> jitter_noise_cuda(const at::Tensor& seed_, in
   if (num_points == 0) return {noise, flags};
   TORCH_CHECK(ceil_div(num_points, kNoiseThreads) <= INT_MAX, "jitter_noise: too many points (", num_points, ")");
   jitter_noise_kernel<<<static_cast<unsigned>(ceil_div(num_points, kNoiseThreads)), kNoiseThreads, 0,
-                        at::cuda::getCurrentCUDAStream()>>>(seed.data_ptr<int64_t>(), num_points, static_cast<int>(dim),
-                                                            static_cast<float>(std), static_cast<float>(prob),
-                                                            static_cast<int>(mode), noise.data_ptr<float>(),
-                                                            flags.data_ptr<bool>());
+                        at::cuda::getCurrentCUDAStream()>>>(
+      seed.data_ptr<int64_t>(), num_points, static_cast<int>(dim), static_cast<float>(std), static_cast<float>(prob),
+      static_cast<int>(mode), noise.data_ptr<float>(), flags.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {noise, flags};
 }

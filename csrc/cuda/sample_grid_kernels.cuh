@@ -105,10 +105,9 @@ struct TileCorners {
 // ---- forward: points kernel ----------------------------------------------------------------
 
 template <typename scalar_t, int D, int TAPS>
-__global__ void __launch_bounds__(kThreads) forward_points_kernel(const scalar_t* __restrict__ input,
-                                                                  const scalar_t* __restrict__ grid,
-                                                                  scalar_t* __restrict__ out, KernelGeometry g,
-                                                                  SampleParams sp) {
+__global__ void __launch_bounds__(kThreads)
+    forward_points_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ grid,
+                          scalar_t* __restrict__ out, KernelGeometry g, SampleParams sp) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tiles_per_batch = div_up(g.P, kPointLanes);
   const int64_t n = blockIdx.x / tiles_per_batch;
@@ -137,9 +136,9 @@ __global__ void __launch_bounds__(kThreads) forward_points_kernel(const scalar_t
 // one cell by consecutive channels over the banks), then the tile's corners.
 
 template <typename scalar_t, int D, int TAPS>
-__global__ void __launch_bounds__(kMaxSliceChannels) forward_channels_kernel(
-    const scalar_t* __restrict__ input, const scalar_t* __restrict__ grid, scalar_t* __restrict__ out,
-    KernelGeometry g, SampleParams sp, int64_t points_per_group) {
+__global__ void __launch_bounds__(kMaxSliceChannels)
+    forward_channels_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ grid,
+                            scalar_t* __restrict__ out, KernelGeometry g, SampleParams sp, int64_t points_per_group) {
   using acc_t = at::opmath_type<scalar_t>;
   typedef TileCorners<acc_t, D, TAPS> TC;
   constexpr int KMax = TC::K;
@@ -201,10 +200,10 @@ __global__ void __launch_bounds__(kMaxSliceChannels) forward_channels_kernel(
 // ---- backward: scatter kernel (also the grid gradient for large tables) ---------------------
 
 template <typename scalar_t, int D, int TAPS>
-__global__ void __launch_bounds__(kThreads) scatter_backward_kernel(
-    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ input, const scalar_t* __restrict__ grid,
-    at::opmath_type<scalar_t>* __restrict__ grad_input, at::opmath_type<scalar_t>* __restrict__ grid_partial,
-    KernelGeometry g, SampleParams sp) {
+__global__ void __launch_bounds__(kThreads)
+    scatter_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ input,
+                            const scalar_t* __restrict__ grid, at::opmath_type<scalar_t>* __restrict__ grad_input,
+                            at::opmath_type<scalar_t>* __restrict__ grid_partial, KernelGeometry g, SampleParams sp) {
   using acc_t = at::opmath_type<scalar_t>;
   typedef PointCorners<acc_t, D, TAPS> PC;
   constexpr int KMax = PC::K;
@@ -322,19 +321,21 @@ __host__ __device__ inline int64_t table_smem_bytes(int64_t S, int64_t slice, bo
 // grad_input_partial (deterministic: [group][N_in][C][S]) or grad_input_accum (atomics); the
 // grid gradient of each point into grid_partial[slice][point][D].
 template <typename scalar_t, int D, int TAPS, bool NEED_GRID>
-__global__ void __launch_bounds__(kMaxSliceChannels) table_backward_kernel(
-    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ input, const scalar_t* __restrict__ grid,
-    scalar_t* __restrict__ grad_input_direct, at::opmath_type<scalar_t>* __restrict__ grad_input_accum,
-    at::opmath_type<scalar_t>* __restrict__ grad_input_partial, at::opmath_type<scalar_t>* __restrict__ grid_partial,
-    KernelGeometry g, SampleParams sp, int64_t slices, int64_t points_per_group, bool tile_along_points) {
+__global__ void __launch_bounds__(kMaxSliceChannels)
+    table_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ input,
+                          const scalar_t* __restrict__ grid, scalar_t* __restrict__ grad_input_direct,
+                          at::opmath_type<scalar_t>* __restrict__ grad_input_accum,
+                          at::opmath_type<scalar_t>* __restrict__ grad_input_partial,
+                          at::opmath_type<scalar_t>* __restrict__ grid_partial, KernelGeometry g, SampleParams sp,
+                          int64_t slices, int64_t points_per_group, bool tile_along_points) {
   using acc_t = at::opmath_type<scalar_t>;
   typedef TableTile<acc_t, D, TAPS> TT;
   constexpr int KMax = TT::K;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int slice = blockDim.x, tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   const int warps = slice / kWarp, stride = slice + 1;
-  acc_t* grad = reinterpret_cast<acc_t*>(smem_raw);  // [S][stride]
-  acc_t* tab = grad + g.S * stride;                   // [S][stride] (NEED_GRID)
+  acc_t* grad = reinterpret_cast<acc_t*>(smem_raw);     // [S][stride]
+  acc_t* tab = grad + g.S * stride;                     // [S][stride] (NEED_GRID)
   acc_t* gtile = tab + (NEED_GRID ? g.S * stride : 0);  // [kTilePoints][stride]
   auto* tt = reinterpret_cast<TT*>(gtile + kTilePoints * stride);
 
@@ -390,8 +391,9 @@ __global__ void __launch_bounds__(kMaxSliceChannels) table_backward_kernel(
         cl = static_cast<int>(e % slice);
         j = static_cast<int>(e / slice);
       }
-      gtile[j * stride + cl] =
-          (j < count && cl < width) ? static_cast<acc_t>(grad_out[out_index(g, point_base + q0 + j, c0 + cl)]) : acc_t(0);
+      gtile[j * stride + cl] = (j < count && cl < width)
+                                   ? static_cast<acc_t>(grad_out[out_index(g, point_base + q0 + j, c0 + cl)])
+                                   : acc_t(0);
     }
     __syncthreads();
     for (int j0 = 0; j0 < count; j0 += kGridChunk) {
@@ -406,7 +408,7 @@ __global__ void __launch_bounds__(kMaxSliceChannels) table_backward_kernel(
           const int j = j0 + m;
           if (j >= count) break;
           const typename TT::Mask valid = tt->corners.valid[j];  // the same for the whole block: no divergence
-          if (valid == 0) continue;                    // wholly outside: adds nothing, even for NaN gradients
+          if (valid == 0) continue;                              // wholly outside: adds nothing, even for NaN gradients
           const acc_t gv = gtile[j * stride + tid];
 #pragma unroll
           for (int k = 0; k < KMax; ++k) {

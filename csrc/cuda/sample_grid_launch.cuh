@@ -46,8 +46,12 @@ KernelGeometry kernel_geometry(const GridGeometry& g) {
 
 SampleParams sample_params(int64_t interpolation, int64_t padding, bool align_corners, double std, double prob,
                            int64_t mode, const at::Tensor& seed) {
-  return SampleParams{static_cast<int>(interpolation), static_cast<int>(padding), align_corners,
-                      static_cast<float>(std), static_cast<float>(prob), static_cast<int>(mode),
+  return SampleParams{static_cast<int>(interpolation),
+                      static_cast<int>(padding),
+                      align_corners,
+                      static_cast<float>(std),
+                      static_cast<float>(prob),
+                      static_cast<int>(mode),
                       seed.defined() ? seed.data_ptr<int64_t>() : nullptr};
 }
 
@@ -92,7 +96,8 @@ void launch_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   using acc_t = at::opmath_type<scalar_t>;
   if (g.P < kFewPointsPerBatch) {
     const auto smem_bytes = [&](int64_t w) {
-      return g.S * (w + 1) * static_cast<int64_t>(sizeof(acc_t)) + static_cast<int64_t>(sizeof(TileCorners<acc_t, D, TAPS>));
+      return g.S * (w + 1) * static_cast<int64_t>(sizeof(acc_t)) +
+             static_cast<int64_t>(sizeof(TileCorners<acc_t, D, TAPS>));
     };
     const int64_t slice = slice_channels(g.C, kForwardStageBytes, smem_bytes);
     if (slice > 0 && g.N_in <= kMaxGridY) {
@@ -104,9 +109,8 @@ void launch_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
       const int64_t groups = ceil_div(npoints, per_group);
       TORCH_CHECK(slices <= INT_MAX && groups <= kMaxGridY, "sample_grid: too many channels or points for one launch");
       const dim3 blocks(static_cast<unsigned>(slices), static_cast<unsigned>(groups), static_cast<unsigned>(g.N_in));
-      kernel<<<blocks, static_cast<unsigned>(slice), smem, stream>>>(input.data_ptr<scalar_t>(),
-                                                                     grid.data_ptr<scalar_t>(),
-                                                                     out.data_ptr<scalar_t>(), kg, sp, per_group);
+      kernel<<<blocks, static_cast<unsigned>(slice), smem, stream>>>(
+          input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), kg, sp, per_group);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -118,18 +122,17 @@ void launch_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
                                              std::min<int64_t>(ceil_div(g.C, kChannelLanes), kMaxGridY));
   TORCH_CHECK(point_blocks <= INT_MAX, "sample_grid: too many points for one launch (", g.N * g.P, ")");
   const dim3 blocks(static_cast<unsigned>(point_blocks), static_cast<unsigned>(splits));
-  kernel<<<blocks, dim3(kPointLanes, kChannelLanes), 0, stream>>>(input.data_ptr<scalar_t>(),
-                                                                 grid.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                                                 kg, sp);
+  kernel<<<blocks, dim3(kPointLanes, kChannelLanes), 0, stream>>>(input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
+                                                                  out.data_ptr<scalar_t>(), kg, sp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
 void launch_reduce_partials(const at::Tensor& partial, at::Tensor& out, cudaStream_t stream) {
   const int64_t numel = out.numel(), parts = partial.size(0);
-  reduce_partials_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(numel, kReduceThreads)), kReduceThreads, 0,
-                                     stream>>>(partial.data_ptr<at::opmath_type<scalar_t>>(), parts, numel,
-                                               out.data_ptr<scalar_t>());
+  reduce_partials_kernel<scalar_t>
+      <<<static_cast<unsigned>(ceil_div(numel, kReduceThreads)), kReduceThreads, 0, stream>>>(
+          partial.data_ptr<at::opmath_type<scalar_t>>(), parts, numel, out.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -185,9 +188,8 @@ bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, cons
   }
   const dim3 blocks(static_cast<unsigned>(groups * slices), 1, static_cast<unsigned>(g.N_in));
   kernel<<<blocks, static_cast<unsigned>(slice), smem, stream>>>(
-      gout.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), direct, accum_ptr,
-      partial_ptr, NEED_GRID ? buf.grid_partial.data_ptr<acc_t>() : nullptr, kg, sp, slices, per_group,
-      g.P >= kTileAlongPointsMinP);
+      gout.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), direct, accum_ptr, partial_ptr,
+      NEED_GRID ? buf.grid_partial.data_ptr<acc_t>() : nullptr, kg, sp, slices, per_group, g.P >= kTileAlongPointsMinP);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (partial.defined()) {
     launch_reduce_partials<scalar_t>(partial, grad_input, stream);
@@ -223,8 +225,8 @@ void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input
     const dim3 blocks(static_cast<unsigned>(point_blocks), static_cast<unsigned>(splits));
     kernel<<<blocks, dim3(kPointLanes, kChannelLanes), 0, stream>>>(
         gout.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
-        scatter_input ? accum.data_ptr<acc_t>() : nullptr, need_grid ? buf.grid_partial.data_ptr<acc_t>() : nullptr,
-        kg, sp);
+        scatter_input ? accum.data_ptr<acc_t>() : nullptr, need_grid ? buf.grid_partial.data_ptr<acc_t>() : nullptr, kg,
+        sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (scatter_input) buf.grad_input = std::is_same<scalar_t, acc_t>::value ? accum : accum.to(input.scalar_type());
@@ -239,9 +241,9 @@ void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input
     at::Tensor partial = at::zeros({groups, g.N_in, g.C, g.S}, acc_opts);
     const int64_t work = rows * groups;
     TORCH_CHECK(ceil_div(work, kOwnerThreads) <= INT_MAX, "sample_grid_backward: table too large for one launch");
-    owner_backward_kernel<scalar_t, D, TAPS><<<static_cast<unsigned>(ceil_div(work, kOwnerThreads)), kOwnerThreads, 0,
-                                         stream>>>(gout.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
-                                                   partial.data_ptr<acc_t>(), kg, sp, groups, per_group);
+    owner_backward_kernel<scalar_t, D, TAPS>
+        <<<static_cast<unsigned>(ceil_div(work, kOwnerThreads)), kOwnerThreads, 0, stream>>>(
+            gout.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), kg, sp, groups, per_group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     buf.grad_input = at::empty(input.sizes(), input.options());
     launch_reduce_partials<scalar_t>(partial, buf.grad_input, stream);
@@ -289,9 +291,9 @@ void backward_typed(const at::Tensor& gout, const at::Tensor& input, const at::T
       bool done = false;
       if (need_input) {
         done = need_grid ? launch_table_backward<scalar_t, D, TAPS, true>(gout, input, grid, buf, g, kg, sp,
-                                                                         deterministic, stream)
+                                                                          deterministic, stream)
                          : launch_table_backward<scalar_t, D, TAPS, false>(gout, input, grid, buf, g, kg, sp,
-                                                                          deterministic, stream);
+                                                                           deterministic, stream);
       }
       if (!done) {
         launch_large_table_backward<scalar_t, D, TAPS>(gout, input, grid, buf, g, kg, sp, need_input, need_grid,
@@ -300,10 +302,10 @@ void backward_typed(const at::Tensor& gout, const at::Tensor& input, const at::T
       if (need_grid) {
         buf.grad_grid = at::empty(grid.sizes(), grid.options());  // every element written below
         const int64_t total_points = g.N * g.P;
-        reduce_grid_kernel<scalar_t, D, TAPS><<<static_cast<unsigned>(ceil_div(total_points, kReduceThreads)),
-                                                kReduceThreads, 0, stream>>>(
-            buf.grid_partial.data_ptr<at::opmath_type<scalar_t>>(), buf.grid_parts, grid.data_ptr<scalar_t>(),
-            buf.grad_grid.data_ptr<scalar_t>(), kg, sp);
+        reduce_grid_kernel<scalar_t, D, TAPS>
+            <<<static_cast<unsigned>(ceil_div(total_points, kReduceThreads)), kReduceThreads, 0, stream>>>(
+                buf.grid_partial.data_ptr<at::opmath_type<scalar_t>>(), buf.grid_parts, grid.data_ptr<scalar_t>(),
+                buf.grad_grid.data_ptr<scalar_t>(), kg, sp);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
@@ -313,9 +315,9 @@ void backward_typed(const at::Tensor& gout, const at::Tensor& input, const at::T
 }  // namespace cuda
 }  // namespace grad_ext
 
-#define GRAD_EXT_INSTANTIATE_SAMPLE_GRID(scalar_t)                                                                  \
-  template void grad_ext::cuda::forward_typed<scalar_t>(const at::Tensor&, const at::Tensor&, at::Tensor&,         \
-                                                        const grad_ext::cuda::SampleCall&);                         \
-  template void grad_ext::cuda::backward_typed<scalar_t>(const at::Tensor&, const at::Tensor&, const at::Tensor&,  \
-                                                         grad_ext::cuda::BackwardBuffers&,                          \
+#define GRAD_EXT_INSTANTIATE_SAMPLE_GRID(scalar_t)                                                                \
+  template void grad_ext::cuda::forward_typed<scalar_t>(const at::Tensor&, const at::Tensor&, at::Tensor&,        \
+                                                        const grad_ext::cuda::SampleCall&);                       \
+  template void grad_ext::cuda::backward_typed<scalar_t>(const at::Tensor&, const at::Tensor&, const at::Tensor&, \
+                                                         grad_ext::cuda::BackwardBuffers&,                        \
                                                          const grad_ext::cuda::SampleCall&, bool, bool, bool);

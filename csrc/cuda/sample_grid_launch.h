@@ -34,8 +34,7 @@ void forward_typed(const at::Tensor& input, const at::Tensor& grid, at::Tensor& 
 // Fills buf.grad_input (need_input) and buf.grad_grid (need_grid: bilinear and bicubic).
 template <typename scalar_t>
 void backward_typed(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& grid,
-                    BackwardBuffers& buf, const SampleCall& call, bool need_input, bool need_grid,
-                    bool deterministic);
+                    BackwardBuffers& buf, const SampleCall& call, bool need_input, bool need_grid, bool deterministic);
 
 }  // namespace cuda
 }  // namespace grad_ext
