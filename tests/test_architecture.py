@@ -26,7 +26,8 @@ MAX_LINES = 400
 # implementers (datasets, features, evaluation, fusion, FBP, runtime), which is why config sits
 # above them and reads them, and everything built from a config sits above config.
 LAYERS = (
-    ("gradad.io_utils", "gradad.runtime", "gradad.deploy"),
+    ("gradad.io_utils", "gradad.image_files"),
+    ("gradad.runtime", "gradad.deploy"),
     ("gradad.datasets",),
     ("gradad.backbones", "gradad.metrics"),
     ("gradad.evaluation", "gradad.features", "gradad.models.fusion", "gradad.models.fbp", "gradad.models"),
@@ -193,20 +194,26 @@ def test_checker_accepts_the_allowed_forms():
 
 
 LIGHT_ROOTS = {"numpy", "PIL", "__future__"}
+# gradad's modules of the standard library only, shared by the light and the torch side.
+LIGHT_GRADAD = ("gradad.io_utils", "gradad.image_files")
 
 
 def test_cli_and_deploy_import_only_light_modules():
-    """gradad.cli and gradad.deploy at module level import the standard library, numpy, Pillow
-    and gradad.deploy only (no torch, no grad_ext), so predict of an exported model runs without
-    torch; tests/test_export.py runs it where importing torch fails."""
+    """gradad.cli, gradad.deploy and the standard-library helpers they use (LIGHT_GRADAD) at
+    module level import the standard library, numpy, Pillow and each other only (no torch, no
+    grad_ext), so predict of an exported model runs without torch; tests/test_export.py runs it
+    where importing torch fails."""
     sources = package_sources()
-    light = {m: s for m, s in sources.items() if m == "gradad.cli" or m.startswith("gradad.deploy")}
+    light = {m: s for m, s in sources.items()
+             if m == "gradad.cli" or m.startswith("gradad.deploy") or m in LIGHT_GRADAD}
     assert "gradad.deploy.scorer" in light
     for module, (source, is_package) in light.items():
         for target, line, top_level in imports_of(source, module, is_package):
             root = target.split(".")[0]
             if root == "gradad":
-                assert target in ("gradad", "gradad.__version__") or target.startswith("gradad.deploy") or \
-                    (not top_level and (module, target) in LAZY_IMPORTS), f"{module}:{line} imports {target}"
+                allowed = (target in ("gradad", "gradad.__version__", *LIGHT_GRADAD)
+                           or target.startswith("gradad.deploy")
+                           or (not top_level and (module, target) in LAZY_IMPORTS))
+                assert allowed, f"{module}:{line} imports {target}"
             elif top_level:
                 assert root in LIGHT_ROOTS or root in sys.stdlib_module_names, f"{module}:{line} imports {target}"

@@ -27,9 +27,9 @@ from .checkpoint import check_fits, find_checkpoints, library_versions, read_che
 from .config import Config, config_from_dict
 from .datasets import ON_ERROR_CHOICES, AnomalyDataset, ImageRecord, load_mask
 from .datasets.image_io import image_size_of
-from .datasets.records import IMAGE_EXTENSIONS, list_image_files
 from .evaluation import MEAN_KEY, EvalRecord, evaluate_class, mean_over_classes, postprocess
 from .features import extract_features, feature_cache, score_features
+from .image_files import collect_images
 from .listings import config_listing
 from .models.factory import build_model, model_feature_size, planned_epochs
 from .models.grad import GRAD
@@ -218,28 +218,6 @@ def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], progress
 
 # ---------------------------------------------------------------------------------------------
 # Predict
-
-
-def collect_images(paths: Sequence[str | os.PathLike]) -> List[str]:
-    """Image files named by ``paths``: files as given, folders by their image files (not
-    recursive, suffixes IMAGE_EXTENSIONS), each file once. A missing path or an empty folder
-    raises."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not paths:
-        raise ValueError("no image files or folders given to predict on")
-    files: List[str] = []
-    for path in map(os.fspath, paths):
-        if os.path.isdir(path):
-            found = list_image_files(path)
-            if not found:
-                raise ValueError(f"folder {path} holds no image files (suffixes {', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"image file or folder not found: {path}")
-    return list(dict.fromkeys(files))
 
 
 def decision_threshold(checkpoint: Dict[str, object], threshold: Optional[float] = None,

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..image_files import ON_ERROR_CHOICES
 from .image_io import (
     DEFAULT_IMAGE_SIZE,
     IMAGENET_MEAN,
@@ -23,7 +24,6 @@ from .image_io import (
 )
 from .records import ImageRecord
 
-ON_ERROR_CHOICES = ("raise", "skip")
 VALIDATE_CHOICES = ("header", "full")
 
 

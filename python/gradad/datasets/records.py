@@ -8,9 +8,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..image_files import IMAGE_EXTENSIONS, list_image_files  # noqa: F401 (the listings' names)
+
 SPLITS = ("train", "test")
-# Suffixes treated as images when a folder is scanned (compared lower-cased).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NORMAL_DEFECT_TYPE = "good"
 # Mask file names tried, in order, for an image with stem <stem>.
 MASK_NAME_PATTERNS = ("{stem}_mask.png", "{stem}.png")
@@ -81,16 +81,6 @@ def require_dir(path: str | os.PathLike, what: str) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} folder not found: {path}")
     return path
-
-
-def list_image_files(folder: str) -> list[str]:
-    """Sorted paths of the image files directly inside `folder` (not recursive)."""
-    names = sorted(
-        name
-        for name in os.listdir(folder)
-        if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, name))
-    )
-    return [os.path.join(folder, name) for name in names]
 
 
 def find_mask(mask_dir: str, image_path: str) -> str | None:

@@ -9,7 +9,7 @@ import json
 import math
 import os
 
-from .files import atomic_write_bytes
+from ..io_utils import atomic_write_bytes
 
 __all__ = ["FORMAT", "INPUT_DTYPES", "SCHEMA_VERSION", "MetadataError", "make_metadata", "metadata_path",
            "read_metadata", "validate_metadata", "write_metadata"]
@@ -121,7 +121,7 @@ def make_metadata(*, input_name: str, height: int, width: int, dtype: str, map_o
 def write_metadata(path: str | os.PathLike, meta: dict) -> str:
     """Validates ``meta`` and writes it as JSON to ``path`` atomically (temporary file + rename)."""
     text = json.dumps(validate_metadata(meta), indent=2, sort_keys=True) + "\n"
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return str(atomic_write_bytes(path, text.encode("utf-8")))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

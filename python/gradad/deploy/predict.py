@@ -21,41 +21,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .files import atomic_write_bytes
+from ..image_files import IMAGE_EXTENSIONS, ON_ERROR_CHOICES, collect_images
+from ..io_utils import atomic_write_bytes
 from .images import load_image
 from .scorer import Scorer
 
 __all__ = ["IMAGE_EXTENSIONS", "ON_ERROR_CHOICES", "LightPrediction", "collect_images", "heatmap_png",
            "predict_files"]
 
-# as gradad.datasets.records.IMAGE_EXTENSIONS and gradad.datasets.ON_ERROR_CHOICES (this package
-# must not import them: they live beside torch code)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-ON_ERROR_CHOICES = ("raise", "skip")
 RESULTS_JSON, RESULTS_CSV, HEATMAP_DIR = "results.json", "results.csv", "heatmaps"
 HEATMAP_ALPHA = 0.5
-
-
-def collect_images(paths) -> list:
-    """Image files named by ``paths`` (files as given, folders by their image files, not
-    recursive), each once; a missing path or an empty folder raises."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not paths:
-        raise ValueError("images: no image files or folders given to predict on")
-    files = []
-    for path in map(os.fspath, paths):
-        if os.path.isdir(path):
-            found = sorted(os.path.join(path, n) for n in os.listdir(path)
-                           if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n)))
-            if not found:
-                raise ValueError(f"images: folder {path} holds no image files (suffixes {', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"images: image file or folder not found: {path}")
-    return list(dict.fromkeys(files))
 
 
 def _jet(values: np.ndarray) -> np.ndarray:
