@@ -141,6 +141,19 @@ struct RowsAvx2 {
     return _mm256_cmpeq_epi32(_mm256_and_si256(valid, bit), bit);
   }
 
+  // 2-D bilinear: corners 0 and 1 (and 2 and 3) are neighbours along the row, so one 64-bit
+  // gather element reads both: 4 gathers of 4 elements for 8 points instead of 4 of 8. The
+  // pairs come back interleaved (a0 b0 a1 b1 ...) and are split into the two corners' vectors.
+  __attribute__((target("avx2,fma"))) static inline void gather_pairs(const float* row, __m256i idx, __m256* a,
+                                                                      __m256* b) {
+    const double* base = reinterpret_cast<const double*>(row);
+    const __m256 lo = _mm256_castpd_ps(_mm256_i32gather_pd(base, _mm256_castsi256_si128(idx), 4));
+    const __m256 hi = _mm256_castpd_ps(_mm256_i32gather_pd(base, _mm256_extracti128_si256(idx, 1), 4));
+    // shuffles give (x0 x1 x4 x5 | x2 x3 x6 x7); the 64-bit permute puts them in order
+    *a = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xD8));
+    *b = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xDD)), 0xD8));
+  }
+
   template <bool CHECKED>
   __attribute__((target("avx2,fma"))) static void forward(const Tile& t, const float* __restrict__ row,
                                                           float* __restrict__ orow) {
@@ -149,6 +162,19 @@ struct RowsAvx2 {
       __m256 acc = CHECKED ? _mm256_loadu_ps(t.bias + i) : _mm256_setzero_ps();
       const __m256i valid =
           CHECKED ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.valid + i)) : _mm256_setzero_si256();
+      if constexpr (TAPS == 2 && D == 2) {
+        const bool all_inside =
+            !CHECKED ||
+            _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(valid, _mm256_set1_epi32(15)))) == 0xFF;
+        if (all_inside) {
+          __m256 c[4];
+          gather_pairs(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.off[0] + i)), &c[0], &c[1]);
+          gather_pairs(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.off[2] + i)), &c[2], &c[3]);
+          for (int k = 0; k < 4; ++k) acc = _mm256_fmadd_ps(_mm256_loadu_ps(t.w[k] + i), c[k], acc);
+          _mm256_storeu_ps(orow + i, acc);
+          continue;
+        }
+      }
       for (int k = 0; k < K; ++k) {
         const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.off[k] + i));
         const __m256 v = CHECKED ? _mm256_mask_i32gather_ps(_mm256_setzero_ps(), row, idx,
