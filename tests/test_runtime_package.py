@@ -8,7 +8,8 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIGHT_FILES = {"gradad/__init__.py", "gradad/__main__.py", "gradad/cli.py", "gradad/io_utils.py", "gradad/image_files.py"}
+LIGHT_FILES = {"gradad/__init__.py", "gradad/__main__.py", "gradad/cli.py", "gradad/io_utils.py",
+               "gradad/image_files.py"}
 
 
 @pytest.fixture(scope="module")
