@@ -39,6 +39,7 @@ from benchmarks.bench_detector import DetectorSpec, build_detector
 from benchmarks.device_info import device_slug, environment
 from benchmarks.reporting import markdown_table
 from gradad.export import DetectorGraph, dynamic_shapes
+from gradad.io_utils import atomic_write_text
 
 SPECS = {"lite-demo": DetectorSpec("Lite demo (random weights)", "lite-demo", "random"),
          "grad": DetectorSpec("GRAD, EfficientNet-B4 (random weights)", "grad", "random")}
@@ -125,7 +126,8 @@ def to_markdown(results: Dict[str, object]) -> str:
     table = [[r["spec"], str(r["input_size"]), r["runtime"],
               f"{r['batch']}" + (f" (asked {r['requested_batch']})" if r["batch"] != r["requested_batch"] else ""),
               f"{r['median_ms']:.1f}", f"{r['images_per_s']:.1f}",
-              f"{r['images_per_s'] / eager[(r['spec'], r['batch'])]:.2f}×"] for r in rows]
+              f"{r['images_per_s'] / eager[(r['spec'], r['batch'])]:.2f}×" if (r["spec"], r["batch"]) in eager
+              else "n/a"] for r in rows]
     lines = [f"# Exported detector throughput: {results['device']}", "",
              f"{results['threads']} threads; image to answer (resize, normalisation, backbone, GRAD, strict "
              "post-processing) at the model's input size; random backbone weights.", "",
@@ -155,10 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             rows = [r for r in json.load(handle)["rows"] if (r["spec"], r["runtime"]) not in ran] + rows
     results = {"device": device_slug(device), "threads": args.threads, "environment": environment(device),
                "rows": sorted(rows, key=lambda r: (r["spec"] != "lite-demo", r["spec"]))}
-    with open(os.path.join(out, "export.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    with open(os.path.join(out, "export.md"), "w", encoding="utf-8") as handle:
-        handle.write(to_markdown(results))
+    atomic_write_text(os.path.join(out, "export.json"), json.dumps(results, indent=2))
+    atomic_write_text(os.path.join(out, "export.md"), to_markdown(results))
     print(to_markdown(results))
 
 
