@@ -25,6 +25,7 @@ from gradad.export import export_detector
 from gradad.inference import load_model, predict
 from tests.synthetic import make_mvtec
 from tests.test_cli import TINY_TRAIN
+from tests.torchless import torchless_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4
@@ -131,12 +132,7 @@ def test_predict_without_torch(trained, images, tmp_path):
     if variant != "grad":
         pytest.skip("one variant is enough for the command line")
     exported = export_detector(checkpoint, "onnx", tmp_path / "exported")
-    stub = tmp_path / "stub" / "torch"
-    stub.mkdir(parents=True)
-    marker = tmp_path / "torch-was-imported"
-    (stub / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                      "raise ImportError('torch is not installed on this machine (test stub)')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"), os.path.join(ROOT, "python")]))
+    env, marker = torchless_env(tmp_path, [os.path.join(ROOT, "python")])
     out = tmp_path / "light"
     done = subprocess.run([sys.executable, "-m", "gradad", "predict", *images, "--checkpoint", exported.model_path,
                            "--out", str(out)], env=env, capture_output=True, text=True, cwd=str(tmp_path))

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from gradad import deploy as rt
+from tests.torchless import torchless_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 32, 48
@@ -199,12 +200,7 @@ def test_runs_where_torch_cannot_be_imported(exported, images, tmp_path):
     """A `torch` package that raises on import, first on the path: the scorer and its command
     line work, and nothing tries to import torch."""
     _, path = exported
-    stub = tmp_path / "stub" / "torch"
-    stub.mkdir(parents=True)
-    marker = tmp_path / "torch-was-imported"
-    (stub / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                      "raise ImportError('torch is not installed on this machine (test stub)')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"), os.path.join(ROOT, "python")]))
+    env, marker = torchless_env(tmp_path, [os.path.join(ROOT, "python")])
     check = ("import sys\n"
              "from gradad.deploy import Scorer\n"
              f"preds = Scorer({path!r}, backend=sys.argv[1]).predict({images!r})\n"

@@ -7,6 +7,8 @@ import zipfile
 
 import pytest
 
+from tests.torchless import torchless_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIGHT_FILES = {"gradad/__init__.py", "gradad/__main__.py", "gradad/cli.py", "gradad/io_utils.py",
                "gradad/image_files.py"}
@@ -39,13 +41,11 @@ def test_wheel_holds_only_the_light_modules(installed):
 
 def test_installed_command_runs_without_torch(installed, tmp_path):
     _, target = installed
-    stub = tmp_path / "stub" / "torch"
-    stub.mkdir(parents=True)
-    (stub / "__init__.py").write_text("raise ImportError('torch is not installed on this machine (test stub)')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"), str(target)]))
+    env, marker = torchless_env(tmp_path, [target])
     done = subprocess.run([sys.executable, "-m", "gradad", "predict", "a.png", "--checkpoint", "missing.onnx"],
                           env=env, capture_output=True, text=True, cwd=str(tmp_path))
     assert done.returncode == 1 and "missing.onnx" in done.stderr and "Traceback" not in done.stderr
+    assert not marker.exists(), "predict of an exported file imported torch"
     where = subprocess.run([sys.executable, "-c", "import gradad.cli; print(gradad.cli.__file__)"], env=env,
                            capture_output=True, text=True, cwd=str(tmp_path))
     assert where.stdout.startswith(str(target))
