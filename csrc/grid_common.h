@@ -28,9 +28,10 @@ enum Padding : int { kZeros = 0, kBorder = 1, kReflection = 2 };
 // a policy reproduces each one.
 enum class NanClip : int { kToZero, kToMax, kKeep };
 struct NonFinitePolicy {
-  NanClip nan_clip;     // border clipping of NaN: to 0, to size-1 (CPU scalar), or kept (CUDA backward)
-  bool downgrade;       // non-finite or huge indices become -100, i.e. outside (scalar paths)
-  bool saturate_flips;  // reflection: a flip count beyond INT_MAX is INT_MAX (odd), as CUDA's float->int
+  NanClip nan_clip;       // border clipping of NaN: to 0, to size-1 (CPU scalar), or kept (CUDA backward)
+  bool downgrade;         // non-finite or huge indices become -100, i.e. outside (scalar paths)
+  bool saturate_flips;    // reflection: a flip count beyond INT_MAX is INT_MAX (odd), as CUDA's float->int
+  bool nan_tap_is_cell0;  // bicubic, zeros padding: a NaN tap index is cell 0, as CUDA's float->int cast makes it
 };
 
 // CPU: the 2-D path of F.grid_sample is vectorised (NaN clips to 0, no downgrade), the 3-D
@@ -38,10 +39,11 @@ struct NonFinitePolicy {
 // backward pass clips with clip_coordinates_set_grad, which lets NaN through, so a NaN
 // coordinate is outside there (no gradient) while the forward pass samples cell 0.
 GE_HD NonFinitePolicy cpu_policy(int D) {
-  return D == 3 ? NonFinitePolicy{NanClip::kToMax, true, false} : NonFinitePolicy{NanClip::kToZero, false, false};
+  return D == 3 ? NonFinitePolicy{NanClip::kToMax, true, false, false}
+                : NonFinitePolicy{NanClip::kToZero, false, false, false};
 }
-GE_HD NonFinitePolicy cuda_policy() { return NonFinitePolicy{NanClip::kToZero, true, true}; }
-GE_HD NonFinitePolicy cuda_backward_policy() { return NonFinitePolicy{NanClip::kKeep, true, true}; }
+GE_HD NonFinitePolicy cuda_policy() { return NonFinitePolicy{NanClip::kToZero, true, true, true}; }
+GE_HD NonFinitePolicy cuda_backward_policy() { return NonFinitePolicy{NanClip::kKeep, true, true, true}; }
 
 template <typename T>
 GE_HD bool finite(T x) {
@@ -300,7 +302,8 @@ GE_HD void setup_corners(const T* coords, const int64_t* sizes, const int64_t* s
 #pragma unroll
 #endif
       for (int i = 0; i < TAPS; ++i) {
-        const T p = pad_tap(f + T(i - 1), sizes[a], padding, align_corners, tap_policy);
+        T p = pad_tap(f + T(i - 1), sizes[a], padding, align_corners, tap_policy);
+        if (policy.nan_tap_is_cell0 && p != p) p = T(0);  // its weight is NaN as well
         in[a][i] = p >= T(0) && p < T(sizes[a]);
         cell[a][i] = in[a][i] ? static_cast<int64_t>(p) * strides[a] : 0;
       }
