@@ -244,6 +244,36 @@ def test_float32_row_loops_ignore_non_finite_values_outside():
     torch.testing.assert_close(got[1][0, 2:], want[1][0, 2:], rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per-image", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cell_major_backward_with_a_nan_coordinate_in_some_tiles(shared, dtype):
+    # Small tables take the cell-major backward, which sums each task's input gradient in a
+    # private block and writes it once into the uninitialised gradient; a tile holding a NaN
+    # coordinate takes the row loop, which adds to the gradient directly. Both in one task,
+    # with channel counts that are not multiples of the vector width (and, for the shared
+    # table at 2 threads, several channel tiles).
+    gen = torch.Generator().manual_seed(stable_seed("cells nan tiles", shared, str(dtype)))
+    table = torch.randn(1 if shared else 2, 37, 16, 16, generator=gen, dtype=dtype, requires_grad=True)
+    grid = torch.rand(2, 20, 20, 2, generator=gen, dtype=dtype) * 2.2 - 1.1  # 400 points: 4 tiles of 128
+    grid[0, 10, 3, 0] = float("nan")   # point 203: the second tile of image 0
+    grid[1, 19, 19, 1] = float("nan")  # the last tile of image 1
+    grid.requires_grad_()
+    gout = torch.randn(2, 37, 20, 20, generator=gen, dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ext = grad_ext.grid_sample(table, grid, "bilinear", "zeros", False)
+        got = torch.autograd.grad(ext, (table, grid), gout)
+    finally:
+        torch.set_num_threads(threads)
+    ref = F.grid_sample(table.expand(2, -1, -1, -1), grid, "bilinear", "zeros", False)
+    want = torch.autograd.grad(ref, (table, grid), gout)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(ext, ref, equal_nan=True, **tol)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True, **tol)
+    torch.testing.assert_close(got[1], want[1], equal_nan=True, **({"rtol": 1e-4, "atol": 1e-4} if tol else {}))
+
+
 def test_corners_outside_ignore_non_finite_table_values_and_gradients():
     # Corners outside the table must add nothing, not 0 * inf: F.grid_sample skips them.
     table = torch.randn(1, 20, 4, 4, dtype=torch.float64)
@@ -268,7 +298,8 @@ def test_corners_outside_ignore_non_finite_table_values_and_gradients():
 
 def test_baseline_simd_build_matches_f_grid_sample(tmp_path):
     # The vector loops are compiled for the baseline ISA and for AVX2; the environment
-    # variable forces the baseline one, which this CPU would otherwise not run.
+    # variable forces the baseline one, which this CPU would otherwise not run. 156 points of
+    # 8x8 tables: the cell-major loops, per image with a private copy of the table.
     script = tmp_path / "baseline.py"
     script.write_text(
         "import torch, torch.nn.functional as F, grad_ext\n"
@@ -276,8 +307,8 @@ def test_baseline_simd_build_matches_f_grid_sample(tmp_path):
         "gen = torch.Generator().manual_seed(0)\n"
         "for shared in (True, False):\n"
         "    table = torch.randn(1 if shared else 4, 37, 8, 8, generator=gen, requires_grad=True)\n"
-        "    grid = ((torch.rand(4, 6, 7, 2, generator=gen) * 2 - 1) * 1.2).requires_grad_()\n"
-        "    gout = torch.randn(4, 37, 6, 7, generator=gen)\n"
+        "    grid = ((torch.rand(4, 12, 13, 2, generator=gen) * 2 - 1) * 1.2).requires_grad_()\n"
+        "    gout = torch.randn(4, 37, 12, 13, generator=gen)\n"
         "    ext = grad_ext.grid_sample(table, grid, align_corners=False)\n"
         "    ref = F.grid_sample(table.expand(4, -1, -1, -1), grid, align_corners=False)\n"
         "    torch.testing.assert_close(ext, ref, rtol=1e-5, atol=1e-5)\n"

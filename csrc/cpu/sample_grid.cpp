@@ -31,6 +31,47 @@ namespace {
 
 using namespace grad_ext::cpu;
 
+// Per-image tables read by many corners per cell: tasks own (image, channel tile) and copy
+// their channels of the table into a private (cell, channel) block that stays in cache while
+// all of the image's points read it (see use_local_cells).
+template <typename scalar_t, int D, int TAPS>
+void forward_local_cells(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
+                         int interpolation, int padding, bool align_corners, const JitterParams& jitter,
+                         int64_t channel_tile) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Tile = CornerTile<acc_t, TAPS, D>;
+  const scalar_t* in = input.data_ptr<scalar_t>();
+  const scalar_t* gr = grid.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t tiles_per_batch = ceil_div(g.P, kPointTile);
+  const int64_t channel_tiles = ceil_div(g.C, channel_tile);
+  at::parallel_for(0, g.N * channel_tiles, 1, [&](int64_t begin, int64_t end) {
+    auto tile = std::make_unique<Tile>();
+    std::vector<acc_t> scratch(kPointTile * kScratchStride);
+    std::vector<scalar_t> cellsT((g.S + 1) * channel_tile);
+    std::fill(cellsT.begin() + g.S * channel_tile, cellsT.end(), scalar_t(0));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / channel_tiles, ct = task % channel_tiles;
+      const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
+      const scalar_t* table = in + n * g.C * g.S;
+      to_cells(table + c0 * g.S, g.S, c1 - c0, g.S, cellsT.data(), channel_tile);
+      for (int64_t t = 0; t < tiles_per_batch; ++t) {
+        const int64_t p0 = t * kPointTile;
+        tile->fill(gr, n * g.P + p0, std::min(g.P, p0 + kPointTile) - p0, g, interpolation, padding, align_corners,
+                   jitter, false);
+        scalar_t* obase = o + n * g.C * g.P + p0;
+        if (!tile->biased) {
+          forward_cells<scalar_t, TAPS, D>({tile.get(), cellsT.data(), c0, channel_tile, g.S, c0, c1, g.P,
+                                            scratch.data(), obase, nullptr, nullptr, 0, nullptr});
+          continue;
+        }
+        for (int64_t c = c0; c < c1; ++c)  // a non-finite bias (NaN coordinates): the checked row loop
+          forward_rows<scalar_t, acc_t, TAPS, D, true>(*tile, table, obase, c, g.S, g.P);
+      }
+    }
+  });
+}
+
 template <typename scalar_t, int D, int TAPS>
 void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
                     int interpolation, int padding, bool align_corners, const JitterParams& jitter) {
@@ -42,6 +83,15 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t tiles_per_batch = ceil_div(g.P, kPointTile);
   const int64_t threads = at::get_num_threads();
+  if (g.N_in > 1) {
+    const int64_t local_tile =
+        round_up(ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C)), kLanes);
+    if (use_local_cells(g, K, local_tile, sizeof(scalar_t))) {
+      forward_local_cells<scalar_t, D, TAPS>(input, grid, out, g, interpolation, padding, align_corners, jitter,
+                                             local_tile);
+      return;
+    }
+  }
   const auto tile_channels = [&](int64_t point_tasks) {
     return ceil_div(g.C, std::clamp<int64_t>(ceil_div(4 * threads, point_tasks), 1, g.C));
   };
@@ -80,8 +130,8 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
       // Tiles with a non-finite bias (NaN coordinates) take the checked row loop.
       if (by_cells && !tiles[0]->biased) {
-        forward_cells<scalar_t, TAPS, D>({tiles[0].get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0,
-                                          c1, g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
+        forward_cells<scalar_t, TAPS, D>({tiles[0].get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, 0, Cp, g.S,
+                                          c0, c1, g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
         continue;
       }
       for (int64_t c = c0; c < c1; ++c) {
@@ -110,16 +160,16 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   const scalar_t* go = grad_out.data_ptr<scalar_t>();
   scalar_t* gi = NEED_INPUT ? grad_input.data_ptr<scalar_t>() : nullptr;
 
-  // Tasks own (table batch, channel tile); the grid gradient is summed per channel tile
-  // into its own slice of `partial` and reduced in a fixed order afterwards.
+  // Tasks own (table batch, channel tile), so each writes its rows of the input gradient once
+  // (grad_input comes uninitialised); the grid gradient is summed per channel tile into its
+  // own slice of `partial` and reduced in a fixed order afterwards.
   const int64_t threads = at::get_num_threads();
   int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
   constexpr int K = Tile::K;
-  const bool by_cells = use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell, sizeof(acc_t));
+  const bool by_cells =
+      use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell, sizeof(acc_t) + sizeof(scalar_t));
   if (by_cells) channel_tile = round_up(channel_tile, kLanes);
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
-  const at::Tensor cells = by_cells ? cell_major(input, g) : at::Tensor();
-  const int64_t Cp = round_up(g.C, kLanes);
   const int64_t total_points = g.N * g.P;
   at::Tensor partial;
   acc_t* part = nullptr;
@@ -137,15 +187,31 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
     for (auto& t : tiles) t = std::make_unique<Tile>();
     std::vector<acc_t> gacc(NEED_GRID ? block * kPointTile * D : 0);
     std::vector<acc_t> scratch(by_cells ? kPointTile * kScratchStride : 0);
+    // The cell-major loops read a (cell, channel) copy of the task's channels and sum the
+    // input gradient in a private block of that layout: both stay in cache, which a copy of
+    // the whole table (as the forward pass makes) would not.
     const int64_t Wt = by_cells ? channel_tile : 0;  // a multiple of kLanes
-    std::vector<acc_t> gradT(NEED_INPUT ? (g.S + 1) * Wt : 0);
+    std::vector<scalar_t> cellsT(by_cells ? (g.S + 1) * Wt : 0);
+    std::vector<acc_t> gradT(NEED_INPUT && by_cells ? (g.S + 1) * Wt : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / channel_tiles, ct = task % channel_tiles;
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
       const int64_t n_begin = g.N_in == 1 ? 0 : b, n_end = g.N_in == 1 ? g.N : b + 1;
       const scalar_t* table = in + b * g.C * g.S;
       scalar_t* gtable = NEED_INPUT ? gi + b * g.C * g.S : nullptr;
-      std::fill(gradT.begin(), gradT.end(), acc_t(0));
+      // whether the task's rows of grad_input hold sums (cleared, then added to by row loops)
+      bool rows_written = false;
+      const auto clear_rows = [&] {
+        if (NEED_INPUT && !rows_written) std::fill(gtable + c0 * g.S, gtable + c1 * g.S, scalar_t(0));
+        rows_written = true;
+      };
+      if (by_cells) {
+        to_cells(table + c0 * g.S, g.S, c1 - c0, g.S, cellsT.data(), Wt);
+        std::fill(cellsT.begin() + g.S * Wt, cellsT.end(), scalar_t(0));
+        std::fill(gradT.begin(), gradT.end(), acc_t(0));
+      } else {
+        clear_rows();
+      }
       for (int64_t n = n_begin; n < n_end; ++n) {
         for (int64_t t0 = 0; t0 < tiles_per_batch; t0 += block) {
           const int64_t count = std::min(tiles_per_batch, t0 + block) - t0;
@@ -158,10 +224,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
           std::fill(gacc.begin(), gacc.end(), acc_t(0));
           const scalar_t* gout = go + n * g.C * g.P + p_begin;
           if (by_cells && !tiles[0]->biased) {
-            backward_cells<scalar_t, TAPS, D, NEED_INPUT, NEED_GRID>(
-                {tiles[0].get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, Cp, g.S, c0, c1, g.P, scratch.data(),
-                 nullptr, gout, gradT.data(), Wt, gacc.data()});
+            backward_cells<scalar_t, TAPS, D, NEED_INPUT, NEED_GRID>({tiles[0].get(), cellsT.data(), c0, Wt, g.S, c0,
+                                                                      c1, g.P, scratch.data(), nullptr, gout,
+                                                                      gradT.data(), Wt, gacc.data()});
           } else {
+            if (by_cells) clear_rows();  // a tile with a non-finite bias adds to the rows directly
             for (int64_t c = c0; c < c1; ++c) {
               for (int64_t j = 0; j < count; ++j) {
                 const Tile& tile = *tiles[j];
@@ -189,14 +256,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
           }
         }
       }
-      if (NEED_INPUT && by_cells) {  // the cell-major part of this task's rows, in blocks of cells (see cell_major)
-        for (int64_t s0 = 0; s0 < g.S; s0 += kTransposeCells) {
-          const int64_t s1 = std::min(g.S, s0 + kTransposeCells);
-          for (int64_t c = c0; c < c1; ++c) {
-            scalar_t* __restrict__ dst = gtable + c * g.S;
-            const acc_t* __restrict__ src = gradT.data() + (c - c0);
-            for (int64_t s = s0; s < s1; ++s) dst[s] += static_cast<scalar_t>(src[s * Wt]);
-          }
+      if (NEED_INPUT && by_cells) {  // the private block into the task's rows
+        if (rows_written) {
+          from_cells<true>(gradT.data(), Wt, c1 - c0, g.S, gtable + c0 * g.S, g.S);
+        } else {
+          from_cells<false>(gradT.data(), Wt, c1 - c0, g.S, gtable + c0 * g.S, g.S);
         }
       }
     }
@@ -289,11 +353,16 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(const at::Tensor& gr
     return {std::get<0>(grads).to(input_.scalar_type()), std::get<1>(grads).to(input_.scalar_type())};
   }
   // A gradient that is not asked for comes back as an empty tensor.
+  // Uninitialised: every path below writes all of it (the dense path by a matrix product,
+  // backward_kernel task by task).
   at::Tensor grad_input =
-      input_requires_grad ? zeros_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
+      input_requires_grad ? empty_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
   at::Tensor grad_grid =
       grid_requires_grad ? zeros_output(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options());
-  if (g.N * g.C * g.P == 0 || (!input_requires_grad && !grid_requires_grad)) return {grad_input, grad_grid};
+  if (g.N * g.C * g.P == 0 || (!input_requires_grad && !grid_requires_grad)) {
+    if (input_requires_grad) grad_input.zero_();  // no point reads the table
+    return {grad_input, grad_grid};
+  }
   const at::Tensor input = input_.contiguous(), grid = grid_.contiguous(), gout = grad_output.contiguous();
   const JitterParams jitter = host_jitter(jitter_std, jitter_prob, jitter_mode, seed);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sample_grid_backward_cpu", [&] {

@@ -7,6 +7,8 @@
 
 #include "cpu/sample_grid_rows.h"
 #include "cpu/simd.h"
+#include "cpu/transpose.h"
+#include "huge_pages.h"
 #include "sample_grid.h"
 
 namespace grad_ext {
@@ -22,43 +24,88 @@ namespace cpu {
 constexpr int64_t kCellBlock = 64;                       // channels per scratch block (a multiple of kLanes)
 constexpr int64_t kScratchStride = kCellBlock + kLanes;  // not a power of two: spreads the rows over cache sets
 
-// (N_in, C, S) input -> (N_in, S + 1, Cp) with Cp = C rounded up to kLanes, padded with zeros.
-// Row S is all zeros: invalid corners (weight 0) point there, so they add exact zeros even
-// when the table holds inf or NaN.
-// Transposed in blocks of kLanes channels x kTransposeCells cells, so that both sides are read
-// and written in whole cache lines (a strided copy touches a line per element).
+// Channel rows <-> cell-major blocks, in blocks of kTransposeCells cells so that both sides
+// are read and written in whole cache lines.
 constexpr int64_t kTransposeCells = 64;
+constexpr int64_t kToCellsBlock = 2048;
 constexpr int64_t kTransposeParallelElems = int64_t(1) << 20;
 
+// dst[s * width + c] = src[c * src_stride + s] for s < cells and c < channels, and 0 for the
+// padding channels channels <= c < width.
 template <typename T>
-void transpose_block(const T* __restrict__ src, int64_t src_stride, T* __restrict__ dst, int64_t dst_stride,
-                     int64_t rows, int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+GRAD_EXT_INLINE void to_cells_impl(const T* src, int64_t src_stride, int64_t channels, int64_t cells, T* dst,
+                                   int64_t width) {
+  for (int64_t s0 = 0; s0 < cells; s0 += kToCellsBlock) {
+    const int64_t n = std::min(kToCellsBlock, cells - s0);
+    transpose_block<false>(src + s0, src_stride, dst + s0 * width, width, channels, n);
+    if (channels < width)
+      for (int64_t s = s0; s < s0 + n; ++s) std::fill(dst + s * width + channels, dst + (s + 1) * width, T(0));
+  }
 }
 
+// dst[c * dst_stride + s] = (or +=, when ADD) src[s * width + c] for c < channels and s < cells.
+template <bool ADD, typename T>
+GRAD_EXT_INLINE void from_cells_impl(const T* src, int64_t width, int64_t channels, int64_t cells, T* dst,
+                                     int64_t dst_stride) {
+  for (int64_t s0 = 0; s0 < cells; s0 += kTransposeCells)
+    transpose_block<ADD>(src + s0 * width, width, dst + s0, dst_stride, std::min(kTransposeCells, cells - s0),
+                         channels);
+}
+
+template <typename T>
+void to_cells_base(const T* src, int64_t src_stride, int64_t channels, int64_t cells, T* dst, int64_t width) {
+  to_cells_impl(src, src_stride, channels, cells, dst, width);
+}
+template <bool ADD, typename T>
+void from_cells_base(const T* src, int64_t width, int64_t channels, int64_t cells, T* dst, int64_t dst_stride) {
+  from_cells_impl<ADD>(src, width, channels, cells, dst, dst_stride);
+}
+#ifdef GRAD_EXT_AVX2_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"))) void to_cells_avx2(const T* src, int64_t src_stride, int64_t channels,
+                                                       int64_t cells, T* dst, int64_t width) {
+  to_cells_impl(src, src_stride, channels, cells, dst, width);
+}
+template <bool ADD, typename T>
+__attribute__((target("avx2,fma"))) void from_cells_avx2(const T* src, int64_t width, int64_t channels, int64_t cells,
+                                                         T* dst, int64_t dst_stride) {
+  from_cells_impl<ADD>(src, width, channels, cells, dst, dst_stride);
+}
+#endif
+
+template <typename T>
+void to_cells(const T* src, int64_t src_stride, int64_t channels, int64_t cells, T* dst, int64_t width) {
+#ifdef GRAD_EXT_AVX2_DISPATCH
+  if (cpu_has_avx2()) return to_cells_avx2(src, src_stride, channels, cells, dst, width);
+#endif
+  to_cells_base(src, src_stride, channels, cells, dst, width);
+}
+template <bool ADD, typename T>
+void from_cells(const T* src, int64_t width, int64_t channels, int64_t cells, T* dst, int64_t dst_stride) {
+#ifdef GRAD_EXT_AVX2_DISPATCH
+  if (cpu_has_avx2()) return from_cells_avx2<ADD>(src, width, channels, cells, dst, dst_stride);
+#endif
+  from_cells_base<ADD>(src, width, channels, cells, dst, dst_stride);
+}
+
+// (N_in, C, S) input -> (N_in, S + 1, Cp) with Cp = C rounded up to kLanes, padded with zeros.
+// Row S is all zeros: invalid corners (weight 0) point there, so they add exact zeros even
+// when the table holds inf or NaN. (The backward pass makes a copy of each task's channels
+// instead, see backward_kernel.)
 inline at::Tensor cell_major(const at::Tensor& input, const GridGeometry& g) {
   const int64_t Cp = round_up(g.C, kLanes);
-  at::Tensor t = at::empty({g.N_in, g.S + 1, Cp}, input.options());
+  at::Tensor t = empty_output({g.N_in, g.S + 1, Cp}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cell_major", [&] {
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* out = t.data_ptr<scalar_t>();
-    const int64_t cell_blocks = ceil_div(g.S, kTransposeCells), lane_blocks = Cp / kLanes;
+    const int64_t cell_blocks = ceil_div(g.S, kTransposeCells);
     // in parallel only when it is large: a parallel region costs more than a small copy
     const int64_t grain = std::max<int64_t>(1, kTransposeParallelElems / (kTransposeCells * Cp));
     at::parallel_for(0, g.N_in * cell_blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / cell_blocks, s0 = (task % cell_blocks) * kTransposeCells;
-        const int64_t cells = std::min(kTransposeCells, g.S - s0);
-        scalar_t* dst = out + (n * (g.S + 1) + s0) * Cp;
-        for (int64_t lb = 0; lb < lane_blocks; ++lb) {
-          const int64_t c0 = lb * kLanes, lanes = std::min(kLanes, g.C - c0);
-          if (lanes < kLanes) {  // padding channels are zero
-            for (int64_t s = 0; s < cells; ++s)
-              std::fill(dst + s * Cp + c0 + lanes, dst + s * Cp + c0 + kLanes, scalar_t(0));
-          }
-          transpose_block(in + (n * g.C + c0) * g.S + s0, g.S, dst + c0, Cp, lanes, cells);
-        }
+        to_cells(in + n * g.C * g.S + s0, g.S, g.C, std::min(kTransposeCells, g.S - s0),
+                 out + (n * (g.S + 1) + s0) * Cp, Cp);
       }
     });
     for (int64_t n = 0; n < g.N_in; ++n)
@@ -67,11 +114,13 @@ inline at::Tensor cell_major(const at::Tensor& input, const GridGeometry& g) {
   return t;
 }
 
-// The arguments of both cell-major loops; `cells` is this table batch's (S + 1, Cp) copy.
+// The arguments of both cell-major loops; `cells` is a (S + 1, Cp) cell-major copy of this
+// table batch's channels from cells_c0 on.
 template <typename T, int TAPS, int D>
 struct CellsCall {
   const CornerTile<T, TAPS, D>* tile;
   const T* cells;
+  int64_t cells_c0;
   int64_t Cp;
   int64_t zero_cell;  // S: the zero row of `cells` (and a discarded row of gradT)
   int64_t c_begin, c_end, P;
@@ -110,7 +159,7 @@ GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, TAPS, D>& a) {
     const int64_t b1 = std::min(a.c_end, b0 + kCellBlock), width = round_up(b1 - b0, kLanes);
     for (int64_t i = 0; i < t.count; ++i) {
       const T* rows[K];
-      for (int k = 0; k < K; ++k) rows[k] = a.cells + corner_cell(a, k, i) * a.Cp + b0;
+      for (int k = 0; k < K; ++k) rows[k] = a.cells + corner_cell(a, k, i) * a.Cp + (b0 - a.cells_c0);
       T* o = a.scratch + i * kScratchStride;
       for (int64_t c = 0; c < width; c += kLanes) {
         V acc = load_lanes(rows[0] + c) * t.w[0][i];
@@ -118,12 +167,8 @@ GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, TAPS, D>& a) {
         store_lanes(o + c, acc);
       }
     }
-    for (int64_t c = b0; c < b1; ++c) {
-      T* __restrict__ orow = a.out + c * a.P;
-      const T* __restrict__ s = a.scratch + (c - b0);
-      for (int64_t i = 0; i < t.count; ++i) orow[i] = s[i * kScratchStride];
-      prefetch_next_tile<true>(orow);
-    }
+    transpose_block<false>(a.scratch, kScratchStride, a.out + b0 * a.P, a.P, t.count, b1 - b0);
+    for (int64_t c = b0; c < b1; ++c) prefetch_next_tile<true>(a.out + c * a.P);
   }
 }
 
@@ -134,15 +179,11 @@ GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, TAPS, D>& a) {
   const CornerTile<T, TAPS, D>& t = *a.tile;
   for (int64_t b0 = a.c_begin; b0 < a.c_end; b0 += kCellBlock) {
     const int64_t b1 = std::min(a.c_end, b0 + kCellBlock), width = round_up(b1 - b0, kLanes);
-    for (int64_t c = b0; c < b0 + width; ++c) {
-      T* __restrict__ s = a.scratch + (c - b0);
-      if (c < b1) {
-        const T* __restrict__ gorow = a.gout + c * a.P;
-        for (int64_t i = 0; i < t.count; ++i) s[i * kScratchStride] = gorow[i];
-        prefetch_next_tile<false>(gorow);
-      } else {  // padding lanes must be 0, not stale values: they meet the table's zero padding
-        for (int64_t i = 0; i < t.count; ++i) s[i * kScratchStride] = T(0);
-      }
+    transpose_block<false>(a.gout + b0 * a.P, a.P, a.scratch, kScratchStride, b1 - b0, t.count);
+    for (int64_t c = b0; c < b1; ++c) prefetch_next_tile<false>(a.gout + c * a.P);
+    if (b1 - b0 < width) {  // padding lanes must be 0, not stale values: they meet the table's zero padding
+      for (int64_t i = 0; i < t.count; ++i)
+        std::fill(a.scratch + i * kScratchStride + (b1 - b0), a.scratch + i * kScratchStride + width, T(0));
     }
     for (int64_t i = 0; i < t.count; ++i) {
       if (t.valid[i] == 0u) continue;  // entirely outside: contributes nothing (even for a NaN gradient)
@@ -150,7 +191,7 @@ GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, TAPS, D>& a) {
       T* grows[K];
       for (int k = 0; k < K; ++k) {
         const int64_t cell = corner_cell(a, k, i);
-        rows[k] = a.cells + cell * a.Cp + b0;
+        rows[k] = a.cells + cell * a.Cp + (b0 - a.cells_c0);
         grows[k] = a.gradT + cell * a.Wt + (b0 - a.c_begin);
       }
       const T* gv = a.scratch + i * kScratchStride;
@@ -232,6 +273,16 @@ inline bool use_cells(const GridGeometry& g, int K, int64_t channel_tile, int64_
   if ((g.S + 1) * round_up(channel_tile, kLanes) * private_elem > kCellsMaxPrivateBytes) return false;
   if (channel_tile * g.S * elem <= kCellsInCacheBytes) return true;
   return g.N * g.P * K >= reads_per_cell * g.N_in * g.S;
+}
+
+// The forward pass over per-image tables copies each task's channels (forward_local_cells):
+// worth it when the copy stays in cache and every cell is read by enough corners.
+constexpr int64_t kCellsLocalReadsPerCell = 4;
+constexpr int64_t kCellsLocalMaxBytes = 2 << 20;
+
+inline bool use_local_cells(const GridGeometry& g, int K, int64_t channel_tile, int64_t elem) {
+  if ((g.S + 1) * channel_tile * elem > kCellsLocalMaxBytes) return false;
+  return g.P * K >= kCellsLocalReadsPerCell * g.S;
 }
 
 }  // namespace cpu
