@@ -31,6 +31,11 @@ namespace {
 
 using namespace grad_ext::cpu;
 
+// Smallest task of the per-point passes (the grid gradient's final sums, jitter noise): a
+// parallel region costs about as much as a few hundred points' work.
+constexpr int64_t kPointsPerParallelTask = 256;
+constexpr int64_t kNoisePointsPerParallelTask = 1024;
+
 // Per-image tables read by many corners per cell: tasks own (image, channel tile) and copy
 // their channels of the table into a private (cell, channel) block that stays in cache while
 // all of the image's points read it (see use_local_cells).
@@ -269,7 +274,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   if (!NEED_GRID) return;  // nearest: the output is piecewise constant, its grid gradient stays 0
   scalar_t* gg = grad_grid.data_ptr<scalar_t>();
   const NonFinitePolicy policy = cpu_policy(D);
-  at::parallel_for(0, total_points, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, total_points, kPointsPerParallelTask, [&](int64_t begin, int64_t end) {
     PointCorners<acc_t, D, TAPS> pc;
     for (int64_t i = begin; i < end; ++i) {
       point_corners<scalar_t, D, TAPS>(gr, i, g, interpolation, padding, align_corners, policy, jitter, true, pc);
@@ -407,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor> jitter_noise_cpu(const at::Tensor& seed_, int
       make_jitter(static_cast<float>(std), static_cast<float>(prob), static_cast<int>(mode), s[0], s[1]);
   float* nz = noise.data_ptr<float>();
   bool* fl = flags.data_ptr<bool>();
-  at::parallel_for(0, num_points, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_points, kNoisePointsPerParallelTask, [&](int64_t begin, int64_t end) {
     float v[4];
     for (int64_t i = begin; i < end; ++i) {
       fl[i] = jitter_point(j, i, v);
