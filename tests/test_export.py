@@ -93,6 +93,8 @@ def test_exported_file_matches_the_torch_model(trained, images, fmt, tmp_path):
     meta = deploy.read_metadata(result.metadata_path)
     assert meta["any_input_size"] and meta["protocol"] == "strict"
     assert meta["threshold"] == pytest.approx(read_checkpoint(checkpoint)["validation"]["threshold"])
+    # trained on all classes of the dataset (no --classes): the checkpoint records which they were
+    assert meta["class_names"] == read_checkpoint(checkpoint)["class_names"] == ["a"]
     ref_maps, ref_scores = reference(checkpoint, images)
     # the ONNX file has the native antialiased Resize, which OpenVINO ignores: its own export resizes by matmul
     for backend in ["onnxruntime"] if fmt == "onnx" else ["openvino"]:

@@ -48,9 +48,11 @@ def library_versions() -> Dict[str, str]:
 
 def checkpoint_payload(cfg: Config, model: torch.nn.Module, backbone: FeatureExtractor, epoch: int,
                        optimizer: torch.optim.Optimizer, scheduler, losses: Sequence[float],
-                       validation: Optional[Dict[str, object]], complete: bool) -> Dict[str, object]:
+                       validation: Optional[Dict[str, object]], complete: bool,
+                       class_names: Sequence[str] = ()) -> Dict[str, object]:
     """The dict :func:`save_checkpoint` writes after ``epoch`` epochs (``complete`` once the
-    whole plan is trained, with the ``validation`` summary of the threshold)."""
+    whole plan is trained, with the ``validation`` summary of the threshold); ``class_names``
+    are the categories of the training images (sorted)."""
     return {
         "kind": CHECKPOINT_KIND,
         "format": CHECKPOINT_FORMAT,
@@ -70,6 +72,7 @@ def checkpoint_payload(cfg: Config, model: torch.nn.Module, backbone: FeatureExt
         "rng": rng_state(),
         "epoch_losses": list(losses),
         "validation": validation,
+        "class_names": sorted({str(c) for c in class_names}),
     }
 
 
@@ -105,6 +108,16 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, object]:
         payload["format"] = CHECKPOINT_FORMAT
     payload["path"] = path
     return payload
+
+
+def trained_class_names(checkpoint: Dict[str, object], cfg: Config) -> List[str]:
+    """The categories the checkpoint's model was trained on: recorded since class_names was
+    added to the payload; for older checkpoints, the config's data.classes (empty for a run
+    on all classes)."""
+    recorded = checkpoint.get("class_names")
+    if recorded:
+        return [str(c) for c in recorded]
+    return [str(c) for c in cfg.data.classes or []]
 
 
 def checkpoint_config(path: str | os.PathLike) -> Config:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import FeatureExtractor
-from .checkpoint import find_checkpoints, library_versions
+from .checkpoint import find_checkpoints, library_versions, trained_class_names
 from .deploy.metadata import make_metadata, write_metadata
 from .evaluation import STRICT_SIGMA, STRICT_TRUNCATE
 from .inference import LoadedModel, decision_threshold, load_model
@@ -274,7 +274,7 @@ def export_detector(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.P
         cfg = loaded.config
         meta = make_metadata(input_name=INPUT_NAME, height=side, width=side, dtype=input_dtype,
                              map_output=MAP_NAME, score_output=SCORE_NAME, threshold=threshold_value,
-                             class_names=[str(c) for c in cfg.data.classes or []],
+                             class_names=trained_class_names(loaded.checkpoint, cfg),
                              versions=versions, protocol="strict", threshold_source=source, any_input_size=True,
                              extra={"format": fmt, "architecture": cfg.model.architecture,
                                     "backbone": cfg.model.backbone, "dataset": cfg.data.dataset,

@@ -112,6 +112,7 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, resume: bo
     train_records, val_records = split_training_records(records, cfg.split.max_train_images,
                                                         cfg.split.val_fraction, cfg.train.seed)
     show = progress and context.is_main
+    class_names = [r.class_name for r in train_records]
     train_set = AnomalyDataset(train_records, cfg.image_size, backbone.mean, backbone.std,
                                on_error=cfg.data.on_error, progress=show)
     cache = feature_cache(cfg.data.cache, backbone, cfg.data.cache_dir)
@@ -165,7 +166,8 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, resume: bo
         epochs.set_postfix(loss=f"{loss:.4g}", lr=f"{scheduler.get_last_lr()[-1]:.2g}")
         if context.is_main and epoch + 1 < total_epochs:
             save_checkpoint(checkpoint_path, checkpoint_payload(
-                cfg, model, backbone, epoch + 1, optimizer, scheduler, losses + new_losses, None, complete=False))
+                cfg, model, backbone, epoch + 1, optimizer, scheduler, losses + new_losses, None, complete=False,
+                class_names=class_names))
     epochs.close()
     objective.finish()
     # The finished model: validation scores and threshold, then the complete checkpoint (also
@@ -175,7 +177,7 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, resume: bo
         validation = _validate(model, backbone, val_records, cache, cfg, device, show)
         save_checkpoint(checkpoint_path, checkpoint_payload(
             cfg, model, backbone, total_epochs, optimizer, scheduler, losses + new_losses, validation,
-            complete=True))
+            complete=True, class_names=class_names))
     if context.enabled:
         dist.barrier()  # nobody reads the checkpoint before rank 0 has written it
     return checkpoint_path, new_losses
