@@ -9,6 +9,7 @@ Tiny models (random backbone weights, 32-pixel input, one epoch) keep this file 
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -111,6 +112,23 @@ def test_exported_file_matches_the_torch_model(trained, images, fmt, tmp_path):
                          f"{variant} {fmt} {backend} batch {batch}")
 
 
+def test_uint8_input_matches_the_torch_model(trained, images, tmp_path):
+    # --input-dtype uint8: the graph takes the pixels as they are decoded (RGB 0..255 bytes)
+    variant, checkpoint, _ = trained
+    if variant != "grad":
+        pytest.skip("one variant is enough for the input dtype")
+    result = export_detector(checkpoint, "onnx", tmp_path / "u8", input_dtype="uint8")
+    assert deploy.read_metadata(result.metadata_path)["input"]["dtype"] == "uint8"
+    scorer = deploy.Scorer(result.model_path, backend="onnxruntime")
+    ref_maps, ref_scores = reference(checkpoint, images)
+    preds = scorer.predict(images, batch_size=len(images))
+    assert_close([p.anomaly_map for p in preds], [p.score for p in preds], ref_maps, ref_scores, "uint8 onnx")
+    maps, scores = scorer.run(rgb_batch(images[:3]).astype(np.uint8))
+    assert_close(list(maps), scores, ref_maps[:3], ref_scores[:3], "uint8 onnx batch 3")
+    with pytest.raises(ValueError, match="uint8"):  # float pixels into a uint8 graph: named, not cast
+        scorer.run(rgb_batch(images[:1]))
+
+
 def test_torch_export_matches(trained, images, tmp_path):
     variant, checkpoint, _ = trained
     if variant != "grad":
@@ -157,6 +175,10 @@ def test_predict_without_torch(trained, images, tmp_path):
         light_csv = list(csv.DictReader(handle))
     with open(torch_out / "results.csv", newline="") as handle:
         assert set(light_csv[0]) == set(next(csv.DictReader(handle)))
+    # report.html: the same gallery (names, decisions) as the torch-side page
+    pages = [(d / "report.html").read_text() for d in (out, torch_out)]
+    captions = [re.findall(r'class="name">([^<]*)</span>.*?class="decision[^"]*">([^<]*)<', p) for p in pages]
+    assert captions[0] == captions[1] and len(captions[0]) == len(images)
 
 
 # ---- bad input -------------------------------------------------------------------------------

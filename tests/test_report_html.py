@@ -225,7 +225,8 @@ TINY = ["--set", "model.backbone=efficientnet_lite0", "--set", "model.backbone_w
 
 @pytest.fixture(scope="module")
 def cli_reports(tmp_path_factory):
-    """report.html of `gradad test` and of `gradad predict` on a tiny synthetic MVTec-layout run."""
+    """report.html of `gradad test`, of `gradad predict` of the checkpoint and of its ONNX export
+    (the torch-free predict) on a tiny synthetic MVTec-layout run."""
     from gradad.cli import main
     from tests.synthetic import make_mvtec
 
@@ -238,11 +239,17 @@ def cli_reports(tmp_path_factory):
                  "--no-progress"]) == 0
     assert main(["predict", str(root / "a" / "test" / "broken"), "--checkpoint", str(run), "--out", str(predicted),
                  "--no-progress"]) == 0
-    return tested, predicted
+    # the torch-free predict of the same model, exported
+    exported = base / "exported"
+    assert main(["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(exported)]) == 0
+    light = base / "light"
+    assert main(["predict", str(root / "a" / "test" / "broken"), "--checkpoint", str(exported / "model.onnx"),
+                 "--out", str(light), "--no-progress"]) == 0
+    return tested, predicted, light
 
 
 def test_gradad_test_writes_the_report(cli_reports):
-    tested, _ = cli_reports
+    tested = cli_reports[0]
     metrics = json.loads((tested / "metrics.json").read_text())["results"]
     page = _read(tested)
     table = page.tables["metrics"]
@@ -256,15 +263,20 @@ def test_gradad_test_writes_the_report(cli_reports):
     assert "model:" in (tested / REPORT_HTML).read_text()
 
 
-def test_gradad_predict_writes_the_report(cli_reports):
-    _, predicted = cli_reports
+@pytest.mark.parametrize("side", ["checkpoint", "exported"])
+def test_gradad_predict_writes_the_report(cli_reports, side):
+    predicted = cli_reports[1] if side == "checkpoint" else cli_reports[2]
     results = json.loads((predicted / "results.json").read_text())
     page = _read(predicted)
     assert "metrics" not in page.tables  # no labels, no metrics
     decisions = {c["name"]: c["decision"] for c in page.captions}
     assert decisions == {os.path.basename(r["path"]): "anomalous" if r["anomalous"] else "normal"
                          for r in results["images"]}
-    assert f"{results['threshold']:.6g}" in (predicted / REPORT_HTML).read_text()
+    assert all((predicted / img["src"]).is_file() for img in page.images)
+    text = (predicted / REPORT_HTML).read_text()
+    assert f"{results['threshold']:.6g}" in text
+    if side == "exported":  # the model's metadata in place of the config
+        assert "<h2>Model</h2>" in text and "any_input_size" in text
 
 
 # ------------------------------------------------------------------------------ in a browser
@@ -354,6 +366,6 @@ def test_the_browser_check_sees_broken_images_and_console_errors(browser, tmp_pa
 
 
 def test_command_reports_render_in_chromium(browser, cli_reports, tmp_path):
-    for name, folder in zip(("test", "predict"), cli_reports):
+    for name, folder in zip(("test", "predict", "predict-exported"), cli_reports):
         assert page_problems(browser, folder / REPORT_HTML) == [], name
         _screenshot(browser, tmp_path / f"{name}.png")

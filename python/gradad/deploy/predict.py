@@ -5,8 +5,9 @@ It writes what gradad's torch-side predict writes (gradad.report.runs.write_pred
 results.json (checkpoint, threshold, threshold_source, protocol, on_error, skipped_images,
 failed_images, images: [{path, score, anomalous, heatmap}]), results.csv (path, score,
 threshold, anomalous, heatmap) and heatmaps/<stem>.png: the image | its heatmap over it, drawn
-with Pillow on one colour scale, 0 to twice the threshold. No report.html (that needs the
-torch-side report package).
+with Pillow on one colour scale, 0 to twice the threshold, and report.html (the page of
+gradad.html_page: no metrics and no ROC curves, since the images have no labels; the
+heatmaps by score with their decisions; the model's metadata).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from ..html_page import write_page
 from ..image_files import IMAGE_EXTENSIONS, ON_ERROR_CHOICES, collect_images
 from ..io_utils import atomic_write_bytes
 from .images import load_image
@@ -82,7 +84,7 @@ class LightPrediction:
 def predict_files(model_path: str, images, out_dir: str, *, threshold: float | None = None,
                   backend: str = "auto", on_error: str = "raise", batch_size: int = 8) -> LightPrediction:
     """Scores image files / folders with an exported model and writes results.json,
-    results.csv and heatmaps/ to ``out_dir`` (see the module docstring). An unreadable image is
+    results.csv, heatmaps/ and report.html to ``out_dir`` (see the module docstring). An unreadable image is
     left out with a warning and the others are still scored; ``on_error`` says whether the
     caller should then fail the run."""
     if on_error not in ON_ERROR_CHOICES:
@@ -127,4 +129,10 @@ def predict_files(model_path: str, images, out_dir: str, *, threshold: float | N
                          row["heatmap"]])
     atomic_write_bytes(os.path.join(out_dir, RESULTS_JSON), (json.dumps(summary, indent=2) + "\n").encode())
     atomic_write_bytes(os.path.join(out_dir, RESULTS_CSV), buffer.getvalue().encode())
+    gallery = [{"name": os.path.basename(row["path"]), "image": row["heatmap"], "score": row["score"],
+                "label": None, "detail": row["path"]} for row in result.rows]
+    write_page(out_dir, title="gradad predict", threshold=scorer.threshold,
+               threshold_source=summary["threshold_source"], gallery=gallery,
+               config_text=json.dumps(meta, indent=2), config_title="Model",
+               notes=[f"left out (unreadable or not scorable): {path}" for path in result.problems])
     return result

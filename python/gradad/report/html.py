@@ -1,189 +1,19 @@
-"""``report.html``: one page a person can open to see what a test, predict or demo run found.
-
-The page holds the metrics table (one row per class, the mean last), the image-level ROC
-curves, the decision threshold, a gallery of heatmap overlays sorted by score (highest
-first) with each image's name, label and decision, and the run's config.
-
-Inputs are plain data (numbers, strings, lists, dicts, numpy arrays), never torch objects,
-so that every command can build the report from what it already has.
-
-Images: the ROC plot is drawn here and embedded as a base64 data URI, so it needs no file of
-its own; the heatmap overlays are PNG files the run has already written into the same output
-folder and are referenced by relative path. Embedding those would duplicate every overlay
-inside the page, which for ``predict`` on a folder of thousands of images makes a page of
-hundreds of megabytes; by relative path the folder (report.html with its heatmaps/) can be
-moved or copied as a whole and still shows every image. No resource outside the folder is
-used (no scripts, fonts or styles from the network).
-"""
-
+"""``report.html`` of the torch-side commands (test, demo, predict of a checkpoint): draws the
+image-level ROC curves and dumps the config, then builds the page with
+:func:`gradad.html_page.write_page` (which the torch-free predict uses directly)."""
 from __future__ import annotations
 
-import base64
-import html
-import math
-import numbers
 import os
-import urllib.parse
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import yaml
 
-from ..evaluation import MEAN_KEY as MEAN_ROW
-from ..io_utils import atomic_write_text
+from ..evaluation import MEAN_KEY
+from ..html_page import REPORT_HTML, Threshold, write_page
 from .figures import roc_curves_png
 
-REPORT_HTML = "report.html"
-ANOMALOUS = "anomalous"
-NORMAL = "normal"
-NO_THRESHOLD = "no threshold"
-
-Threshold = Union[None, float, Mapping[str, Optional[float]]]
-
-_STYLE = """
-body { font-family: sans-serif; margin: 1.5em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-tr.mean td { font-weight: bold; }
-.gallery { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; width: 420px; border: 1px solid #ccc; padding: 0.4em; }
-figure img { width: 100%; height: auto; display: block; }
-figcaption { font-size: 0.9em; margin-top: 0.3em; word-break: break-all; }
-.anomalous { color: #b00; font-weight: bold; }
-.normal { color: #060; }
-pre { background: #f4f4f4; padding: 0.8em; overflow-x: auto; }
-"""
-
-
-def _text(value: object) -> str:
-    """A user-given value as HTML text: every string that reaches the page goes through here."""
-    return html.escape(str(value), quote=True)
-
-
-def _finite(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{where} must be finite, got {value!r}")
-    return value
-
-
-def _check_thresholds(threshold: Threshold) -> Threshold:
-    if threshold is None:
-        return None
-    if isinstance(threshold, Mapping):
-        return {str(k): None if v is None else _finite(v, f"threshold[{k!r}]") for k, v in threshold.items()}
-    return _finite(threshold, "threshold")
-
-
-def _threshold_of(threshold: Threshold, class_name: Optional[str]) -> Optional[float]:
-    if isinstance(threshold, Mapping):
-        return threshold.get(class_name) if class_name is not None else None
-    return threshold
-
-
-def _metrics_section(metrics: Optional[Mapping[str, Mapping[str, Optional[float]]]]) -> str:
-    if metrics is None:
-        return "<p>No metrics: the images have no labels.</p>"
-    if not isinstance(metrics, Mapping) or not metrics:
-        raise ValueError(f"metrics must be None or a non-empty mapping {{class: {{metric: value}}}}, got {metrics!r}")
-    names = [n for n in metrics if n != MEAN_ROW] + ([MEAN_ROW] if MEAN_ROW in metrics else [])
-    first = metrics[names[0]]
-    if not isinstance(first, Mapping):
-        raise TypeError(f"metrics[{names[0]!r}] must be a mapping {{metric: value}}, got {first!r}")
-    columns = list(first)
-    rows = []
-    for name in names:
-        row = metrics[name]
-        if not isinstance(row, Mapping) or set(row) != set(columns):
-            raise ValueError(f"metrics[{name!r}] must have the metrics {columns}, got "
-                             f"{list(row) if isinstance(row, Mapping) else row!r}")
-        cells = ["n/a" if row[key] is None else f"{100.0 * _finite(row[key], f'metrics[{name!r}][{key!r}]'):.1f}"
-                 for key in columns]
-        css = ' class="mean"' if name == MEAN_ROW else ""
-        rows.append(f"<tr{css}><td>{_text(name)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    header = "<tr><th>class</th>" + "".join(f"<th>{_text(c)}</th>" for c in columns) + "</tr>"
-    return (f'<table id="metrics">\n{header}\n' + "\n".join(rows) + "\n</table>\n"
-            "<p>Values in percent; n/a: not computed (e.g. pixel metrics without masks).</p>")
-
-
-def _roc_section(roc) -> str:
-    if roc is None or (isinstance(roc, Mapping) and not roc):
-        return "<p>No ROC curve: it needs normal and anomalous images of a class.</p>"
-    try:
-        png = roc_curves_png(roc)
-    except ValueError as error:
-        raise ValueError(f"roc: {error}") from error
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img id="roc" src="data:image/png;base64,{data}" alt="image-level ROC curves" width="600" height="600">'
-
-
-def _threshold_section(threshold: Threshold, source: Optional[str]) -> str:
-    where = f" ({_text(source)})" if source else ""
-    if threshold is None:
-        return "<p>No decision threshold: decisions are not made.</p>"
-    if isinstance(threshold, Mapping):
-        rows = "".join(f"<tr><td>{_text(k)}</td><td>{'n/a' if v is None else f'{v:.6g}'}</td></tr>"
-                       for k, v in threshold.items())
-        return (f"<p>An image is anomalous when its score is above its class's threshold{where}.</p>"
-                f'<table id="threshold"><tr><th>class</th><th>threshold</th></tr>{rows}</table>')
-    return (f'<p>An image is anomalous when its score is above <b id="threshold">{threshold:.6g}</b>'
-            f"{where}.</p>")
-
-
-def _gallery_items(gallery: Sequence[Mapping[str, object]], out_dir: Path, threshold: Threshold):
-    """Checked gallery entries, sorted by score (highest first, ties in the given order)."""
-    if isinstance(gallery, (str, bytes, Mapping)):
-        raise TypeError(f"gallery must be a sequence of mappings, got {type(gallery).__name__}")
-    # real paths, so that a symlinked output folder still contains its own heatmaps
-    root = Path(os.path.realpath(out_dir))
-    items = []
-    for i, entry in enumerate(gallery):
-        where = f"gallery[{i}]"
-        if not isinstance(entry, Mapping):
-            raise TypeError(f"{where} must be a mapping with name, image and score, got {entry!r}")
-        missing = [k for k in ("name", "image", "score") if k not in entry]
-        if missing:
-            raise ValueError(f"{where} lacks the key(s) {missing}")
-        name = entry["name"]
-        if not isinstance(name, str):
-            raise TypeError(f"{where}['name'] must be a string, got {name!r}")
-        label = entry.get("label")
-        if label is not None and (isinstance(label, bool) or label not in (0, 1)):
-            raise ValueError(f"{where}['label'] must be 0, 1 or None, got {label!r}")
-        image = Path(os.path.realpath(os.fspath(entry["image"])))
-        if not image.is_file():
-            raise FileNotFoundError(f"{where}['image']: heatmap file not found: {entry['image']}")
-        if root not in image.parents:
-            raise ValueError(f"{where}['image'] must be a file inside the output folder {out_dir} (the page "
-                             f"refers to it by relative path), got {entry['image']}")
-        class_name = entry.get("class")
-        limit = _threshold_of(threshold, None if class_name is None else str(class_name))
-        score = _finite(entry["score"], f"{where}['score']")
-        decision = NO_THRESHOLD if limit is None else (ANOMALOUS if score > limit else NORMAL)
-        items.append({"name": name, "src": image.relative_to(root).as_posix(), "score": score,
-                      "label": label, "class": class_name, "detail": entry.get("detail"), "decision": decision})
-    # sorted() is stable, so equal scores keep the caller's order
-    return sorted(items, key=lambda item: -item["score"])
-
-
-def _gallery_section(items) -> str:
-    if not items:
-        return "<p>No heatmaps were saved.</p>"
-    figures = []
-    for item in items:
-        label = {None: "unknown", 0: "normal", 1: "anomalous"}[item["label"]]
-        where = [_text(item[k]) for k in ("class", "detail") if item[k] is not None]
-        extra = f"<br>{' / '.join(where)}" if where else ""
-        css = {ANOMALOUS: "anomalous", NORMAL: "normal"}.get(item["decision"], "")
-        figures.append(
-            f'<figure><img src="{_text(urllib.parse.quote(item["src"]))}" alt="{_text(item["name"])}">'
-            f'<figcaption><span class="name">{_text(item["name"])}</span>{extra}<br>'
-            f'score <span class="score">{item["score"]:.6g}</span> · label {label} · '
-            f'decision <span class="decision {css}">{_text(item["decision"])}</span></figcaption></figure>')
-    return '<div class="gallery" id="gallery">\n' + "\n".join(figures) + "\n</div>"
+__all__ = ["REPORT_HTML", "write_report_html"]
 
 
 def _config_text(config: Union[None, str, Mapping[str, object]]) -> Optional[str]:
@@ -206,54 +36,22 @@ def write_report_html(
     config: Union[None, str, Mapping[str, object]] = None,
     notes: Sequence[str] = (),
 ) -> Path:
-    """Write ``<out_dir>/report.html`` (the folder is created if needed) and return its path.
+    """Write ``<out_dir>/report.html`` and return its path (see :func:`gradad.html_page.write_page`
+    for the page, the gallery entries and the errors).
 
     Args:
-        out_dir: the run's output folder; the heatmap PNGs of ``gallery`` must lie inside it.
-        title: the page's heading.
-        metrics: {class: {metric key: float in [0, 1] or None}}, every class with the same
-            keys (e.g. gradad.metrics.METRIC_KEYS); a class named 'mean' is shown last. Shown
-            in percent, None as "n/a". None: the run has no metrics (e.g. predict).
+        metrics: {class: {metric key: float in [0, 1] or None}}; the class 'mean' is shown last.
         roc: {class: (labels, scores)} with labels a (N,) array of 0/1 and scores a (N,) float
             array; each class needs both labels. None or empty: no ROC plot.
-        threshold: the decision threshold on the image score: a float, a {class: float or
-            None} mapping (per-class runs), or None (no decisions).
-        threshold_source: where the threshold came from, e.g. "validation quantile 0.99".
-        gallery: one mapping per heatmap overlay: 'name' (str, e.g. the image's file name),
-            'image' (path of its PNG, absolute or relative to the current folder, inside
-            out_dir), 'score' (float); optional 'label' (0, 1 or None for unknown), 'class'
-            (str; picks the threshold from a mapping) and 'detail' (str, e.g. the defect type).
-            Shown sorted by score, highest first; decision "anomalous" when score > threshold.
         config: the run's config as YAML text, or a mapping (dumped as YAML); None: omitted.
-        notes: lines shown under the metrics table (e.g. what the pixel metrics cover).
-
-    Everything is checked and the whole page built before anything is written; the file is
-    written atomically (readers see the old page or the new one, never part of one). Bad
-    input raises TypeError / ValueError / FileNotFoundError naming the argument.
+        title, threshold, threshold_source, gallery, notes: as write_page's.
     """
-    if not isinstance(title, str):
-        raise TypeError(f"title must be a string, got {title!r}")
-    if threshold_source is not None and not isinstance(threshold_source, str):
-        raise TypeError(f"threshold_source must be a string or None, got {threshold_source!r}")
-    out = Path(out_dir)
-    threshold = _check_thresholds(threshold)
-    items = _gallery_items(gallery, out, threshold)
-    config_text = _config_text(config)
-    flagged = sum(item["decision"] == ANOMALOUS for item in items)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_text(title)}</title>",
-        f"<style>{_STYLE}</style></head><body>",
-        f"<h1>{_text(title)}</h1>",
-        "<h2>Metrics</h2>", _metrics_section(metrics), *(f'<p class="note">{_text(n)}</p>' for n in notes),
-        "<h2>ROC curves</h2>", _roc_section(roc),
-        "<h2>Decision threshold</h2>", _threshold_section(threshold, threshold_source),
-        f"<h2>Heatmaps ({len(items)} images, {flagged} anomalous at the threshold)</h2>",
-        "<p>Sorted by image score, highest first.</p>", _gallery_section(items),
-        "<h2>Config</h2>",
-        "<p>No config given.</p>" if config_text is None else f'<pre id="config">{_text(config_text)}</pre>',
-        "</body></html>",
-    ]
-    out.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(out / REPORT_HTML, "\n".join(parts) + "\n")
+    roc_png = None
+    if roc is not None and not (isinstance(roc, Mapping) and not roc):
+        try:
+            roc_png = roc_curves_png(roc)
+        except ValueError as error:
+            raise ValueError(f"roc: {error}") from error
+    return write_page(out_dir, title=title, metrics=metrics, mean_row=MEAN_KEY, roc_png=roc_png,
+                      threshold=threshold, threshold_source=threshold_source, gallery=gallery,
+                      config_text=_config_text(config), notes=notes)
