@@ -256,18 +256,21 @@ void backward_cells(const CellsCall<T, TAPS, D>& a) {
   backward_cells_base<T, TAPS, D, NEED_INPUT, NEED_GRID>(a);
 }
 
-// When the cell-major loops are used: they pay one transposed copy of the table (and in the
-// backward pass a private (cell, channel) gradient block per thread), which is repaid when the
-// task's table rows fit in cache, or when each cell is read by many corners (the copy is one
-// streaming pass; the gathers and scatters it speeds up are K per point). The thresholds were
-// measured on the benchmark's drop-in shapes: the 2-D forward (4 reads per cell) is faster
-// row by row, its backward and the 3-D and 4-D cases (8 and more) cell-major.
+// When the cell-major loops are used: they pay one transposed copy of the table (in the
+// backward pass a private copy of each task's channels and a private (cell, channel) gradient
+// block), which is repaid when the task's table rows fit in cache, or when each cell is read
+// by many corners (the copy is one streaming pass; the gathers and scatters it speeds up are K
+// per point). The thresholds were measured on the benchmark's drop-in shapes: a shared copy of
+// a large table for the 2-D forward (4 reads per cell) is slower than the row loops, the
+// backward (4 and more) and the 3-D and 4-D forward (8 and more) are faster cell-major. The
+// forward pass of per-image tables decides by use_local_cells below.
 constexpr int64_t kCellsInCacheBytes = 64 * 1024;
 constexpr int64_t kCellsForwardReadsPerCell = 8;
 constexpr int64_t kCellsBackwardReadsPerCell = 4;
 constexpr int64_t kCellsMaxPrivateBytes = 16 << 20;
 
-// private_elem: bytes per element of the backward pass's private gradient block, 0 forward.
+// private_elem: bytes per element of the backward pass's private blocks (table copy and
+// gradient), 0 forward.
 inline bool use_cells(const GridGeometry& g, int K, int64_t channel_tile, int64_t elem, int64_t reads_per_cell,
                       int64_t private_elem) {
   if ((g.S + 1) * round_up(channel_tile, kLanes) * private_elem > kCellsMaxPrivateBytes) return false;
