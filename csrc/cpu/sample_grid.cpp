@@ -36,6 +36,12 @@ using namespace grad_ext::cpu;
 constexpr int64_t kPointsPerParallelTask = 256;
 constexpr int64_t kNoisePointsPerParallelTask = 1024;
 
+// Channels per task when tasks own (table batch, channel tile): enough tiles for two tasks a
+// thread over the table batches.
+int64_t table_channel_tile(const GridGeometry& g) {
+  return ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * at::get_num_threads(), g.N_in), 1, g.C));
+}
+
 // Per-image tables read by many corners per cell: tasks own (image, channel tile) and copy
 // their channels of the table into a private (cell, channel) block that stays in cache while
 // all of the image's points read it (see use_local_cells).
@@ -54,12 +60,11 @@ void forward_local_cells(const at::Tensor& input, const at::Tensor& grid, at::Te
     auto tile = std::make_unique<Tile>();
     std::vector<acc_t> scratch(kPointTile * kScratchStride);
     std::vector<scalar_t> cellsT((g.S + 1) * channel_tile);
-    std::fill(cellsT.begin() + g.S * channel_tile, cellsT.end(), scalar_t(0));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / channel_tiles, ct = task % channel_tiles;
       const int64_t c0 = ct * channel_tile, c1 = std::min(g.C, c0 + channel_tile);
       const scalar_t* table = in + n * g.C * g.S;
-      to_cells(table + c0 * g.S, g.S, c1 - c0, g.S, cellsT.data(), channel_tile);
+      channel_cells(table + c0 * g.S, c1 - c0, g.S, cellsT.data(), channel_tile);
       for (int64_t t = 0; t < tiles_per_batch; ++t) {
         const int64_t p0 = t * kPointTile;
         tile->fill(gr, n * g.P + p0, std::min(g.P, p0 + kPointTile) - p0, g, interpolation, padding, align_corners,
@@ -89,8 +94,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   const int64_t tiles_per_batch = ceil_div(g.P, kPointTile);
   const int64_t threads = at::get_num_threads();
   if (g.N_in > 1) {
-    const int64_t local_tile =
-        round_up(ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C)), kLanes);
+    const int64_t local_tile = round_up(table_channel_tile(g), kLanes);
     if (use_local_cells(g, K, local_tile, sizeof(scalar_t))) {
       forward_local_cells<scalar_t, D, TAPS>(input, grid, out, g, interpolation, padding, align_corners, jitter,
                                              local_tile);
@@ -168,8 +172,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
   // Tasks own (table batch, channel tile), so each writes its rows of the input gradient once
   // (grad_input comes uninitialised); the grid gradient is summed per channel tile into its
   // own slice of `partial` and reduced in a fixed order afterwards.
-  const int64_t threads = at::get_num_threads();
-  int64_t channel_tile = ceil_div(g.C, std::clamp<int64_t>(ceil_div(2 * threads, g.N_in), 1, g.C));
+  int64_t channel_tile = table_channel_tile(g);
   constexpr int K = Tile::K;
   const bool by_cells =
       use_cells(g, K, channel_tile, sizeof(scalar_t), kCellsBackwardReadsPerCell, sizeof(acc_t) + sizeof(scalar_t));
@@ -211,8 +214,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& input, const 
         rows_written = true;
       };
       if (by_cells) {
-        to_cells(table + c0 * g.S, g.S, c1 - c0, g.S, cellsT.data(), Wt);
-        std::fill(cellsT.begin() + g.S * Wt, cellsT.end(), scalar_t(0));
+        channel_cells(table + c0 * g.S, c1 - c0, g.S, cellsT.data(), Wt);
         std::fill(gradT.begin(), gradT.end(), acc_t(0));
       } else {
         clear_rows();

@@ -88,6 +88,14 @@ void from_cells(const T* src, int64_t width, int64_t channels, int64_t cells, T*
   from_cells_base<ADD>(src, width, channels, cells, dst, dst_stride);
 }
 
+// A task's channels rows[c * S + s], c < channels, -> dst (S + 1, width): cell-major, padding
+// channels and the zero row S (see cell_major) set to 0.
+template <typename T>
+void channel_cells(const T* rows, int64_t channels, int64_t S, T* dst, int64_t width) {
+  to_cells(rows, S, channels, S, dst, width);
+  std::fill(dst + S * width, dst + (S + 1) * width, T(0));
+}
+
 // (N_in, C, S) input -> (N_in, S + 1, Cp) with Cp = C rounded up to kLanes, padded with zeros.
 // Row S is all zeros: invalid corners (weight 0) point there, so they add exact zeros even
 // when the table holds inf or NaN. (The backward pass makes a copy of each task's channels
