@@ -3,7 +3,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 # the modules of the gradad package itself that the runtime ships (gradad.deploy goes whole)
-LIGHT_MODULES = {"__init__", "__main__", "cli", "io_utils", "image_files", "html_page"}
+LIGHT_MODULES = {"__init__", "__main__", "cli", "io_utils", "image_files", "html_page", "prediction_files"}
 
 
 class LightBuildPy(build_py):

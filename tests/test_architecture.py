@@ -28,6 +28,7 @@ MAX_LINES = 400
 LAYERS = (
     ("gradad.io_utils", "gradad.image_files"),
     ("gradad.html_page",),
+    ("gradad.prediction_files",),
     ("gradad.runtime", "gradad.deploy"),
     ("gradad.datasets",),
     ("gradad.backbones", "gradad.metrics"),
@@ -196,7 +197,7 @@ def test_checker_accepts_the_allowed_forms():
 
 LIGHT_ROOTS = {"numpy", "PIL", "__future__"}
 # gradad's modules of the standard library only, shared by the light and the torch side.
-LIGHT_GRADAD = ("gradad.io_utils", "gradad.image_files", "gradad.html_page")
+LIGHT_GRADAD = ("gradad.io_utils", "gradad.image_files", "gradad.html_page", "gradad.prediction_files")
 
 
 def test_cli_and_deploy_import_only_light_modules():

@@ -1,6 +1,6 @@
 """runtime/: the gradad-runtime distribution builds a wheel of the light modules only (gradad's
-__init__, __main__, cli, io_utils, image_files, html_page and gradad.deploy), and its command
-runs with no torch importable."""
+__init__, __main__, cli, io_utils, image_files, html_page, prediction_files and gradad.deploy),
+and its command runs with no torch importable."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,8 @@ from tests.torchless import torchless_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIGHT_FILES = {"gradad/__init__.py", "gradad/__main__.py", "gradad/cli.py", "gradad/io_utils.py",
-               "gradad/image_files.py", "gradad/html_page.py"}
+               "gradad/image_files.py", "gradad/html_page.py",
+               "gradad/prediction_files.py"}
 
 
 @pytest.fixture(scope="module")

@@ -1,37 +1,31 @@
 """``gradad predict IMAGES --checkpoint model.onnx|model.xml``: the predict run of an exported model
 with numpy, Pillow and onnxruntime / OpenVINO only (no torch, no compiled extension).
 
-It writes what gradad's torch-side predict writes (gradad.report.runs.write_predictions):
-results.json (checkpoint, threshold, threshold_source, protocol, on_error, skipped_images,
-failed_images, images: [{path, score, anomalous, heatmap}]), results.csv (path, score,
-threshold, anomalous, heatmap) and heatmaps/<stem>.png: the image | its heatmap over it, drawn
-with Pillow on one colour scale, 0 to twice the threshold, and report.html (the page of
-gradad.html_page: no metrics and no ROC curves, since the images have no labels; the
-heatmaps by score with their decisions; the model's metadata).
+It writes the files of gradad's torch-side predict, with the same writer
+(gradad.prediction_files: results.json, results.csv and report.html, whose last section shows
+the model's metadata), and heatmaps/<stem>.png: the image | its heatmap over it, drawn with
+Pillow on one colour scale, 0 to twice the threshold.
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-from ..html_page import write_page
 from ..image_files import IMAGE_EXTENSIONS, ON_ERROR_CHOICES, collect_images
 from ..io_utils import atomic_write_bytes
+from ..prediction_files import HEATMAP_DIR, file_stem, unique_names, write_prediction_files
 from .images import load_image
 from .scorer import Scorer
 
 __all__ = ["IMAGE_EXTENSIONS", "ON_ERROR_CHOICES", "LightPrediction", "collect_images", "heatmap_png",
            "predict_files"]
 
-RESULTS_JSON, RESULTS_CSV, HEATMAP_DIR = "results.json", "results.csv", "heatmaps"
 HEATMAP_ALPHA = 0.5
 
 
@@ -56,13 +50,6 @@ def heatmap_png(rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> 
     buffer = io.BytesIO()
     Image.fromarray(panel).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _stem(path: str, seen: dict) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.splitext(os.path.basename(path))[0]).strip("-.") or "x"
-    count = seen.get(name, 0)
-    seen[name] = count + 1
-    return name if count == 0 else f"{name}_{count}"
 
 
 @dataclass
@@ -113,26 +100,14 @@ def predict_files(model_path: str, images, out_dir: str, *, threshold: float | N
                 warnings.warn(f"cannot score image {path}: {error}; left out")
                 continue
             lo, hi = (0.0, vmax) if vmax else (float(pred.anomaly_map.min()), float(pred.anomaly_map.max()))
-            heatmap = os.path.join(out_dir, HEATMAP_DIR, _stem(path, seen) + ".png")
+            stem = unique_names([file_stem(os.path.splitext(os.path.basename(path))[0])], seen)[0]
+            heatmap = os.path.join(out_dir, HEATMAP_DIR, stem + ".png")
             atomic_write_bytes(heatmap, heatmap_png(rgb, pred.anomaly_map, lo, hi))
             result.rows.append({"path": path, "score": pred.score, "anomalous": pred.anomalous, "heatmap": heatmap})
     meta = scorer.metadata
-    summary = {"checkpoint": os.fspath(model_path), "threshold": scorer.threshold,
-               "threshold_source": "given" if threshold is not None else meta.get("threshold_source", "metadata"),
-               "protocol": meta.get("protocol", "strict"), "on_error": on_error, "skipped_images": result.skipped,
-               "failed_images": dict(result.failed), "images": result.rows}
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "score", "threshold", "anomalous", "heatmap"])
-    for row in result.rows:
-        writer.writerow([row["path"], repr(row["score"]), repr(scorer.threshold), int(row["anomalous"]),
-                         row["heatmap"]])
-    atomic_write_bytes(os.path.join(out_dir, RESULTS_JSON), (json.dumps(summary, indent=2) + "\n").encode())
-    atomic_write_bytes(os.path.join(out_dir, RESULTS_CSV), buffer.getvalue().encode())
-    gallery = [{"name": os.path.basename(row["path"]), "image": row["heatmap"], "score": row["score"],
-                "label": None, "detail": row["path"]} for row in result.rows]
-    write_page(out_dir, title="gradad predict", threshold=scorer.threshold,
-               threshold_source=summary["threshold_source"], gallery=gallery,
-               config_text=json.dumps(meta, indent=2), config_title="Model",
-               notes=[f"left out (unreadable or not scorable): {path}" for path in result.problems])
+    write_prediction_files(out_dir, result.rows, checkpoint=os.fspath(model_path), threshold=scorer.threshold,
+                           threshold_source="given" if threshold is not None
+                           else meta.get("threshold_source", "metadata"),
+                           protocol=meta.get("protocol", "strict"), on_error=on_error, skipped=result.skipped,
+                           failed=result.failed, config_text=json.dumps(meta, indent=2), config_title="Model")
     return result

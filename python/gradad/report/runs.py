@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
-import re
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -20,31 +18,12 @@ from ..config import config_to_yaml
 from ..datasets import ImageRecord, load_rgb
 from ..inference import Prediction, TestResult
 from ..io_utils import atomic_write_text
+from ..prediction_files import HEATMAP_DIR, file_stem, unique_names, write_prediction_files
 from .figures import save_heatmap_overlays, save_roc_curves
 from .html import write_report_html
 from .tables import pixel_notes, write_metrics
 
 SCORES_CSV = "scores.csv"
-RESULTS_JSON = "results.json"
-RESULTS_CSV = "results.csv"
-HEATMAP_DIR = "heatmaps"
-
-
-def file_stem(*parts: str) -> str:
-    """A file-name-safe stem from parts (letters, digits, '-', '_' and '.')."""
-    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-.") or "x" for p in parts)
-
-
-def unique_names(names: Sequence[str], seen: Dict[str, int] | None = None) -> List[str]:
-    """``names`` with a _1, _2, ... suffix on repeats, so each can be a file name. ``seen``
-    (name → uses so far) carries the count across calls, for names that come in chunks."""
-    seen = {} if seen is None else seen
-    unique = []
-    for name in names:
-        count = seen.get(name, 0)
-        seen[name] = count + 1
-        unique.append(name if count == 0 else f"{name}_{count}")
-    return unique
 
 
 def _write_scores_csv(path: str, records: Sequence[ImageRecord], scores: np.ndarray) -> str:
@@ -118,21 +97,8 @@ def write_predictions(prediction: Prediction, out_dir: str | os.PathLike,
                                          progress=False)
         results += [{"path": r.path, "score": float(s), "anomalous": bool(s > threshold), "heatmap": str(h)}
                     for r, s, h in zip(chunk.records, chunk.scores, heatmaps)]
-    summary = {"checkpoint": prediction.checkpoint, "threshold": threshold,
-               "threshold_source": prediction.threshold_source, "protocol": prediction.protocol,
-               "on_error": prediction.on_error, "skipped_images": prediction.skipped,
-               "failed_images": dict(prediction.failed), "images": results}
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "score", "threshold", "anomalous", "heatmap"])
-    for row in results:
-        writer.writerow([row["path"], repr(row["score"]), repr(threshold), int(row["anomalous"]), row["heatmap"]])
-    atomic_write_text(os.path.join(out_dir, RESULTS_JSON), json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(os.path.join(out_dir, RESULTS_CSV), buffer.getvalue())
-    gallery = [{"name": os.path.basename(row["path"]), "image": row["heatmap"], "score": row["score"],
-                "label": None, "detail": row["path"]} for row in results]
-    left_out = [f"left out (unreadable or not scorable): {path}" for path in prediction.problems]
-    write_report_html(out_dir, title="gradad predict", threshold=threshold,
-                      threshold_source=prediction.threshold_source, gallery=gallery, config=config_yaml,
-                      notes=left_out)
+    write_prediction_files(out_dir, results, checkpoint=prediction.checkpoint, threshold=threshold,
+                           threshold_source=prediction.threshold_source, protocol=prediction.protocol,
+                           on_error=prediction.on_error, skipped=prediction.skipped, failed=prediction.failed,
+                           config_text=config_yaml)
     return results
