@@ -31,21 +31,27 @@ void dispatch_dim(int D, F&& f) {
   }
 }
 
-// The dtypes each device's kernels take. float16/bfloat16 on the CPU only where the op says so
+// Which kernels serve a call: the CPU ones, or the CUDA ones (on a GPU, or emulated on the CPU).
+enum class Backend { kCpu, kCuda };
+
+inline const char* backend_name(Backend b) { return b == Backend::kCuda ? "cuda" : "cpu"; }
+
+// The dtypes each backend's kernels take. float16/bfloat16 on the CPU only where the op says so
 // (sample_grid computes them in float32; refine does not take them there).
-inline bool supported_dtype(const at::Tensor& t, bool reduced_on_cpu) {
-  const at::ScalarType s = t.scalar_type();
+inline bool supported_dtype(at::ScalarType s, Backend backend, bool reduced_on_cpu) {
   if (s == at::kFloat || s == at::kDouble) return true;
-  return (t.is_cuda() || reduced_on_cpu) && (s == at::kHalf || s == at::kBFloat16);
+  return (backend == Backend::kCuda || reduced_on_cpu) && (s == at::kHalf || s == at::kBFloat16);
 }
 
-inline const char* supported_dtypes(const at::Tensor& t, bool reduced_on_cpu) {
-  return t.is_cuda() || reduced_on_cpu ? "float32, float64, float16 or bfloat16" : "float32 or float64";
+inline const char* supported_dtypes(Backend backend, bool reduced_on_cpu) {
+  return backend == Backend::kCuda || reduced_on_cpu ? "float32, float64, float16 or bfloat16" : "float32 or float64";
 }
 
-inline void check_supported_dtype(const char* op, const char* name, const at::Tensor& t, bool reduced_on_cpu = false) {
-  TORCH_CHECK_TYPE(supported_dtype(t, reduced_on_cpu), op, ": ", name, " dtype ", t.scalar_type(),
-                   " is not supported on ", t.device().type(), "; use ", supported_dtypes(t, reduced_on_cpu));
+inline void check_supported_dtype(const char* op, const char* name, const at::Tensor& t, Backend backend,
+                                  bool reduced_on_cpu = false) {
+  TORCH_CHECK_TYPE(supported_dtype(t.scalar_type(), backend, reduced_on_cpu), op, ": ", name, " dtype ",
+                   t.scalar_type(), " is not supported on ", backend_name(backend), "; use ",
+                   supported_dtypes(backend, reduced_on_cpu));
 }
 
 }  // namespace grad_ext

@@ -23,7 +23,7 @@ struct RefineGeometry {
 // The per-pixel sums are kept in float32 for float32/float16/bfloat16, float64 for float64.
 inline at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-inline RefineGeometry describe_refine(const at::Tensor& rec, const at::Tensor& feat) {
+inline RefineGeometry describe_refine(const at::Tensor& rec, const at::Tensor& feat, Backend backend) {
   TORCH_CHECK_VALUE(rec.dim() == 4, "refine: rec must have shape (B, C, H, W), got ", rec.sizes());
   TORCH_CHECK_VALUE(feat.dim() == 4, "refine: feat must have shape (B, C, H, W), got ", feat.sizes());
   TORCH_CHECK_VALUE(feat.sizes() == rec.sizes(), "refine: rec and feat must have the same shape, got ", rec.sizes(),
@@ -34,7 +34,7 @@ inline RefineGeometry describe_refine(const at::Tensor& rec, const at::Tensor& f
                    rec.scalar_type(), " and ", feat.scalar_type());
   TORCH_CHECK_VALUE(feat.device() == rec.device(), "refine: rec and feat must be on the same device, got ",
                     rec.device(), " and ", feat.device());
-  check_supported_dtype("refine", "rec", rec);
+  check_supported_dtype("refine", "rec", rec, backend);
   TORCH_CHECK_VALUE(rec.numel() > 0, "refine: rec and feat must not be empty, got shape ", rec.sizes());
   RefineGeometry g;
   g.B = rec.size(0);

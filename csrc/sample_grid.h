@@ -50,7 +50,8 @@ inline GridGeometry describe_call(const at::Tensor& input, const at::Tensor& gri
                    grid.scalar_type());
   TORCH_CHECK_VALUE(input.device() == grid.device(), "sample_grid: input and grid must be on the same device, got ",
                     input.device(), " and ", grid.device());
-  check_supported_dtype("sample_grid", "input", input, /*reduced_on_cpu=*/true);
+  check_supported_dtype("sample_grid", "input", input, input.is_cuda() ? Backend::kCuda : Backend::kCpu,
+                        /*reduced_on_cpu=*/true);
   g.C = input.size(1);
   g.P = 1;
   g.out_shape = {g.N, g.C};

@@ -5,25 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build-cmake}
-prefix=$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')
-args=(-DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release)
-# A CUDA build of libtorch wants the CUDA toolkit even for CPU-only code; point CMake at it and
-# at the nvrtc library that comes with the nvidia pip packages when the toolkit lacks one.
-if [ "$(python -c 'import torch; print(torch.version.cuda is not None)')" = True ]; then
-  cuda_home=${CUDA_HOME:-/usr/local/cuda}
-  args+=(-DCUDA_TOOLKIT_ROOT_DIR="$cuda_home")
-  export CUDACXX=${CUDACXX:-$cuda_home/bin/nvcc}
-  if ! ls "$cuda_home"/lib64/libnvrtc.so >/dev/null 2>&1; then
-    nvrtc=$(python - <<'PY'
-import glob, os, site
-hits = [p for r in site.getsitepackages() for p in glob.glob(os.path.join(r, "nvidia", "*", "lib", "libnvrtc.so*"))]
-print(sorted(hits)[0] if hits else "")
-PY
-)
-    [ -n "$nvrtc" ] && args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc")
-  fi
-fi
-cmake -S . -B "$build" "${args[@]}"
+source scripts/torch_cmake.sh
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release "${TORCH_CMAKE_ARGS[@]}"
 cmake --build "$build" -j "${MAX_JOBS:-2}"
 "$build/grad_ext_cpp_demo" "$build/libgrad_ext_ops.so"
 python - "$build/libgrad_ext_ops.so" <<'PY'

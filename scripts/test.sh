@@ -5,7 +5,9 @@
 #      found, or always with GRAD_EXT_CUDA=1, which then fails loudly if it cannot);
 #   2. checks the style (scripts/lint.sh: ruff, clang-format);
 #   3. builds the operator library with CMake against libtorch and loads it from C++ and Python;
-#   4. runs pytest (GPU tests are skipped without a GPU).
+#   4. runs pytest (GPU tests are skipped without a GPU);
+#   5. runs the CUDA kernels on the CPU under the emulation and its sanitizers
+#      (scripts/cuda_emulation.sh).
 # The report.html test opens pages in headless Chromium: the Debian packages chromium and
 # chromium-driver are installed when missing (as root, or with password-less sudo).
 set -euo pipefail
@@ -42,3 +44,4 @@ fi
 bash scripts/lint.sh
 bash scripts/build_libtorch.sh build-cmake
 python -m pytest -q tests "$@"
+bash scripts/cuda_emulation.sh

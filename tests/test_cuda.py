@@ -9,6 +9,7 @@ runs them on the CPU kernels instead, to check the tests themselves on a machine
 """
 
 import itertools
+import json
 import os
 
 import pytest
@@ -296,3 +297,48 @@ def test_reference_matches_on_device():
     for fn in (grad_ext.grid_sample, reference.grid_sample):
         assert fn(table, grid).device.type == torch.device(DEVICE).type
     torch.testing.assert_close(grad_ext.grid_sample(table, grid), reference.grid_sample(table, grid))
+
+
+# ---- what the CUDA emulation assumes of the device (tests/test_cuda_emulation.py) -------------
+
+def _launch_log(enable):
+    return json.loads(torch.ops.grad_ext.cuda_launch_log(enable))
+
+
+def _device_table():
+    name = torch.cuda.get_device_name()
+    table = "h200" if "H200" in name else "h100" if "H100" in name else None
+    if DEVICE != "cuda" or table is None:
+        pytest.skip(f"the emulation's tables describe the H100 and the H200, this is {name!r}")
+    return table
+
+
+def test_device_limits_match_the_emulations_table():
+    table = json.loads(torch.ops.grad_ext.cuda_device_limits(_device_table()))
+    current = json.loads(torch.ops.grad_ext.cuda_device_limits("current"))
+    for key in ("compute_capability", "sm_count", "smem_per_sm", "smem_per_block", "smem_per_block_optin",
+                "reserved_smem_per_block", "max_threads_per_block", "max_threads_per_sm", "max_blocks_per_sm",
+                "regs_per_sm", "regs_per_block", "max_grid", "max_block", "warp_size"):
+        assert current[key] == table[key], key
+
+
+def test_occupancy_model_matches_the_cuda_runtime():
+    # The launch log holds, for each launch, the occupancy API's blocks per multiprocessor and
+    # device_limits.h's model of it from kernel_resources.h (cuobjdump of an sm_90 build).
+    _device_table()
+    _launch_log(True)
+    try:
+        for table_shape, grid_shape in [*PATHS.values(), ((1, 216, 8, 8), (64, 28, 28, 2)),
+                                        ((1, 216 * 28 * 28, 4, 4), (64, 1, 1, 2))]:
+            for mode in MODES:
+                table, grid = _on_device(*table_and_grid(table_shape, grid_shape, dtype=torch.float32))
+                table.requires_grad_()
+                grid.requires_grad_()
+                grad_ext.grid_sample(table, grid, mode).sum().backward()
+        rec, feat = torch.randn(2, 2, 16, 24, 24, device=DEVICE).unbind(0)
+        grad_ext.refine(rec.requires_grad_(), feat, return_refined=True).loss.backward()
+    finally:
+        log = _launch_log(False)
+    assert len(log) > 20
+    for launch in log:
+        assert launch["model_blocks_per_sm"] == launch["blocks_per_sm"], launch

@@ -205,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_cp
                                                                                   double mse_weight, double cos_weight,
                                                                                   double mse_threshold,
                                                                                   bool return_refined) {
-  const RefineGeometry g = describe_refine(rec_, feat_);
+  const RefineGeometry g = describe_refine(rec_, feat_, Backend::kCpu);
   check_refine_params(mse_weight, cos_weight, mse_threshold);
   auto outputs = allocate_refine_outputs(rec_, g, return_refined);
   at::Tensor sim = std::get<0>(outputs), map = std::get<1>(outputs), loss = std::get<2>(outputs),
@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> refine_backward_cpu(const c10::optional<at::T
                                                        const at::Tensor& rec_, const at::Tensor& feat_,
                                                        const at::Tensor& stats_, double mse_weight, double cos_weight,
                                                        bool rec_requires_grad, bool feat_requires_grad) {
-  const RefineGeometry g = describe_refine(rec_, feat_);
+  const RefineGeometry g = describe_refine(rec_, feat_, Backend::kCpu);
   check_refine_weights(mse_weight, cos_weight);
   const RefineUpstream up = check_refine_backward(grad_sim, grad_map, grad_loss, grad_refined, rec_, stats_, g);
   at::Tensor grad_rec = allocate_refine_grad(rec_, rec_requires_grad);

@@ -7,18 +7,20 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <climits>
 
+#include "cuda/runtime.h"
 #include "refine.h"
 #include "refine_common.h"
 
 namespace grad_ext {
 namespace {
+
+using cuda::current_stream;
+using cuda::launch;
+using cuda::Stream;
 
 constexpr int kPixelsPerBlock = 32;  // one warp along the pixels
 constexpr int kChannelLanes = 8;     // warps of a block, each taking every 8th channel
@@ -189,27 +191,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_cu
                                                                                    double mse_weight, double cos_weight,
                                                                                    double mse_threshold,
                                                                                    bool return_refined) {
-  const RefineGeometry g = describe_refine(rec_, feat_);
+  const RefineGeometry g = describe_refine(rec_, feat_, Backend::kCuda);
   check_refine_params(mse_weight, cos_weight, mse_threshold);
-  const c10::cuda::OptionalCUDAGuard guard(rec_.device());
+  const cuda::DeviceGuard guard(rec_.device());
   auto outputs = allocate_refine_outputs(rec_, g, return_refined);
   at::Tensor sim = std::get<0>(outputs), map = std::get<1>(outputs), loss = std::get<2>(outputs),
              refined = std::get<3>(outputs), stats = std::get<4>(outputs);
   const at::Tensor rec = rec_.contiguous(), feat = feat_.contiguous();
   const int64_t blocks = block_count(g);
   at::Tensor partials = at::empty({blocks}, stats.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rec.scalar_type(), "refine_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    refine_forward_kernel<scalar_t><<<static_cast<unsigned>(blocks), dim3(kPixelsPerBlock, kChannelLanes), 0, stream>>>(
-        rec.data_ptr<scalar_t>(), feat.data_ptr<scalar_t>(), g.C, g.HW, g.P, static_cast<acc_t>(mse_weight),
-        static_cast<acc_t>(cos_weight), static_cast<acc_t>(mse_threshold), sim.data_ptr<scalar_t>(),
-        map.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(), partials.data_ptr<acc_t>(),
-        return_refined ? refined.data_ptr<scalar_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sum_loss_kernel<scalar_t><<<1, kReduceThreads, 0, stream>>>(
-        partials.data_ptr<acc_t>(), blocks, static_cast<double>(g.numel()), loss.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<refine_forward_kernel<scalar_t>>(
+        dim3(static_cast<unsigned>(blocks)), dim3(kPixelsPerBlock, kChannelLanes), 0, stream, rec.data_ptr<scalar_t>(),
+        feat.data_ptr<scalar_t>(), g.C, g.HW, g.P, static_cast<acc_t>(mse_weight), static_cast<acc_t>(cos_weight),
+        static_cast<acc_t>(mse_threshold), sim.data_ptr<scalar_t>(), map.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(),
+        partials.data_ptr<acc_t>(), return_refined ? refined.data_ptr<scalar_t>() : nullptr);
+    launch<sum_loss_kernel<scalar_t>>(dim3(1), dim3(kReduceThreads), 0, stream, partials.data_ptr<acc_t>(), blocks,
+                                      static_cast<double>(g.numel()), loss.data_ptr<scalar_t>());
   });
   return outputs;
 }
@@ -221,33 +221,32 @@ std::tuple<at::Tensor, at::Tensor> refine_backward_cuda(const c10::optional<at::
                                                         const at::Tensor& rec_, const at::Tensor& feat_,
                                                         const at::Tensor& stats_, double mse_weight, double cos_weight,
                                                         bool rec_requires_grad, bool feat_requires_grad) {
-  const RefineGeometry g = describe_refine(rec_, feat_);
+  const RefineGeometry g = describe_refine(rec_, feat_, Backend::kCuda);
   check_refine_weights(mse_weight, cos_weight);
-  const c10::cuda::OptionalCUDAGuard guard(rec_.device());
+  const cuda::DeviceGuard guard(rec_.device());
   const RefineUpstream up = check_refine_backward(grad_sim, grad_map, grad_loss, grad_refined, rec_, stats_, g);
   at::Tensor grad_rec = allocate_refine_grad(rec_, rec_requires_grad);
   at::Tensor grad_feat = allocate_refine_grad(feat_, feat_requires_grad);
   if (!rec_requires_grad && !feat_requires_grad) return {grad_rec, grad_feat};
   const at::Tensor rec = rec_.contiguous(), feat = feat_.contiguous(), stats = stats_.contiguous();
   const int64_t blocks = block_count(g);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rec.scalar_type(), "refine_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    refine_backward_kernel<scalar_t>
-        <<<static_cast<unsigned>(blocks), dim3(kPixelsPerBlock, kChannelLanes), 0, stream>>>(
-            optional_ptr<scalar_t>(up.sim), optional_ptr<scalar_t>(up.map), optional_ptr<scalar_t>(up.loss),
-            optional_ptr<scalar_t>(up.refined), rec.data_ptr<scalar_t>(), feat.data_ptr<scalar_t>(),
-            stats.data_ptr<acc_t>(), g.C, g.HW, g.P, static_cast<acc_t>(mse_weight), static_cast<acc_t>(cos_weight),
-            static_cast<acc_t>(g.numel()), rec_requires_grad ? grad_rec.data_ptr<scalar_t>() : nullptr,
-            feat_requires_grad ? grad_feat.data_ptr<scalar_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<refine_backward_kernel<scalar_t>>(
+        dim3(static_cast<unsigned>(blocks)), dim3(kPixelsPerBlock, kChannelLanes), 0, stream,
+        optional_ptr<scalar_t>(up.sim), optional_ptr<scalar_t>(up.map), optional_ptr<scalar_t>(up.loss),
+        optional_ptr<scalar_t>(up.refined), rec.data_ptr<scalar_t>(), feat.data_ptr<scalar_t>(),
+        stats.data_ptr<acc_t>(), g.C, g.HW, g.P, static_cast<acc_t>(mse_weight), static_cast<acc_t>(cos_weight),
+        static_cast<acc_t>(g.numel()), rec_requires_grad ? grad_rec.data_ptr<scalar_t>() : nullptr,
+        feat_requires_grad ? grad_feat.data_ptr<scalar_t>() : nullptr);
   });
   return {grad_rec, grad_feat};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(grad_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(GRAD_EXT_CUDA_OPS, GRAD_EXT_CUDA_KEY, m) {
   m.impl("refine", &refine_cuda);
   m.impl("refine_backward", &refine_backward_cuda);
 }

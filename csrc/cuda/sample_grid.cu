@@ -3,12 +3,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <climits>
 
+#include "cuda/runtime.h"
 #include "cuda/sample_grid_kernels.cuh"  // KernelGeometry, SampleParams, device_jitter
 #include "cuda/sample_grid_launch.h"
 #include "sample_grid.h"
@@ -32,15 +31,8 @@ __global__ void jitter_noise_kernel(const int64_t* __restrict__ seed, int64_t nu
 
 SampleCall make_call(const GridGeometry& g, const at::Tensor& seed, int64_t interpolation, int64_t padding,
                      bool align_corners, double jitter_std, double jitter_prob, int64_t jitter_mode) {
-  return SampleCall{g,
-                    interpolation,
-                    padding,
-                    align_corners,
-                    jitter_std,
-                    jitter_prob,
-                    jitter_mode,
-                    seed,
-                    at::cuda::getCurrentCUDAStream()};
+  return SampleCall{g,           interpolation, padding, align_corners,   jitter_std,
+                    jitter_prob, jitter_mode,   seed,    current_stream()};
 }
 
 at::Tensor sample_grid_cuda(const at::Tensor& input_, const at::Tensor& grid_, int64_t interpolation, int64_t padding,
@@ -49,7 +41,7 @@ at::Tensor sample_grid_cuda(const at::Tensor& input_, const at::Tensor& grid_, i
   at::Tensor seed;
   const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob, jitter_mode,
                                            jitter_seed, &seed);
-  c10::cuda::CUDAGuard guard(input_.device());
+  DeviceGuard guard(input_.device());
   at::Tensor out = at::empty(g.out_shape, input_.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor input = input_.contiguous(), grid = grid_.contiguous();
@@ -69,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cuda(const at::Tensor& g
   at::Tensor seed;
   const GridGeometry g = check_sample_grid(input_, grid_, interpolation, padding, jitter_std, jitter_prob, jitter_mode,
                                            jitter_seed, &seed, &grad_output);
-  c10::cuda::CUDAGuard guard(input_.device());
+  DeviceGuard guard(input_.device());
   // Nearest sampling is piecewise constant: its grid gradient is 0.
   const bool need_grid = grid_requires_grad && interpolation != kNearest;
   BackwardBuffers buf;
@@ -96,23 +88,22 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cuda(const at::Tensor& g
 std::tuple<at::Tensor, at::Tensor> jitter_noise_cuda(const at::Tensor& seed_, int64_t num_points, int64_t dim,
                                                      double std, double prob, int64_t mode) {
   check_jitter_noise(seed_, num_points, dim, std, prob, mode);
-  c10::cuda::CUDAGuard guard(seed_.device());
+  DeviceGuard guard(seed_.device());
   const at::Tensor seed = seed_.contiguous();
   at::Tensor noise = at::empty({num_points, dim}, seed.options().dtype(at::kFloat));
   at::Tensor flags = at::empty({num_points}, seed.options().dtype(at::kBool));
   if (num_points == 0) return {noise, flags};
   TORCH_CHECK(ceil_div(num_points, kNoiseThreads) <= INT_MAX, "jitter_noise: too many points (", num_points, ")");
-  jitter_noise_kernel<<<static_cast<unsigned>(ceil_div(num_points, kNoiseThreads)), kNoiseThreads, 0,
-                        at::cuda::getCurrentCUDAStream()>>>(
-      seed.data_ptr<int64_t>(), num_points, static_cast<int>(dim), static_cast<float>(std), static_cast<float>(prob),
-      static_cast<int>(mode), noise.data_ptr<float>(), flags.data_ptr<bool>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<jitter_noise_kernel>(dim3(static_cast<unsigned>(ceil_div(num_points, kNoiseThreads))), dim3(kNoiseThreads), 0,
+                              current_stream(), seed.data_ptr<int64_t>(), num_points, static_cast<int>(dim),
+                              static_cast<float>(std), static_cast<float>(prob), static_cast<int>(mode),
+                              noise.data_ptr<float>(), flags.data_ptr<bool>());
   return {noise, flags};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(grad_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(GRAD_EXT_CUDA_OPS, GRAD_EXT_CUDA_KEY, m) {
   m.impl("sample_grid", &sample_grid_cuda);
   m.impl("sample_grid_backward", &sample_grid_backward_cuda);
   m.impl("jitter_noise", &jitter_noise_cuda);

@@ -22,6 +22,7 @@
 #pragma once
 #include <ATen/OpMathType.h>
 
+#include "cuda/runtime.h"
 #include "grid_common.h"
 #include "philox.h"
 
@@ -142,7 +143,7 @@ __global__ void __launch_bounds__(kMaxSliceChannels)
   using acc_t = at::opmath_type<scalar_t>;
   typedef TileCorners<acc_t, D, TAPS> TC;
   constexpr int KMax = TC::K;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  GRAD_EXT_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int slice = blockDim.x, tid = threadIdx.x, stride = slice + 1;
   acc_t* tab = reinterpret_cast<acc_t*>(smem_raw);
   auto* tc = reinterpret_cast<TC*>(tab + g.S * stride);
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(kMaxSliceChannels)
   using acc_t = at::opmath_type<scalar_t>;
   typedef TableTile<acc_t, D, TAPS> TT;
   constexpr int KMax = TT::K;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  GRAD_EXT_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int slice = blockDim.x, tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   const int warps = slice / kWarp, stride = slice + 1;
   acc_t* grad = reinterpret_cast<acc_t*>(smem_raw);     // [S][stride]

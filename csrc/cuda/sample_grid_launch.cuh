@@ -4,13 +4,12 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
 #include <climits>
 #include <type_traits>
 
+#include "cuda/runtime.h"
 #include "cuda/sample_grid_kernels.cuh"
 #include "cuda/sample_grid_launch.h"
 #include "sample_grid.h"
@@ -55,20 +54,7 @@ SampleParams sample_params(int64_t interpolation, int64_t padding, bool align_co
                       seed.defined() ? seed.data_ptr<int64_t>() : nullptr};
 }
 
-int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-// Resident blocks per SM of `kernel` at this launch shape (the occupancy API: registers,
-// shared memory and thread limits of the current device), at least 1. Opts the kernel in to
-// more than 48 KB of dynamic shared memory where it needs it.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, int threads, int64_t smem) {
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, static_cast<size_t>(smem)));
-  return std::max(blocks, 1);
-}
+int64_t sm_count() { return device_limits().sm_count; }
 
 // Channels per block of the channel-lane kernels: the widest multiple of 32 (up to 256)
 // whose shared memory fits `budget`, balanced over the slices it takes; 0 if none fits.
@@ -92,7 +78,7 @@ int64_t points_per_group(int64_t points, int64_t others, int64_t target) {
 
 template <typename scalar_t, int D, int TAPS>
 void launch_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const GridGeometry& g,
-                    const KernelGeometry& kg, const SampleParams& sp, cudaStream_t stream) {
+                    const KernelGeometry& kg, const SampleParams& sp, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (g.P < kFewPointsPerBatch) {
     const auto smem_bytes = [&](int64_t w) {
@@ -102,59 +88,55 @@ void launch_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
     const int64_t slice = slice_channels(g.C, kForwardStageBytes, smem_bytes);
     if (slice > 0 && g.N_in <= kMaxGridY) {
       const int64_t slices = ceil_div(g.C, slice), smem = smem_bytes(slice);
-      auto kernel = forward_channels_kernel<scalar_t, D, TAPS>;
-      const int64_t target = resident_blocks(kernel, static_cast<int>(slice), smem) * sm_count();
+      constexpr auto kernel = forward_channels_kernel<scalar_t, D, TAPS>;
+      const int64_t target = resident_blocks<kernel>(static_cast<int>(slice), smem) * sm_count();
       const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
       const int64_t per_group = points_per_group(npoints, slices * g.N_in, target);
       const int64_t groups = ceil_div(npoints, per_group);
       TORCH_CHECK(slices <= INT_MAX && groups <= kMaxGridY, "sample_grid: too many channels or points for one launch");
       const dim3 blocks(static_cast<unsigned>(slices), static_cast<unsigned>(groups), static_cast<unsigned>(g.N_in));
-      kernel<<<blocks, static_cast<unsigned>(slice), smem, stream>>>(
-          input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), kg, sp, per_group);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch<kernel>(blocks, dim3(static_cast<unsigned>(slice)), smem, stream, input.data_ptr<scalar_t>(),
+                     grid.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), kg, sp, per_group);
       return;
     }
   }
-  auto kernel = forward_points_kernel<scalar_t, D, TAPS>;
+  constexpr auto kernel = forward_points_kernel<scalar_t, D, TAPS>;
   const int64_t point_blocks = g.N * ceil_div(g.P, kPointLanes);
-  const int64_t target = resident_blocks(kernel, kThreads, 0) * sm_count();
+  const int64_t target = resident_blocks<kernel>(kThreads, 0) * sm_count();
   const int64_t splits = std::clamp<int64_t>(ceil_div(target, point_blocks), 1,
                                              std::min<int64_t>(ceil_div(g.C, kChannelLanes), kMaxGridY));
   TORCH_CHECK(point_blocks <= INT_MAX, "sample_grid: too many points for one launch (", g.N * g.P, ")");
   const dim3 blocks(static_cast<unsigned>(point_blocks), static_cast<unsigned>(splits));
-  kernel<<<blocks, dim3(kPointLanes, kChannelLanes), 0, stream>>>(input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
-                                                                  out.data_ptr<scalar_t>(), kg, sp);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<kernel>(blocks, dim3(kPointLanes, kChannelLanes), 0, stream, input.data_ptr<scalar_t>(),
+                 grid.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), kg, sp);
 }
 
 template <typename scalar_t>
-void launch_reduce_partials(const at::Tensor& partial, at::Tensor& out, cudaStream_t stream) {
+void launch_reduce_partials(const at::Tensor& partial, at::Tensor& out, Stream stream) {
   const int64_t numel = out.numel(), parts = partial.size(0);
-  reduce_partials_kernel<scalar_t>
-      <<<static_cast<unsigned>(ceil_div(numel, kReduceThreads)), kReduceThreads, 0, stream>>>(
-          partial.data_ptr<at::opmath_type<scalar_t>>(), parts, numel, out.data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<reduce_partials_kernel<scalar_t>>(
+      dim3(static_cast<unsigned>(ceil_div(numel, kReduceThreads))), dim3(kReduceThreads), 0, stream,
+      partial.data_ptr<at::opmath_type<scalar_t>>(), parts, numel, out.data_ptr<scalar_t>());
 }
 
 // Table kernel; false when the table's rows do not fit in shared memory (nothing launched).
 template <typename scalar_t, int D, int TAPS, bool NEED_GRID>
 bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
                            BackwardBuffers& buf, const GridGeometry& g, const KernelGeometry& kg,
-                           const SampleParams& sp, bool deterministic, cudaStream_t stream) {
+                           const SampleParams& sp, bool deterministic, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (g.N_in > kMaxGridY) return false;
-  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const DeviceLimits& device = device_limits();
   // Two blocks per SM if the slice can be that narrow (each block also costs the SM its reserved
   // shared memory), else one as large as a block may be.
   const auto smem_bytes = [&](int64_t w) { return table_smem_bytes<acc_t, D, TAPS>(g.S, w, NEED_GRID); };
-  const int64_t two_per_sm = static_cast<int64_t>(props->sharedMemPerMultiprocessor) / 2 -
-                             static_cast<int64_t>(props->reservedSharedMemPerBlock);
+  const int64_t two_per_sm = device.smem_per_sm / 2 - device.reserved_smem_per_block;
   int64_t slice = slice_channels(g.C, two_per_sm, smem_bytes);
-  if (slice == 0) slice = slice_channels(g.C, static_cast<int64_t>(props->sharedMemPerBlockOptin), smem_bytes);
+  if (slice == 0) slice = slice_channels(g.C, device.smem_per_block_optin, smem_bytes);
   if (slice == 0) return false;
   const int64_t slices = ceil_div(g.C, slice), smem = smem_bytes(slice);
-  auto kernel = table_backward_kernel<scalar_t, D, TAPS, NEED_GRID>;
-  const int64_t target = resident_blocks(kernel, static_cast<int>(slice), smem) * sm_count();
+  constexpr auto kernel = table_backward_kernel<scalar_t, D, TAPS, NEED_GRID>;
+  const int64_t target = resident_blocks<kernel>(static_cast<int>(slice), smem) * sm_count();
   const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
   const int64_t table_bytes = g.N_in * g.C * g.S * static_cast<int64_t>(sizeof(acc_t));
   int64_t per_group = points_per_group(npoints, slices * g.N_in, target);
@@ -187,10 +169,10 @@ bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, cons
     buf.grid_partial = at::empty({slices, g.N * g.P, D}, acc_opts);
   }
   const dim3 blocks(static_cast<unsigned>(groups * slices), 1, static_cast<unsigned>(g.N_in));
-  kernel<<<blocks, static_cast<unsigned>(slice), smem, stream>>>(
-      gout.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), direct, accum_ptr, partial_ptr,
-      NEED_GRID ? buf.grid_partial.data_ptr<acc_t>() : nullptr, kg, sp, slices, per_group, g.P >= kTileAlongPointsMinP);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<kernel>(blocks, dim3(static_cast<unsigned>(slice)), smem, stream, gout.data_ptr<scalar_t>(),
+                 input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), direct, accum_ptr, partial_ptr,
+                 NEED_GRID ? buf.grid_partial.data_ptr<acc_t>() : nullptr, kg, sp, slices, per_group,
+                 g.P >= kTileAlongPointsMinP);
   if (partial.defined()) {
     launch_reduce_partials<scalar_t>(partial, grad_input, stream);
   } else if (accum.defined()) {
@@ -205,13 +187,13 @@ template <typename scalar_t, int D, int TAPS>
 void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
                                  BackwardBuffers& buf, const GridGeometry& g, const KernelGeometry& kg,
                                  const SampleParams& sp, bool need_input, bool need_grid, bool deterministic,
-                                 cudaStream_t stream) {
+                                 Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t point_blocks = g.N * ceil_div(g.P, kPointLanes);
   TORCH_CHECK(point_blocks <= INT_MAX, "sample_grid_backward: too many points for one launch (", g.N * g.P, ")");
-  auto kernel = scatter_backward_kernel<scalar_t, D, TAPS>;
-  const int64_t target = resident_blocks(kernel, kThreads, 0) * sm_count();
+  constexpr auto kernel = scatter_backward_kernel<scalar_t, D, TAPS>;
+  const int64_t target = resident_blocks<kernel>(kThreads, 0) * sm_count();
   const int64_t splits = std::clamp<int64_t>(ceil_div(target, point_blocks), 1,
                                              std::min<int64_t>(ceil_div(g.C, kChannelLanes), kMaxGridY));
   const bool scatter_input = need_input && !deterministic;
@@ -223,11 +205,10 @@ void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input
   }
   if (scatter_input || need_grid) {
     const dim3 blocks(static_cast<unsigned>(point_blocks), static_cast<unsigned>(splits));
-    kernel<<<blocks, dim3(kPointLanes, kChannelLanes), 0, stream>>>(
-        gout.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
-        scatter_input ? accum.data_ptr<acc_t>() : nullptr, need_grid ? buf.grid_partial.data_ptr<acc_t>() : nullptr, kg,
-        sp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<kernel>(blocks, dim3(kPointLanes, kChannelLanes), 0, stream, gout.data_ptr<scalar_t>(),
+                   input.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
+                   scatter_input ? accum.data_ptr<acc_t>() : nullptr,
+                   need_grid ? buf.grid_partial.data_ptr<acc_t>() : nullptr, kg, sp);
   }
   if (scatter_input) buf.grad_input = std::is_same<scalar_t, acc_t>::value ? accum : accum.to(input.scalar_type());
   if (need_input && deterministic) {
@@ -241,10 +222,9 @@ void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input
     at::Tensor partial = at::zeros({groups, g.N_in, g.C, g.S}, acc_opts);
     const int64_t work = rows * groups;
     TORCH_CHECK(ceil_div(work, kOwnerThreads) <= INT_MAX, "sample_grid_backward: table too large for one launch");
-    owner_backward_kernel<scalar_t, D, TAPS>
-        <<<static_cast<unsigned>(ceil_div(work, kOwnerThreads)), kOwnerThreads, 0, stream>>>(
-            gout.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), kg, sp, groups, per_group);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<owner_backward_kernel<scalar_t, D, TAPS>>(
+        dim3(static_cast<unsigned>(ceil_div(work, kOwnerThreads))), dim3(kOwnerThreads), 0, stream,
+        gout.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), kg, sp, groups, per_group);
     buf.grad_input = at::empty(input.sizes(), input.options());
     launch_reduce_partials<scalar_t>(partial, buf.grad_input, stream);
   }
@@ -283,7 +263,7 @@ void backward_typed(const at::Tensor& gout, const at::Tensor& input, const at::T
   const SampleParams sp = sample_params(call.interpolation, call.padding, call.align_corners, call.jitter_std,
                                         call.jitter_prob, call.jitter_mode, call.seed);
   const KernelGeometry kg = kernel_geometry(g);
-  cudaStream_t stream = call.stream;
+  Stream stream = call.stream;
   dispatch_dim(g.D, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     dispatch_taps<D>(call.interpolation, [&](auto taps) {
@@ -302,11 +282,10 @@ void backward_typed(const at::Tensor& gout, const at::Tensor& input, const at::T
       if (need_grid) {
         buf.grad_grid = at::empty(grid.sizes(), grid.options());  // every element written below
         const int64_t total_points = g.N * g.P;
-        reduce_grid_kernel<scalar_t, D, TAPS>
-            <<<static_cast<unsigned>(ceil_div(total_points, kReduceThreads)), kReduceThreads, 0, stream>>>(
-                buf.grid_partial.data_ptr<at::opmath_type<scalar_t>>(), buf.grid_parts, grid.data_ptr<scalar_t>(),
-                buf.grad_grid.data_ptr<scalar_t>(), kg, sp);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch<reduce_grid_kernel<scalar_t, D, TAPS>>(
+            dim3(static_cast<unsigned>(ceil_div(total_points, kReduceThreads))), dim3(kReduceThreads), 0, stream,
+            buf.grid_partial.data_ptr<at::opmath_type<scalar_t>>(), buf.grid_parts, grid.data_ptr<scalar_t>(),
+            buf.grad_grid.data_ptr<scalar_t>(), kg, sp);
       }
     });
   });

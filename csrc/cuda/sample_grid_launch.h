@@ -2,8 +2,8 @@
 // so the instantiations build in parallel); the op's entry points are in sample_grid.cu.
 #pragma once
 #include <ATen/ATen.h>
-#include <cuda_runtime.h>
 
+#include "cuda/runtime.h"
 #include "sample_grid.h"
 
 namespace grad_ext {
@@ -17,7 +17,7 @@ struct SampleCall {
   double jitter_std, jitter_prob;
   int64_t jitter_mode;
   at::Tensor seed;  // device [seed, offset], or undefined without jitter
-  cudaStream_t stream;
+  Stream stream;
 };
 
 // The backward pass's tensors and what the launchers fill in.
