@@ -179,7 +179,7 @@ PATHS = {
     "per-image-few-points": ((7, 40, 4, 4), (7, 3, 1, 2)),
     # a batch with 2 to 31 points: channels forward with P > 1
     "few-points-per-image": ((1, 50, 5, 5), (9, 2, 3, 2)),
-    # a table too large for shared memory: scatter kernel (owner kernel when deterministic)
+    # a table too large for shared memory: scatter kernel (sorted-cells kernels when deterministic)
     "large-table": ((2, 3, 48, 48), (2, 5, 7, 2)),
 }
 FORWARD_KERNEL = {"global-model-form": "forward_channels_kernel", "per-image-few-points": "forward_channels_kernel",
@@ -238,7 +238,45 @@ def test_reduced_precision_every_dimension_match_cpu(dtype, d, n_in, mode):
     run_both(table1, grid1, mode)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_3d_bicubic_with_an_odd_cell_count(dtype):
+    # The review of efb92a9, N1: 3-D bicubic's 64-bit tap masks sat in shared memory at 4 (mod 8)
+    # behind an odd number of float rows (a misaligned address on the GPU). S = 27 cells: the
+    # channels forward (P = 1) and the table backward without the grid gradient.
+    table, grid = table_and_grid((1, 4, 3, 3, 3), (2, 1, 1, 1, 3), seed=5, dtype=dtype)
+    forward, backward = run_both(table, grid, "bicubic", need_grid=False)
+    assert forward == {"forward_channels_kernel"} and backward == {"table_backward_kernel<false>"}
+    table, grid = table_and_grid((1, 4, 3, 3, 3), (2, 4, 4, 4, 3), seed=6, dtype=dtype)
+    forward, backward = run_both(table, grid, "bicubic", need_grid=False)
+    assert forward == {"forward_points_kernel"} and backward == {"table_backward_kernel<false>"}
+
+
 # ---- jitter ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["global-model-form", "local"])
+def test_bicubic_points_outside_with_an_infinite_output_gradient(path):
+    # README (the review of efb92a9, N9): with zeros padding, taps outside the table add nothing,
+    # so a point outside keeps a grid gradient of 0 under an infinite or NaN output gradient, on
+    # the CPU and in the CUDA kernels alike; F.grid_sample multiplies it by the taps' zeros (NaN).
+    table_shape, grid_shape = PATHS[path]
+    table, grid = table_and_grid(table_shape, grid_shape, seed=9)
+    grid.view(-1, 2)[0] = 5.0  # the first point, far outside
+    gout = torch.randn(sample_grid(CPU, table, grid, "bicubic").shape, dtype=torch.float64)
+    gout[0, :, 0, 0] = float("inf")
+    gout[0, 0, 0, 0] = float("nan")
+    want = sample_grid_backward(CPU, gout, table, grid, "bicubic")
+    with launch_log() as log:
+        got = sample_grid_backward(emu.ops(), gout, table, grid, "bicubic")
+    assert any("reduce_grid_kernel" in f for f in families(log))
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-10)
+    assert got[1][0, 0, 0].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    grid.requires_grad_()
+    out = torch.nn.functional.grid_sample(table.expand(grid.shape[0], *table.shape[1:]), grid, "bicubic", "zeros",
+                                          False)
+    theirs = torch.autograd.grad(out, grid, gout)[0]
+    assert theirs[0, 0, 0].isnan().all()
+
 
 @pytest.mark.parametrize("path", ["global-model-form", "local", "large-table", "few-points-per-image"])
 @pytest.mark.parametrize("jitter_mode", ["pixel", "batch"])
@@ -275,8 +313,7 @@ SCHEDULES = [dict(order="ascending", workers=2), dict(order="random", seed=3, wo
 
 @pytest.mark.parametrize("path,kernels", [
     ("local", {"table_backward_kernel<true>", "reduce_partials_kernel", "reduce_grid_kernel"}),
-    ("large-table", {"scatter_backward_kernel", "owner_backward_kernel", "reduce_partials_kernel",
-                     "reduce_grid_kernel"}),
+    ("large-table", {"scatter_backward_kernel", "cell_keys_kernel", "sorted_cells_kernel", "reduce_grid_kernel"}),
     ("global-model-form", {"table_backward_kernel<true>", "reduce_grid_kernel"}),
 ])
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
@@ -439,3 +476,28 @@ def deterministic_off_and_on(request):
     torch.use_deterministic_algorithms(request.param)
     yield request.param
     torch.use_deterministic_algorithms(previous)
+
+
+def test_grid_gradient_reduction_runs_in_parallel():
+    # The review of efb92a9, N2: GRAD's global backward (B4, B = 64) left one thread per point to
+    # add 662 slices' partial sums in series, 64 threads on one multiprocessor.
+    emu.configure(execute=False)
+    channels, side = GRAD_FEATURES["B4"]
+    _, backward = dry_run((1, channels * side * side, 4, 4), (64, 1, 1, 2))
+    table = next(r for r in backward if "table_backward_kernel" in r["kernel"])
+    reduce = next(r for r in backward if "reduce_grid_kernel" in r["kernel"])
+    parts = -(-channels * side * side // table["block"][0])  # channel slices: one partial sum each
+    assert parts > 600
+    threads = reduce["grid"][0] * reduce["block"][0]
+    assert threads >= 64 * 32, f"{threads} threads add {parts} partial sums for each of 64 points"
+
+
+def test_deterministic_large_table_backward_fills_the_device(deterministic):
+    # The review of efb92a9, N4: a deterministic backward of a 512x512 table with 3 channels ran on
+    # 255 threads, each walking 3,084 points, over 256 MB of per-group partial tables.
+    emu.configure(execute=False)
+    _, backward = dry_run((1, 3, 512, 512), (1, 512, 512, 2), need_grid=False)
+    assert backward, "no launch"
+    for launch in backward:
+        threads = launch["grid"][0] * launch["grid"][1] * launch["block"][0] * launch["block"][1]
+        assert threads >= 512 * 512, f"{launch['kernel']}: {threads} threads for 262,144 points"

@@ -296,6 +296,34 @@ def test_corners_outside_ignore_non_finite_table_values_and_gradients():
     assert torch.isfinite(ext_grad).all()
 
 
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_bicubic_point_outside_with_a_non_finite_output_gradient_has_zero_grid_gradient(d):
+    # The one kept difference from F.grid_sample (README): with zeros padding its bicubic backward
+    # multiplies the output gradient by the zero value of each tap outside, so inf or NaN there
+    # gives a NaN grid gradient; taps outside add nothing here.
+    table = torch.randn((1, 3) + (5,) * d, dtype=torch.float64, requires_grad=True)
+    grid = torch.zeros((1,) + (1,) * (d - 1) + (3, d), dtype=torch.float64)
+    grid[..., 0, :] = 4.0  # far outside
+    grid[..., 1, :] = 0.3
+    grid.requires_grad_()
+    out = grad_ext.grid_sample(table, grid, "bicubic", "zeros", False)
+    gout = torch.ones_like(out)
+    gout[..., 0] = float("inf")
+    gout[0, 1, ..., 0] = float("nan")
+    got_table, got_grid = torch.autograd.grad(out, (table, grid), gout)
+    assert (got_grid[..., 0, :] == 0).all()
+    assert torch.isfinite(got_grid).all() and torch.isfinite(got_table).all()
+    # the other points as F.grid_sample (2-D) or the float64 reference (1-D, 3-D)
+    if d == 2:
+        ref = F.grid_sample(table, grid, "bicubic", "zeros", False)
+        want_grid = torch.autograd.grad(ref, grid, gout)[0]
+        assert want_grid[..., 0, :].isnan().all()  # F.grid_sample's NaN
+    else:
+        ref = reference.cubic_sample(table, grid, "zeros", False)
+        want_grid = torch.autograd.grad(ref, grid, gout.nan_to_num(0.0, 0.0, 0.0))[0]
+    torch.testing.assert_close(got_grid[..., 1:, :], want_grid[..., 1:, :])
+
+
 def test_baseline_simd_build_matches_f_grid_sample(tmp_path):
     # The vector loops are compiled for the baseline ISA and for AVX2; the environment
     # variable forces the baseline one, which this CPU would otherwise not run. 156 points of

@@ -15,10 +15,13 @@
 //    block owns it, else as per-block partial sums added in a fixed order (deterministic mode)
 //    or with one atomic per element and block.
 //  - scatter kernel: large tables, one global atomic per corner (as F.grid_sample).
-//  - owner kernel: large tables in deterministic mode; each thread owns a row of the gradient
-//    and sums its point group in a fixed order.
+//  - sorted-cells kernels: large tables in deterministic mode. The cell keys kernel lists each
+//    (point, tap) with its table cell and weight; the launcher sorts the list by cell, stably
+//    (torch's sort); one thread per cell and channel then sums its run in (point, tap) order
+//    and writes the cell once.
 // The grid gradient is summed per channel slice into partial buffers that are reduced in a
-// fixed order, so it is deterministic in every mode.
+// fixed order (in parallel: a group of lanes per point and a fixed shuffle tree), so it is
+// deterministic in every mode.
 #pragma once
 #include <ATen/OpMathType.h>
 
@@ -42,6 +45,8 @@ constexpr int kTilePoints = 32;
 // Table kernel: the points whose grid-gradient sums are kept in registers at a time (one
 // shuffle reduce-scatter each), a multiple of 8.
 constexpr int kGridChunk = 8;
+// Threads per block of the reductions and the sorted-cells kernels.
+constexpr int kReduceThreads = 256;
 
 __host__ __device__ __forceinline__ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -86,11 +91,27 @@ __device__ __forceinline__ void device_corners(const scalar_t* __restrict__ grid
 // Points handled by table batch b: all N*P points when the table is shared, else batch b's.
 __device__ __forceinline__ int64_t table_points(const KernelGeometry& g) { return g.N_in == 1 ? g.N * g.P : g.P; }
 
-// Index into grad_output (and output) of channel c at global point gq = n * P + p.
-__device__ __forceinline__ int64_t out_index(const KernelGeometry& g, int64_t gq, int64_t c) {
-  const int64_t n = gq / g.P, p = gq - n * g.P;
-  return (n * g.C + c) * g.P + p;
+// Offset of `point`'s output row for channel 0: (n * C) * P + p for point = n * P + p; channel
+// c's value is at base + c * P.
+__device__ __forceinline__ int64_t out_base(const KernelGeometry& g, int64_t point) {
+  const int64_t n = point / g.P;
+  return n * g.C * g.P + (point - n * g.P);
 }
+
+// Regions of a block's dynamic shared memory, placed in order, each at the alignment of its
+// type (at most the 16 bytes that GRAD_EXT_DYNAMIC_SHARED guarantees). A kernel and the size
+// its launcher asks for come from the same layout.
+struct SharedLayout {
+  int64_t bytes = 0;
+  template <typename T>
+  __host__ __device__ int64_t place(int64_t count) {
+    static_assert(alignof(T) <= kDynamicSharedAlignment, "GRAD_EXT_DYNAMIC_SHARED aligns to 16 bytes only");
+    const int64_t offset = (bytes + static_cast<int64_t>(alignof(T)) - 1) / static_cast<int64_t>(alignof(T)) *
+                           static_cast<int64_t>(alignof(T));
+    bytes = offset + count * static_cast<int64_t>(sizeof(T));
+    return offset;
+  }
+};
 
 // Corners of a tile of points kept in shared memory for the whole block (channel-lane kernels).
 template <typename acc_t, int D, int TAPS>
@@ -100,7 +121,8 @@ struct TileCorners {
   int offset[kTilePoints][K];
   acc_t weight[kTilePoints][K];
   Mask valid[kTilePoints];
-  acc_t bias[kTilePoints];  // bicubic: F.grid_sample's coefficient * 0 of taps outside (NaN for NaN points)
+  acc_t bias[kTilePoints];        // bicubic: F.grid_sample's coefficient * 0 of taps outside (NaN for NaN points)
+  int64_t out_base[kTilePoints];  // out_base() of each point
 };
 
 // ---- forward: points kernel ----------------------------------------------------------------
@@ -136,6 +158,17 @@ __global__ void __launch_bounds__(kThreads)
 // as [cell][slice + 1] (the odd row stride spreads both the staging writes and the reads of
 // one cell by consecutive channels over the banks), then the tile's corners.
 
+template <typename acc_t, int D, int TAPS>
+struct ChannelsShared {
+  int64_t table, corners, bytes;
+  __host__ __device__ ChannelsShared(int64_t S, int64_t slice) {
+    SharedLayout l;
+    table = l.place<acc_t>(S * (slice + 1));
+    corners = l.place<TileCorners<acc_t, D, TAPS>>(1);
+    bytes = l.bytes;
+  }
+};
+
 template <typename scalar_t, int D, int TAPS>
 __global__ void __launch_bounds__(kMaxSliceChannels)
     forward_channels_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ grid,
@@ -145,8 +178,9 @@ __global__ void __launch_bounds__(kMaxSliceChannels)
   constexpr int KMax = TC::K;
   GRAD_EXT_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int slice = blockDim.x, tid = threadIdx.x, stride = slice + 1;
-  acc_t* tab = reinterpret_cast<acc_t*>(smem_raw);
-  auto* tc = reinterpret_cast<TC*>(tab + g.S * stride);
+  const ChannelsShared<acc_t, D, TAPS> layout(g.S, slice);
+  acc_t* tab = reinterpret_cast<acc_t*>(smem_raw + layout.table);
+  auto* tc = reinterpret_cast<TC*>(smem_raw + layout.corners);
 
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * slice, b = blockIdx.z;
   const int64_t width = c0 + slice < g.C ? slice : g.C - c0;
@@ -182,6 +216,7 @@ __global__ void __launch_bounds__(kMaxSliceChannels)
       }
       tc->valid[tid] = valid;
       tc->bias[tid] = bias;
+      tc->out_base[tid] = out_base(g, point_base + (q < q_end ? q : q0));
     }
     __syncthreads();
     if (!active) continue;
@@ -193,7 +228,7 @@ __global__ void __launch_bounds__(kMaxSliceChannels)
       for (int k = 0; k < KMax; ++k) {
         if (k < K && (valid >> k & 1u)) acc += tc->weight[j][k] * tab[tc->offset[j][k] * stride + tid];
       }
-      out[out_index(g, point_base + q0 + j, c)] = static_cast<scalar_t>(acc);
+      out[tc->out_base[j] + c * g.P] = static_cast<scalar_t>(acc);
     }
   }
 }
@@ -261,12 +296,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int a = 0; a < D; ++a) lane_sums[threadIdx.y][threadIdx.x][a] = gsum[a];
   __syncthreads();
   if (threadIdx.y == 0 && active) {
-    const int64_t total_points = g.N * g.P;
 #pragma unroll
     for (int a = 0; a < D; ++a) {
       acc_t s = acc_t(0);
       for (int l = 0; l < kChannelLanes; ++l) s += lane_sums[l][threadIdx.x][a];
-      grid_partial[(blockIdx.y * total_points + n * g.P + p) * D + a] = s;
+      grid_partial[((n * g.P + p) * gridDim.y + blockIdx.y) * D + a] = s;
     }
   }
 }
@@ -311,16 +345,22 @@ struct TableTile {
 // table rows (grid gradient only) and the output-gradient tile, each [rows][slice + 1], then
 // the tile's corners and sums.
 template <typename acc_t, int D, int TAPS>
-__host__ __device__ inline int64_t table_smem_bytes(int64_t S, int64_t slice, bool need_grid) {
-  const int64_t rows = S + (need_grid ? S : 0) + kTilePoints;
-  return rows * (slice + 1) * static_cast<int64_t>(sizeof(acc_t)) +
-         static_cast<int64_t>(sizeof(TableTile<acc_t, D, TAPS>));
-}
+struct TableShared {
+  int64_t grad, table, tile, extras, bytes;
+  __host__ __device__ TableShared(int64_t S, int64_t slice, bool need_grid) {
+    SharedLayout l;
+    grad = l.place<acc_t>(S * (slice + 1));
+    table = l.place<acc_t>(need_grid ? S * (slice + 1) : 0);
+    tile = l.place<acc_t>(kTilePoints * (slice + 1));
+    extras = l.place<TableTile<acc_t, D, TAPS>>(1);
+    bytes = l.bytes;
+  }
+};
 
 // Grid (groups * slices, 1, N_in); blockDim.x = slice channels (a multiple of 32).
 // The outputs, for block (group, slice, b): grad_input_direct (one group: the slice's rows),
 // grad_input_partial (deterministic: [group][N_in][C][S]) or grad_input_accum (atomics); the
-// grid gradient of each point into grid_partial[slice][point][D].
+// grid gradient of each point into grid_partial[point][slice][D].
 template <typename scalar_t, int D, int TAPS, bool NEED_GRID>
 __global__ void __launch_bounds__(kMaxSliceChannels)
     table_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ input,
@@ -335,10 +375,11 @@ __global__ void __launch_bounds__(kMaxSliceChannels)
   GRAD_EXT_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int slice = blockDim.x, tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   const int warps = slice / kWarp, stride = slice + 1;
-  acc_t* grad = reinterpret_cast<acc_t*>(smem_raw);     // [S][stride]
-  acc_t* tab = grad + g.S * stride;                     // [S][stride] (NEED_GRID)
-  acc_t* gtile = tab + (NEED_GRID ? g.S * stride : 0);  // [kTilePoints][stride]
-  auto* tt = reinterpret_cast<TT*>(gtile + kTilePoints * stride);
+  const TableShared<acc_t, D, TAPS> layout(g.S, slice, NEED_GRID);
+  acc_t* grad = reinterpret_cast<acc_t*>(smem_raw + layout.grad);   // [S][stride]
+  acc_t* tab = reinterpret_cast<acc_t*>(smem_raw + layout.table);   // [S][stride] (NEED_GRID)
+  acc_t* gtile = reinterpret_cast<acc_t*>(smem_raw + layout.tile);  // [kTilePoints][stride]
+  auto* tt = reinterpret_cast<TT*>(smem_raw + layout.extras);
 
   const int64_t group = blockIdx.x / slices, slice_index = blockIdx.x % slices, b = blockIdx.z;
   const int64_t c0 = slice_index * slice;
@@ -347,7 +388,6 @@ __global__ void __launch_bounds__(kMaxSliceChannels)
   const int64_t q_begin = group * points_per_group;
   const int64_t q_end = q_begin + points_per_group < npoints ? q_begin + points_per_group : npoints;
   const int64_t point_base = g.N_in == 1 ? 0 : b * g.P;  // global index of this table's first point
-  const int64_t total_points = g.N * g.P;
   const JitterParams jitter = device_jitter(sp);
   const int K = sp.interpolation == kNearest ? 1 : KMax;
   const bool active = tid < width;
@@ -382,19 +422,26 @@ __global__ void __launch_bounds__(kMaxSliceChannels)
       }
       tt->corners.valid[tid] = valid;
     }
-    // The output-gradient tile [point][channel], read along whichever axis is contiguous.
-    for (int64_t e = tid; e < static_cast<int64_t>(kTilePoints) * slice; e += slice) {
-      int j, cl;
-      if (tile_along_points) {
-        j = static_cast<int>(e % kTilePoints);
-        cl = static_cast<int>(e / kTilePoints);
-      } else {
-        cl = static_cast<int>(e % slice);
-        j = static_cast<int>(e / slice);
+    // The output-gradient tile [point][channel], read along whichever axis is contiguous,
+    // with one division per thread and tile.
+    if (tile_along_points) {  // a thread keeps its point (slice is a multiple of 32)
+      const int j = tid % kTilePoints;
+      const int64_t base = out_base(g, point_base + q0 + (j < count ? j : 0));
+      for (int cl = tid / kTilePoints; cl < slice; cl += slice / kTilePoints) {
+        gtile[j * stride + cl] =
+            (j < count && cl < width) ? static_cast<acc_t>(grad_out[base + (c0 + cl) * g.P]) : acc_t(0);
       }
-      gtile[j * stride + cl] = (j < count && cl < width)
-                                   ? static_cast<acc_t>(grad_out[out_index(g, point_base + q0 + j, c0 + cl)])
-                                   : acc_t(0);
+    } else {  // a thread keeps its channel and walks the tile's points
+      const int64_t first = point_base + q0;
+      int64_t n = first / g.P, p = first - n * g.P;
+      for (int j = 0; j < kTilePoints; ++j) {
+        gtile[j * stride + tid] =
+            (j < count && tid < width) ? static_cast<acc_t>(grad_out[(n * g.C + c0 + tid) * g.P + p]) : acc_t(0);
+        if (++p == g.P) {
+          p = 0;
+          ++n;
+        }
+      }
     }
     __syncthreads();
     for (int j0 = 0; j0 < count; j0 += kGridChunk) {
@@ -441,7 +488,7 @@ __global__ void __launch_bounds__(kMaxSliceChannels)
         const int j = e / D, a = e - j * D;
         acc_t s = acc_t(0);
         for (int w = 0; w < warps; ++w) s += tt->warp_sums[w][j][a];
-        grid_partial[(slice_index * total_points + point_base + q0 + j) * D + a] = s;
+        grid_partial[((point_base + q0 + j) * slices + slice_index) * D + a] = s;
       }
     }
   }
@@ -461,36 +508,53 @@ __global__ void __launch_bounds__(kMaxSliceChannels)
   }
 }
 
-// ---- backward: owner kernel (deterministic, large tables) -------------------------------------
+// ---- backward: sorted-cells kernels (deterministic, large tables) ------------------------------
 
+// The key of a tap outside the table: after every cell when sorted.
+constexpr int64_t kNoCell = INT64_MAX;
+
+// One thread per point: the key (table batch * S + cell) and weight of each of its K taps, at
+// item point * K + k.
 template <typename scalar_t, int D, int TAPS>
-__global__ void owner_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ grid,
-                                      at::opmath_type<scalar_t>* __restrict__ partial, KernelGeometry g,
-                                      SampleParams sp, int64_t groups, int64_t points_per_group) {
+__global__ void __launch_bounds__(kReduceThreads)
+    cell_keys_kernel(const scalar_t* __restrict__ grid, int64_t* __restrict__ keys,
+                     at::opmath_type<scalar_t>* __restrict__ weights, KernelGeometry g, SampleParams sp) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = g.N_in * g.C;
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= rows * groups) return;
-  const int64_t row = idx % rows, group = idx / rows;
-  const int64_t b = row / g.C, c = row % g.C;
-  const int64_t npoints = table_points(g);
-  const int64_t point_base = g.N_in == 1 ? 0 : b * g.P;
-  const int64_t q_begin = group * points_per_group;
-  const int64_t q_end = q_begin + points_per_group < npoints ? q_begin + points_per_group : npoints;
   typedef PointCorners<acc_t, D, TAPS> PC;
-  const int K = sp.interpolation == kNearest ? 1 : PC::K;
-  acc_t* out = partial + (group * rows + row) * g.S;
-  const JitterParams jitter = device_jitter(sp);
-  for (int64_t q = q_begin; q < q_end; ++q) {
-    const int64_t gq = point_base + q;
-    PC pc;
-    device_corners<scalar_t, D, TAPS>(grid, gq, g, sp, jitter, true, false, pc);
-    if (pc.valid == 0) continue;
-    const acc_t gv = static_cast<acc_t>(grad_out[out_index(g, gq, c)]);
+  const int64_t point = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (point >= g.N * g.P) return;
+  PC pc;
+  device_corners<scalar_t, D, TAPS>(grid, point, g, sp, device_jitter(sp), true, false, pc);
+  const int64_t first = (g.N_in == 1 ? 0 : point / g.P) * g.S;
 #pragma unroll
-    for (int k = 0; k < PC::K; ++k) {
-      if (k < K && (pc.valid >> k & 1u)) out[pc.offset[k]] += pc.weight[k] * gv;
+  for (int k = 0; k < PC::K; ++k) {
+    const bool valid = (k == 0 || sp.interpolation != kNearest) && (pc.valid >> k & 1u);
+    keys[point * PC::K + k] = valid ? first + pc.offset[k] : kNoCell;
+    weights[point * PC::K + k] = pc.weight[k];
+  }
+}
+
+// Grid (items / threads, channel groups): the thread at the first item of a cell's run in the
+// sorted keys adds the run's contributions in (point, tap) order, for its channels, and writes
+// the cell once; cells without taps stay as the launcher zeroed them.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kReduceThreads)
+    sorted_cells_kernel(const int64_t* __restrict__ keys, const int64_t* __restrict__ order,
+                        const at::opmath_type<scalar_t>* __restrict__ weights, const scalar_t* __restrict__ grad_out,
+                        scalar_t* __restrict__ grad_input, KernelGeometry g, int64_t items, int taps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= items) return;
+  const int64_t key = keys[i];
+  if (key == kNoCell || (i > 0 && keys[i - 1] == key)) return;
+  const int64_t b = key / g.S, cell = key - b * g.S;
+  for (int64_t c = blockIdx.y; c < g.C; c += gridDim.y) {
+    acc_t s = acc_t(0);
+    for (int64_t j = i; j < items && keys[j] == key; ++j) {
+      const int64_t item = order[j];
+      s += weights[item] * static_cast<acc_t>(grad_out[out_base(g, item / taps) + c * g.P]);
     }
+    grad_input[(b * g.C + c) * g.S + cell] = static_cast<scalar_t>(s);
   }
 }
 
@@ -508,23 +572,39 @@ __global__ void reduce_partials_kernel(const at::opmath_type<scalar_t>* __restri
   out[e] = static_cast<scalar_t>(s);
 }
 
+// The grid gradient of each point from its parts' sums, partial[point][part][D]: a group of
+// `lanes` consecutive lanes (a power of 2 up to 32) per point, lane l adding parts l, l + lanes,
+// ... in order, then a fixed shuffle tree over the group; the group's first lane writes. The
+// order of the additions depends on `parts` alone, so the result is the same in every run.
 template <typename scalar_t, int D, int TAPS>
-__global__ void reduce_grid_kernel(const at::opmath_type<scalar_t>* __restrict__ partial, int64_t parts,
-                                   const scalar_t* __restrict__ grid, scalar_t* __restrict__ grad_grid,
-                                   KernelGeometry g, SampleParams sp) {
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_grid_kernel(const at::opmath_type<scalar_t>* __restrict__ partial, int64_t parts, int lanes,
+                       const scalar_t* __restrict__ grid, scalar_t* __restrict__ grad_grid, KernelGeometry g,
+                       SampleParams sp) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t total_points = g.N * g.P;
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= total_points) return;
-  const JitterParams jitter = device_jitter(sp);
-  PointCorners<acc_t, D, TAPS> pc;
-  device_corners<scalar_t, D, TAPS>(grid, i, g, sp, jitter, true, true, pc);
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t i = t / lanes;
+  const int lane = static_cast<int>(t % lanes);
+  const bool active = i < g.N * g.P;  // the others still take part in the shuffles
+  acc_t s[D];
 #pragma unroll
-  for (int a = 0; a < D; ++a) {
-    acc_t s = pc.grad_bias[a];
-    for (int64_t j = 0; j < parts; ++j) s += partial[(j * total_points + i) * D + a];
-    grad_grid[i * D + (D - 1 - a)] = static_cast<scalar_t>(s * pc.mult[a]);
+  for (int a = 0; a < D; ++a) s[a] = acc_t(0);
+  if (active) {
+    for (int64_t j = lane; j < parts; j += lanes) {
+#pragma unroll
+      for (int a = 0; a < D; ++a) s[a] += partial[(i * parts + j) * D + a];
+    }
   }
+  for (int w = lanes / 2; w > 0; w >>= 1) {
+#pragma unroll
+    for (int a = 0; a < D; ++a) s[a] += __shfl_xor_sync(kFullMask, s[a], w, lanes);
+  }
+  if (!active || lane != 0) return;
+  PointCorners<acc_t, D, TAPS> pc;
+  device_corners<scalar_t, D, TAPS>(grid, i, g, sp, device_jitter(sp), true, true, pc);
+#pragma unroll
+  for (int a = 0; a < D; ++a)
+    grad_grid[i * D + (D - 1 - a)] = static_cast<scalar_t>((pc.grad_bias[a] + s[a]) * pc.mult[a]);
 }
 
 }  // namespace cuda

@@ -26,12 +26,8 @@ constexpr int64_t kForwardStageBytes = 48 * 1024;
 // Table kernel: read the output-gradient tile along points when a batch holds at least this
 // many consecutive points (32 lanes then read >= 4 runs of 4+ floats), else along channels.
 constexpr int64_t kTileAlongPointsMinP = 4;
-// Deterministic partial sums of the input gradient: at most this much scratch memory.
+// Deterministic partial sums of the input gradient (table kernel): at most this much scratch.
 constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
-// Owner kernel: aim for this many threads (rows x point groups) to fill the GPU.
-constexpr int64_t kOwnerTargetThreads = int64_t(64) * 1024;
-constexpr int kOwnerThreads = 128;
-constexpr int kReduceThreads = 256;
 constexpr unsigned kMaxGridY = 65535;
 
 KernelGeometry kernel_geometry(const GridGeometry& g) {
@@ -81,10 +77,7 @@ void launch_forward(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
                     const KernelGeometry& kg, const SampleParams& sp, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (g.P < kFewPointsPerBatch) {
-    const auto smem_bytes = [&](int64_t w) {
-      return g.S * (w + 1) * static_cast<int64_t>(sizeof(acc_t)) +
-             static_cast<int64_t>(sizeof(TileCorners<acc_t, D, TAPS>));
-    };
+    const auto smem_bytes = [&](int64_t w) { return ChannelsShared<acc_t, D, TAPS>(g.S, w).bytes; };
     const int64_t slice = slice_channels(g.C, kForwardStageBytes, smem_bytes);
     if (slice > 0 && g.N_in <= kMaxGridY) {
       const int64_t slices = ceil_div(g.C, slice), smem = smem_bytes(slice);
@@ -127,15 +120,16 @@ bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, cons
   using acc_t = at::opmath_type<scalar_t>;
   if (g.N_in > kMaxGridY) return false;
   const DeviceLimits& device = device_limits();
+  constexpr auto kernel = table_backward_kernel<scalar_t, D, TAPS, NEED_GRID>;
   // Two blocks per SM if the slice can be that narrow (each block also costs the SM its reserved
-  // shared memory), else one as large as a block may be.
-  const auto smem_bytes = [&](int64_t w) { return table_smem_bytes<acc_t, D, TAPS>(g.S, w, NEED_GRID); };
-  const int64_t two_per_sm = device.smem_per_sm / 2 - device.reserved_smem_per_block;
+  // and static shared memory), else one as large as a block may be.
+  const auto smem_bytes = [&](int64_t w) { return TableShared<acc_t, D, TAPS>(g.S, w, NEED_GRID).bytes; };
+  const int64_t static_smem = kernel_resources<kernel>().static_smem;
+  const int64_t two_per_sm = device.smem_per_sm / 2 - device.reserved_smem_per_block - static_smem;
   int64_t slice = slice_channels(g.C, two_per_sm, smem_bytes);
-  if (slice == 0) slice = slice_channels(g.C, device.smem_per_block_optin, smem_bytes);
+  if (slice == 0) slice = slice_channels(g.C, device.smem_per_block_optin - static_smem, smem_bytes);
   if (slice == 0) return false;
   const int64_t slices = ceil_div(g.C, slice), smem = smem_bytes(slice);
-  constexpr auto kernel = table_backward_kernel<scalar_t, D, TAPS, NEED_GRID>;
   const int64_t target = resident_blocks<kernel>(static_cast<int>(slice), smem) * sm_count();
   const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
   const int64_t table_bytes = g.N_in * g.C * g.S * static_cast<int64_t>(sizeof(acc_t));
@@ -166,7 +160,7 @@ bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, cons
   }
   if (NEED_GRID) {
     buf.grid_parts = slices;
-    buf.grid_partial = at::empty({slices, g.N * g.P, D}, acc_opts);
+    buf.grid_partial = at::empty({g.N * g.P, slices, D}, acc_opts);
   }
   const dim3 blocks(static_cast<unsigned>(groups * slices), 1, static_cast<unsigned>(g.N_in));
   launch<kernel>(blocks, dim3(static_cast<unsigned>(slice)), smem, stream, gout.data_ptr<scalar_t>(),
@@ -181,7 +175,35 @@ bool launch_table_backward(const at::Tensor& gout, const at::Tensor& input, cons
   return true;
 }
 
-// Large tables: atomics (scatter kernel), or thread-owned rows in deterministic mode; the grid
+// Deterministic input gradient of a large table: the (point, tap) pairs sorted by cell, stably
+// (torch's sort, on the device), then each cell's run summed in order (sorted_cells_kernel).
+// Scratch: about 24 bytes per pair, where per-group copies of the table took up to 256 MB.
+template <typename scalar_t, int D, int TAPS>
+void launch_sorted_cells_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
+                                  BackwardBuffers& buf, const GridGeometry& g, const KernelGeometry& kg,
+                                  const SampleParams& sp, Stream stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int K = Pow<TAPS, D>::value;
+  const int64_t points = g.N * g.P, items = points * K;
+  TORCH_CHECK(ceil_div(items, kReduceThreads) <= INT_MAX, "sample_grid_backward: too many points for one launch (",
+              points, ")");
+  const auto acc_opts = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor keys = at::empty({items}, input.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({items}, acc_opts);
+  launch<cell_keys_kernel<scalar_t, D, TAPS>>(dim3(static_cast<unsigned>(ceil_div(points, kReduceThreads))),
+                                              dim3(kReduceThreads), 0, stream, grid.data_ptr<scalar_t>(),
+                                              keys.data_ptr<int64_t>(), weights.data_ptr<acc_t>(), kg, sp);
+  const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor sorted_keys = std::get<0>(sorted), order = std::get<1>(sorted);
+  buf.grad_input = at::zeros(input.sizes(), input.options());  // cells without taps
+  const dim3 blocks(static_cast<unsigned>(ceil_div(items, kReduceThreads)),
+                    static_cast<unsigned>(std::min<int64_t>(g.C, kMaxGridY)));
+  launch<sorted_cells_kernel<scalar_t>>(blocks, dim3(kReduceThreads), 0, stream, sorted_keys.data_ptr<int64_t>(),
+                                        order.data_ptr<int64_t>(), weights.data_ptr<acc_t>(), gout.data_ptr<scalar_t>(),
+                                        buf.grad_input.data_ptr<scalar_t>(), kg, items, K);
+}
+
+// Large tables: atomics (scatter kernel), or the sorted cells in deterministic mode; the grid
 // gradient always through the scatter kernel's per-split partial sums.
 template <typename scalar_t, int D, int TAPS>
 void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input, const at::Tensor& grid,
@@ -201,7 +223,7 @@ void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input
   if (scatter_input) accum = at::zeros(input.sizes(), acc_opts);
   if (need_grid) {
     buf.grid_parts = splits;
-    buf.grid_partial = at::empty({splits, g.N * g.P, D}, acc_opts);
+    buf.grid_partial = at::empty({g.N * g.P, splits, D}, acc_opts);
   }
   if (scatter_input || need_grid) {
     const dim3 blocks(static_cast<unsigned>(point_blocks), static_cast<unsigned>(splits));
@@ -211,23 +233,15 @@ void launch_large_table_backward(const at::Tensor& gout, const at::Tensor& input
                    need_grid ? buf.grid_partial.data_ptr<acc_t>() : nullptr, kg, sp);
   }
   if (scatter_input) buf.grad_input = std::is_same<scalar_t, acc_t>::value ? accum : accum.to(input.scalar_type());
-  if (need_input && deterministic) {
-    // Rows of the gradient owned by threads, point groups summed in a fixed order.
-    const int64_t rows = g.N_in * g.C;
-    const int64_t npoints = g.N_in == 1 ? g.N * g.P : g.P;
-    const int64_t row_bytes = rows * g.S * static_cast<int64_t>(sizeof(acc_t));
-    const int64_t budget = std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, row_bytes));
-    const int64_t groups = std::clamp<int64_t>(ceil_div(kOwnerTargetThreads, rows), 1, std::min(budget, npoints));
-    const int64_t per_group = ceil_div(npoints, groups);
-    at::Tensor partial = at::zeros({groups, g.N_in, g.C, g.S}, acc_opts);
-    const int64_t work = rows * groups;
-    TORCH_CHECK(ceil_div(work, kOwnerThreads) <= INT_MAX, "sample_grid_backward: table too large for one launch");
-    launch<owner_backward_kernel<scalar_t, D, TAPS>>(
-        dim3(static_cast<unsigned>(ceil_div(work, kOwnerThreads))), dim3(kOwnerThreads), 0, stream,
-        gout.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), kg, sp, groups, per_group);
-    buf.grad_input = at::empty(input.sizes(), input.options());
-    launch_reduce_partials<scalar_t>(partial, buf.grad_input, stream);
-  }
+  if (need_input && deterministic)
+    launch_sorted_cells_backward<scalar_t, D, TAPS>(gout, input, grid, buf, g, kg, sp, stream);
+}
+
+// Lanes that reduce one point's grid-gradient parts: enough for every part, up to a warp.
+int reduce_lanes(int64_t parts) {
+  int lanes = 1;
+  while (lanes < parts && lanes < kWarp) lanes *= 2;
+  return lanes;
 }
 
 // Calls f(std::integral_constant<int, TAPS>{}) with the taps per axis: 4 for bicubic (1-D to
@@ -281,11 +295,13 @@ void backward_typed(const at::Tensor& gout, const at::Tensor& input, const at::T
       }
       if (need_grid) {
         buf.grad_grid = at::empty(grid.sizes(), grid.options());  // every element written below
-        const int64_t total_points = g.N * g.P;
-        launch<reduce_grid_kernel<scalar_t, D, TAPS>>(
-            dim3(static_cast<unsigned>(ceil_div(total_points, kReduceThreads))), dim3(kReduceThreads), 0, stream,
-            buf.grid_partial.data_ptr<at::opmath_type<scalar_t>>(), buf.grid_parts, grid.data_ptr<scalar_t>(),
-            buf.grad_grid.data_ptr<scalar_t>(), kg, sp);
+        const int lanes = reduce_lanes(buf.grid_parts);
+        const int64_t reduce_blocks = ceil_div(g.N * g.P * lanes, kReduceThreads);
+        TORCH_CHECK(reduce_blocks <= INT_MAX, "sample_grid_backward: too many points for one launch (", g.N * g.P, ")");
+        launch<reduce_grid_kernel<scalar_t, D, TAPS>>(dim3(static_cast<unsigned>(reduce_blocks)), dim3(kReduceThreads),
+                                                      0, stream, buf.grid_partial.data_ptr<at::opmath_type<scalar_t>>(),
+                                                      buf.grid_parts, lanes, grid.data_ptr<scalar_t>(),
+                                                      buf.grad_grid.data_ptr<scalar_t>(), kg, sp);
       }
     });
   });

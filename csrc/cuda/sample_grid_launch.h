@@ -23,7 +23,7 @@ struct SampleCall {
 // The backward pass's tensors and what the launchers fill in.
 struct BackwardBuffers {
   at::Tensor grad_input, grad_grid;  // the op's outputs; undefined where not computed
-  at::Tensor grid_partial;           // [parts][N * P][D] acc_t, reduced by reduce_grid_kernel
+  at::Tensor grid_partial;           // [N * P][parts][D] acc_t, reduced by reduce_grid_kernel
   int64_t grid_parts = 0;
 };
 
