@@ -80,7 +80,7 @@ PATHS = {
     "per-image-few-points": ((7, 40, 4, 4), (7, 3, 1, 2)),
     # a batch with 2 to 31 points: channels forward with P > 1
     "few-points-per-image": ((1, 50, 5, 5), (9, 2, 3, 2)),
-    # a large table: scatter kernel (owner kernel when deterministic)
+    # a large table: scatter kernel (sorted-cells kernels when deterministic)
     "large-table": ((2, 20, 48, 48), (2, 17, 13, 2)),
 }
 

@@ -85,6 +85,12 @@ struct KernelResources {
   int64_t local_bytes = 0;  // per thread; > 0 means spills or a stack frame
 };
 
+// Whether a launch must first raise the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize:
+// without it a block may use smem_per_block (48 KB) of static and dynamic shared memory together.
+inline bool needs_smem_opt_in(const DeviceLimits& d, const KernelResources& k, int64_t dynamic_smem) {
+  return dynamic_smem + k.static_smem > d.smem_per_block;
+}
+
 // Resident blocks per multiprocessor of a kernel launched with `threads` threads and
 // `dynamic_smem` bytes of dynamic shared memory; 0 when one block does not fit. The rules of
 // CUDA's occupancy calculator (cuda_occupancy.h) for compute capability 8.x/9.x with no

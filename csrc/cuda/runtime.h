@@ -93,7 +93,7 @@ KernelResources kernel_resources() {
 // the default dynamic shared memory where it needs it.
 template <auto Kernel>
 int64_t resident_blocks(int threads, int64_t dynamic_smem) {
-  if (dynamic_smem + kernel_resources<Kernel>().static_smem > device_limits().smem_per_block) {
+  if (needs_smem_opt_in(device_limits(), kernel_resources<Kernel>(), dynamic_smem)) {
     emulation::set_max_dynamic_smem(kernel_name<Kernel>(), dynamic_smem);
   }
   return std::max(1, occupancy(device_limits(), kernel_resources<Kernel>(), threads, dynamic_smem));
@@ -168,7 +168,7 @@ int64_t resident_blocks(int threads, int64_t dynamic_smem) {
   const auto key = std::make_tuple(device, threads, dynamic_smem);
   const auto hit = cache.find(key);
   if (hit != cache.end()) return hit->second;
-  if (dynamic_smem > 48 * 1024 && dynamic_smem > opted_in[device]) {
+  if (needs_smem_opt_in(device_limits(), kernel_resources<Kernel>(), dynamic_smem) && dynamic_smem > opted_in[device]) {
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_smem)));
     opted_in[device] = dynamic_smem;
