@@ -30,6 +30,7 @@ LAYERS = (
     ("gradad.html_page",),
     ("gradad.prediction_files",),
     ("gradad.runtime", "gradad.deploy"),
+    ("gradad.serve",),
     ("gradad.datasets",),
     ("gradad.backbones", "gradad.metrics"),
     ("gradad.evaluation", "gradad.features", "gradad.models.fusion", "gradad.models.fbp", "gradad.models"),
@@ -46,11 +47,13 @@ LAYERS = (
 )
 # Imported inside the functions that need them: dependencies a user may not have installed.
 OPTIONAL = ("elpv_dataset", "safetensors", "onnxruntime", "openvino", "onnx", "onnxscript",
-            "grad_ext.onnx")  # grad_ext.onnx imports onnx and onnxscript
-# The one allowed function-level import of a gradad module: the command line imports its torch
+            "grad_ext.onnx",  # grad_ext.onnx imports onnx and onnxscript
+            "fcntl", "msvcrt")  # the standard library's file locks: one exists on POSIX, the other on Windows
+# The allowed function-level imports of gradad modules: the command line imports its torch
 # side only for the commands that need it, so `gradad predict --checkpoint model.onnx` runs
-# where torch is not installed (module, imported module).
-LAZY_IMPORTS = {("gradad.cli", "gradad.commands")}
+# where torch is not installed, and the server (starlette, uvicorn) only for `gradad serve`
+# (module, imported module).
+LAZY_IMPORTS = {("gradad.cli", "gradad.commands"), ("gradad.cli", "gradad.serve.server")}
 
 
 def module_name(path: pathlib.Path, package_dir: pathlib.Path = PACKAGE_DIR) -> str:
@@ -196,6 +199,8 @@ def test_checker_accepts_the_allowed_forms():
 
 
 LIGHT_ROOTS = {"numpy", "PIL", "__future__"}
+# the modules of gradad.serve that import the [serve] extra (starlette, uvicorn); the rest of it is light
+SERVE_EXTRA = {"gradad.serve.app": {"starlette"}, "gradad.serve.server": {"uvicorn"}}
 # gradad's modules of the standard library only, shared by the light and the torch side.
 LIGHT_GRADAD = ("gradad.io_utils", "gradad.image_files", "gradad.html_page", "gradad.prediction_files")
 
@@ -207,15 +212,18 @@ def test_cli_and_deploy_import_only_light_modules():
     where importing torch fails."""
     sources = package_sources()
     light = {m: s for m, s in sources.items()
-             if m == "gradad.cli" or m.startswith("gradad.deploy") or m in LIGHT_GRADAD}
-    assert "gradad.deploy.scorer" in light
+             if m == "gradad.cli" or m.startswith(("gradad.deploy", "gradad.serve")) or m in LIGHT_GRADAD}
+    assert "gradad.deploy.scorer" in light and "gradad.serve.store" in light
     for module, (source, is_package) in light.items():
         for target, line, top_level in imports_of(source, module, is_package):
             root = target.split(".")[0]
             if root == "gradad":
                 allowed = (target in ("gradad", "gradad.__version__", *LIGHT_GRADAD)
                            or target.startswith("gradad.deploy")
+                           or (target.startswith("gradad.serve") and (module != "gradad.cli" or target not in
+                                                                       SERVE_EXTRA or not top_level))
                            or (not top_level and (module, target) in LAZY_IMPORTS))
                 assert allowed, f"{module}:{line} imports {target}"
             elif top_level:
-                assert root in LIGHT_ROOTS or root in sys.stdlib_module_names, f"{module}:{line} imports {target}"
+                assert root in LIGHT_ROOTS | SERVE_EXTRA.get(module, set()) or root in sys.stdlib_module_names, \
+                    f"{module}:{line} imports {target}"

@@ -1,6 +1,6 @@
 """runtime/: the gradad-runtime distribution builds a wheel of the light modules only (gradad's
-__init__, __main__, cli, io_utils, image_files, html_page, prediction_files and gradad.deploy),
-and its command runs with no torch importable."""
+__init__, __main__, cli, io_utils, image_files, html_page, prediction_files, gradad.deploy and
+gradad.serve), and its commands run with no torch importable."""
 import os
 import subprocess
 import sys
@@ -36,8 +36,10 @@ def test_wheel_holds_only_the_light_modules(installed):
     names, _ = installed
     modules = {n for n in names if n.endswith(".py")}
     deploy = {n for n in modules if n.startswith("gradad/deploy/")}
-    assert modules == LIGHT_FILES | deploy
+    serve = {n for n in modules if n.startswith("gradad/serve/")}
+    assert modules == LIGHT_FILES | deploy | serve
     assert {"gradad/deploy/scorer.py", "gradad/deploy/metadata.py", "gradad/deploy/predict.py"} <= deploy
+    assert {"gradad/serve/app.py", "gradad/serve/store.py", "gradad/serve/server.py"} <= serve
     assert not any(n.startswith("grad_ext/") for n in names)
 
 
@@ -51,6 +53,10 @@ def test_installed_command_runs_without_torch(installed, tmp_path):
     where = subprocess.run([sys.executable, "-c", "import gradad.cli; print(gradad.cli.__file__)"], env=env,
                            capture_output=True, text=True, cwd=str(tmp_path))
     assert where.stdout.startswith(str(target))
+    serve = subprocess.run([sys.executable, "-m", "gradad", "serve", "--checkpoint", "missing.onnx", "--data", "d"],
+                           env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    assert serve.returncode == 1 and "missing.onnx" in serve.stderr and "Traceback" not in serve.stderr
+    assert not marker.exists(), "serve imported torch"
     train = subprocess.run([sys.executable, "-m", "gradad", "train"], env=env, capture_output=True, text=True,
                            cwd=str(tmp_path))
     assert train.returncode == 1 and "needs the full grad-ext" in train.stderr

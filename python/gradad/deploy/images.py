@@ -12,8 +12,10 @@ import os
 import numpy as np
 from PIL import Image
 
-__all__ = ["load_image", "resize_map", "resize_rgb"]
+__all__ = ["HEATMAP_ALPHA", "heatmap_overlay", "jet_colours", "load_image", "resize_map", "resize_rgb"]
 
+# how much of the colour map shows over the image in an overlay
+HEATMAP_ALPHA = 0.5
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
 def _rgb_from_pil(img: Image.Image, what: str) -> np.ndarray:
@@ -75,3 +77,23 @@ def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
         return amap
     return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((width, height),
                                                                               Image.Resampling.BILINEAR))
+
+
+def jet_colours(values: np.ndarray) -> np.ndarray:
+    """(H, W) in 0..1 -> (H, W, 3) uint8, a jet-like colour ramp (blue, cyan, yellow, red)."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    red = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    green = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    blue = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.concatenate([red, green, blue], axis=-1) * 255).round().astype(np.uint8)
+
+
+def heatmap_overlay(rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> tuple:
+    """(colour map, overlay), each (H, W, 3) uint8: the map (h, w), resized bilinearly to the image
+    (H, W, 3) uint8 when its size differs, drawn on the scale vmin..vmax, and that drawn over the
+    image with alpha :data:`HEATMAP_ALPHA`."""
+    amap = resize_map(np.asarray(amap, dtype=np.float32), rgb.shape[0], rgb.shape[1])
+    span = vmax - vmin if vmax > vmin else 1.0
+    colours = jet_colours((amap - vmin) / span)
+    overlay = (1 - HEATMAP_ALPHA) * rgb + HEATMAP_ALPHA * colours
+    return colours, overlay.round().astype(np.uint8)

@@ -20,35 +20,18 @@ from PIL import Image
 from ..image_files import IMAGE_EXTENSIONS, ON_ERROR_CHOICES, collect_images
 from ..io_utils import atomic_write_bytes
 from ..prediction_files import HEATMAP_DIR, file_stem, unique_names, write_prediction_files
-from .images import load_image
+from .images import heatmap_overlay, load_image
 from .scorer import Scorer
 
 __all__ = ["IMAGE_EXTENSIONS", "ON_ERROR_CHOICES", "LightPrediction", "collect_images", "heatmap_png",
            "predict_files"]
 
-HEATMAP_ALPHA = 0.5
-
-
-def _jet(values: np.ndarray) -> np.ndarray:
-    """(H, W) in 0..1 -> (H, W, 3) uint8, a jet-like colour ramp (blue, cyan, yellow, red)."""
-    v = np.clip(values, 0.0, 1.0)[..., None]
-    red = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-    green = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-    blue = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-    return (np.concatenate([red, green, blue], axis=-1) * 255).round().astype(np.uint8)
-
-
 def heatmap_png(rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> bytes:
     """PNG bytes of the image (H, W, 3) uint8 beside its map (H, W) drawn over it (colour scale
-    vmin..vmax, blended with alpha :data:`HEATMAP_ALPHA`)."""
-    if amap.shape != rgb.shape[:2]:
-        amap = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(
-            (rgb.shape[1], rgb.shape[0]), Image.Resampling.BILINEAR))
-    span = vmax - vmin if vmax > vmin else 1.0
-    overlay = (1 - HEATMAP_ALPHA) * rgb + HEATMAP_ALPHA * _jet((amap - vmin) / span)
-    panel = np.concatenate([rgb, overlay.round().astype(np.uint8)], axis=1)
+    vmin..vmax, :func:`gradad.deploy.images.heatmap_overlay`)."""
+    _, overlay = heatmap_overlay(rgb, amap, vmin, vmax)
     buffer = io.BytesIO()
-    Image.fromarray(panel).save(buffer, format="PNG")
+    Image.fromarray(np.concatenate([rgb, overlay], axis=1)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
