@@ -97,6 +97,9 @@ def service_thread(**settings):
 def start_process(args, env=None) -> tuple:
     """`python -m gradad serve ARGS --port 0` in its own process; returns (process, url) once it
     listens (it announces its address on stdout)."""
+    if env is None:  # this checkout's gradad, installed or not
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                           os.environ.get("PYTHONPATH", "")]))
     process = subprocess.Popen([sys.executable, "-m", "gradad", "serve", *map(str, args), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     lines = []
@@ -107,7 +110,10 @@ def start_process(args, env=None) -> tuple:
             raise AssertionError(f"gradad serve exited: {''.join(lines)} {process.stderr.read()}")
         lines.append(line)
         found = re.search(r"listening on (http://\S+)", line)
-        if found:
+        if found:  # from now on its output is read in the background, so it never blocks on a full pipe
+            process.output = lines
+            for stream in (process.stdout, process.stderr):
+                threading.Thread(target=lambda s=stream: lines.extend(iter(s.readline, "")), daemon=True).start()
             return process, found.group(1)
     process.kill()
     raise AssertionError("gradad serve did not announce its address")

@@ -36,6 +36,7 @@ from .export import export_detector
 from .inference import load_model, load_run, predict, run_test
 from .report import format_table, pixel_notes, write_predictions, write_test_report
 from .runtime import finish_distributed, is_main_process
+from .serve.config import add_serve_arguments
 
 # The demo: ELPV solar cells, offline EfficientNet-Lite weights, sized for a small CPU: a
 # seeded subset of the training cells.
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "the report to --out.")
     _add_config_flags(demo, with_preset=False, with_model=True)
     _add_split_flags(demo)
+    # listed here for --help; gradad.cli runs it without torch (it never reaches COMMANDS)
+    serve = commands.add_parser("serve", help="serve an exported model over HTTP, with a page and a durable log")
+    add_serve_arguments(serve)
     return parser
 
 

@@ -26,13 +26,13 @@ class ImageRejected(ValueError):
 
 
 def decode_image(data: bytes, max_pixels: int) -> tuple:
-    """An uploaded body -> ((H, W, 3) uint8 RGB, the suffix to keep it under).
+    """An image file's bytes -> ((H, W, 3) uint8 RGB, the suffix to keep it under).
 
-    Raises :class:`ImageRejected`: 422 for an empty body, bytes that are no image format Pillow
+    Raises :class:`ImageRejected`: 422 for no bytes at all, bytes that are no image format Pillow
     knows, or a truncated or corrupt file; 413 for an image of more than ``max_pixels`` pixels
     (checked from the header, so a decompression bomb is never decoded)."""
     if not data:
-        raise ImageRejected(422, "the request body is empty; send the image's bytes")
+        raise ImageRejected(422, "the image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -48,7 +48,7 @@ def decode_image(data: bytes, max_pixels: int) -> tuple:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageRejected(413, f"the image is too large to decode: {error}") from None
     except UnidentifiedImageError:
-        raise ImageRejected(422, "the request body is not an image in a format this service reads "
+        raise ImageRejected(422, "the data is not an image in a format this service reads "
                                  "(PNG, JPEG, BMP, TIFF, WebP, GIF)") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError) as error:
         raise ImageRejected(422, f"the image cannot be decoded (truncated or corrupt?): {error}") from None

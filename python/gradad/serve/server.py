@@ -9,7 +9,9 @@ ASGI server, pure Python with its h11 protocol, so the line PC needs no compiler
 """
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -55,6 +57,8 @@ def serve(config, announce=print) -> int:
 
     The model loads while the server already answers /healthz; ``announce`` gets one line with
     the address once the socket listens, and one when the model is ready."""
+    if not logging.getLogger().handlers:  # the folder source's and the webhook's warnings go to stderr
+        logging.basicConfig(level=logging.INFO, format="gradad serve: %(levelname)s: %(message)s")
     server, service, sock = build_server(config)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -78,10 +82,22 @@ def serve(config, announce=print) -> int:
                      f"{service.threshold:.6g} ({service.threshold_source})")
 
     threading.Thread(target=ready_announcement, daemon=True).start()
+
+    def stop(signum, frame):
+        server.should_exit = True
+
+    # uvicorn turns SIGINT and SIGTERM into a graceful shutdown (open requests are answered) and
+    # then raises the signal again for the handler it found; this one lets the service close
+    # (what is queued is scored and committed) and the command return 0
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, stop) for s in handled} if threading.current_thread() is \
+        threading.main_thread() else {}
     try:
-        server.run(sockets=[sock])  # uvicorn turns SIGINT and SIGTERM into a graceful shutdown
+        server.run(sockets=[sock])
     finally:
         loader.join()
         service.close()
         sock.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 1 if failed else 0

@@ -5,12 +5,12 @@ posts from the log's outbox table, which the inspection's own transaction fills.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 import urllib.error
 import urllib.request
-import warnings
 from typing import Callable, Optional
 
 from ..image_files import IMAGE_EXTENSIONS
@@ -20,6 +20,7 @@ from .inspector import Job, QueueFull
 __all__ = ["FolderSource", "WebhookSender"]
 
 PAUSED_SETTING = "watch_paused"
+LOG = logging.getLogger("gradad.serve")
 # names that are still being written by the usual tools, or hidden
 _PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
 
@@ -88,7 +89,7 @@ class FolderSource:
             try:
                 self._scan()
             except OSError as error:  # the folder vanished or is unreadable for a moment: keep trying
-                warnings.warn(f"watch: cannot list {self.folder}: {error}")
+                LOG.warning("watch: cannot list %s: %s", self.folder, error)
             self._stop.wait(self.config.watch_interval_s)
 
     def _scan(self) -> None:
@@ -129,7 +130,7 @@ class FolderSource:
             began = time.perf_counter()
             rgb, suffix = decode_image(data, self.config.max_pixels)
         except (ImageRejected, OSError) as error:
-            warnings.warn(f"watch: {key[0]} is not scored: {error}")
+            LOG.warning("watch: %s is not scored: %s", key[0], error)
             self.store.commit([], watched_errors=[(*key, str(error))])
             self._known.add(key)
             if self.metrics is not None:
@@ -204,6 +205,8 @@ class WebhookSender:
                                 self.config.webhook_backoff_max_s)
                     self.store.post_failed(row["seq"], row["attempts"] + 1, time.time() + delay,
                                            f"{type(error).__name__}: {error}")
+                    LOG.warning("webhook: posting inspection %s failed (%s: %s); next try in %.3g s",
+                                row["inspection_id"], type(error).__name__, error, delay)
                     if self.metrics is not None:
                         self.metrics.webhook.inc(result="failed")
                     self._stop.wait(delay)  # back off: the next due post waits too
