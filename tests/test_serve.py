@@ -14,6 +14,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gradad.serve.app import create_app
@@ -32,10 +33,13 @@ def model(tmp_path_factory):
     """(torch module, model.onnx, threshold): the threshold is the median score of IMAGES, so
     both decisions occur."""
     folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)  # the conv's bias is drawn from the global generator: the same model twice
     module, _ = export_tiny(str(folder), name="probe")
     scores = torch_reference(module, images())[1]
     threshold = float(np.median(scores))
+    torch.manual_seed(0)
     module, path = export_tiny(str(folder), threshold=threshold)
+    assert np.array_equal(torch_reference(module, images())[1], scores)
     return module, path, threshold
 
 
@@ -350,3 +354,39 @@ def test_uncommitted_and_temporary_files_are_removed_at_start(model, tmp_path):
 def test_bad_settings_are_named(settings, words):
     with pytest.raises(ValueError, match=words):
         ServeConfig(**{"checkpoint": "m.onnx", "data": "d", **settings})
+
+
+def test_the_command_line_names_what_is_wrong(model, tmp_path, capsys, monkeypatch):
+    from gradad.cli import build_light_parser, main
+    from gradad.serve.config import TOKEN_ENV, config_from_args
+
+    _, path, _ = model
+    monkeypatch.setenv(TOKEN_ENV, "token-from-the-environment")
+    args = build_light_parser().parse_args(["serve", "--checkpoint", path, "--data", str(tmp_path)])
+    config = config_from_args(args)
+    assert config.token == "token-from-the-environment" and config.host == "127.0.0.1" and config.port == 8000
+    given = build_light_parser().parse_args(["serve", "--checkpoint", path, "--data", str(tmp_path), "--token",
+                                             "token-on-the-line"])
+    assert config_from_args(given).token == "token-on-the-line"
+    for argv, words in ([["--max-batch", "0"], "max_batch must be a positive int"],
+                        [["--checkpoint", str(tmp_path / "none.onnx")], "none.onnx not found"],
+                        [["--watch", str(tmp_path / "nowhere")], "nowhere not found"]):
+        base = ["serve", "--checkpoint", path, "--data", str(tmp_path / "d")]
+        assert main(base + argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("gradad serve: error:") and words in err, err
+
+
+def test_without_the_serve_extra_the_command_says_how_to_install_it(model, tmp_path):
+    import subprocess
+    import sys
+
+    _, path, _ = model
+    stub = tmp_path / "stub" / "starlette"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('No module named starlette (test stub)')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"), root, os.path.join(root, "python")]))
+    done = subprocess.run([sys.executable, "-m", "gradad", "serve", "--checkpoint", path, "--data",
+                           str(tmp_path / "d")], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "gradad-runtime[serve]" in done.stderr and "Traceback" not in done.stderr

@@ -22,17 +22,17 @@ h2{font-size:15px;margin:0 0 10px}
 #drop.over{background:#e8eefc;border-color:#3366cc}
 #results{display:flex;flex-direction:column;gap:10px;margin-top:12px}
 .card{display:flex;gap:12px;align-items:center;border:1px solid #dde1e8;border-radius:6px;padding:8px}
-.card img{width:160px;height:auto;border-radius:4px;background:#eee}
+.card img{flex:none;width:160px;height:auto;border-radius:4px;background:#eee}
 .badge{font-weight:600;padding:1px 8px;border-radius:8px;color:#fff}
 .badge.anomalous{background:#b3261e}.badge.normal{background:#1f7a3d}.badge.error{background:#6b7280}
 table{width:100%;border-collapse:collapse}td,th{padding:4px 6px;border-bottom:1px solid #e5e7eb;text-align:left}
-td img{width:72px;border-radius:3px}
-#token-box{display:none;background:#fff3cd;padding:10px 20px}
+td img{width:72px;border-radius:3px}td.time{white-space:nowrap}
+#token-box{display:none;background:#fff3cd;padding:10px 20px;margin:0}
 button,select,input{font:inherit}
 </style></head>
 <body>
-<div id="token-box">This service needs a token: <input id="token" type="password" size="30">
-<button id="token-save">Use token</button></div>
+<form id="token-box">This service needs a token: <input id="token" type="password" size="30"
+autocomplete="off"> <button id="token-save">Use token</button></form>
 <header><h1>gradad serve</h1>
 <span>model <b id="model">…</b></span><span>threshold <b id="threshold">…</b></span>
 <span class="pill count-normal">normal <b id="count-normal">0</b></span>
@@ -47,7 +47,7 @@ button,select,input{font:inherit}
 <section><h2>Recent inspections</h2>
 <label>show <select id="filter"><option value="">all</option><option value="true">anomalous</option>
 <option value="false">normal</option></select></label>
-<table id="history"><thead><tr><th>overlay</th><th>received</th><th>score</th><th>decision</th>
+<table id="history"><thead><tr><th>overlay</th><th>received (UTC)</th><th>score</th><th>decision</th>
 <th>item</th><th>source</th></tr></thead><tbody></tbody></table></section>
 </main>
 <script>
@@ -103,11 +103,11 @@ async function inspect(file) {
       text.append(b);
       return;
     }
+    card.dataset.id = body.id;  // before the overlay is fetched, so that prune() keeps it
     img.src = await overlay(body);
     text.textContent = file.name + ": score " + body.score.toFixed(4) + " (threshold " +
       body.threshold.toFixed(4) + ") ";
     text.append(badge(body.anomalous));
-    card.dataset.id = body.id;
     refresh();
   } catch (e) {
     text.textContent = file.name + ": " + e.message;
@@ -115,14 +115,21 @@ async function inspect(file) {
 }
 async function inspectAll(files) { for (const f of files) await inspect(f); }
 
-let refreshing = false;
+let refreshing = false, again = false;
 function prune(keep) {  // the overlays neither on the page nor in the history are let go
   for (const card of document.querySelectorAll("#results .card")) if (card.dataset.id) keep.add(card.dataset.id);
   for (const [id, url] of blobs) if (!keep.has(id)) { URL.revokeObjectURL(url); blobs.delete(id); }
 }
-async function refresh() {
-  if (refreshing) return;
+async function refresh() {  // one at a time; a call during one runs it again after it (new filter, counts)
+  if (refreshing) { again = true; return; }
   refreshing = true;
+  try {
+    do { again = false; await refreshOnce(); } while (again);
+  } finally {
+    refreshing = false;
+  }
+}
+async function refreshOnce() {
   try {
     const status = await (await api("/v1/status")).json();
     $("model").textContent = status.model.name;
@@ -147,18 +154,21 @@ async function refresh() {
       const cells = [img, r.received_at.replace("T", " ").slice(0, 19), r.score.toFixed(4), badge(r.anomalous),
                      r.item_id || "", r.source + (r.source_path ? ": " + r.source_path : "")];
       for (const c of cells) { const td = document.createElement("td"); td.append(c); tr.append(td); }
+      tr.cells[1].className = "time";
       rows.push(tr);
     }
     $("history").tBodies[0].replaceChildren(...rows);
     prune(new Set(page.items.map(r => r.id)));
   } catch (e) {
     $("state").textContent = e.message;
-  } finally {
-    refreshing = false;
   }
 }
 $("drop").addEventListener("click", e => { if (!e.target.closest("label")) $("files").click(); });
-$("files").addEventListener("change", e => inspectAll(Array.from(e.target.files)));
+$("files").addEventListener("change", e => {
+  const files = Array.from(e.target.files);
+  e.target.value = "";  // choosing the same files again is a new change
+  inspectAll(files);
+});
 $("drop").addEventListener("dragover", e => { e.preventDefault(); $("drop").classList.add("over"); });
 $("drop").addEventListener("dragleave", () => $("drop").classList.remove("over"));
 $("drop").addEventListener("drop", e => {
@@ -166,10 +176,16 @@ $("drop").addEventListener("drop", e => {
 });
 $("filter").addEventListener("change", refresh);
 $("pause").addEventListener("click", async () => {
-  await api($("pause").textContent === "Pause" ? "/v1/pause" : "/v1/resume", {method: "POST"});
+  try {
+    await api($("pause").textContent === "Pause" ? "/v1/pause" : "/v1/resume", {method: "POST"});
+  } catch (e) {
+    $("state").textContent = e.message;
+    return;
+  }
   refresh();
 });
-$("token-save").addEventListener("click", () => {
+$("token-box").addEventListener("submit", e => {  // the button or Enter in the field
+  e.preventDefault();
   token = $("token").value.trim();
   sessionStorage.setItem("gradad-token", token);
   $("token-box").style.display = "none";
