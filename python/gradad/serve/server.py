@@ -27,7 +27,9 @@ __all__ = ["build_server", "serve"]
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket (port 0: a free one); OSError says why it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on the accepted connections only then,
+    # and without it each answer's body waits for the client's delayed ACK (~40 ms on Linux)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -133,10 +133,15 @@ class Store:
             raise StoreLocked(f"data folder {self.folder} is in use by another gradad serve")
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._connections: list = []
         db = self._connection()
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(_SCHEMA)
         self.recovered = self.recover()
+        # kept here from the start (this process is the only writer), so the page's polls cost nothing
+        rows = db.execute("SELECT anomalous, COUNT(*) FROM inspections GROUP BY anomalous")
+        found = {bool(a): n for a, n in rows}
+        self._counts = {"normal": found.get(False, 0), "anomalous": found.get(True, 0)}
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -147,6 +152,8 @@ class Store:
             db.execute("PRAGMA busy_timeout=30000")
             db.row_factory = sqlite3.Row
             self._local.db = db
+            with self._write_lock:
+                self._connections.append(db)
         return db
 
     @contextlib.contextmanager
@@ -162,10 +169,12 @@ class Store:
             db.execute("COMMIT")
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        """Closes every thread's connection (call it once the other threads are done) and the lock."""
+        with self._write_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()
         self._lock_handle.close()
 
     # ---- files ------------------------------------------------------------------------------
@@ -222,6 +231,8 @@ class Store:
             if outbox:
                 db.executemany("INSERT INTO webhook_outbox (inspection_id, next_attempt_at) VALUES (?, ?)",
                                [(i.id, now) for i in inspections if i.id in outbox])
+        for inspection in inspections:
+            self._counts["anomalous" if inspection.anomalous else "normal"] += 1
 
     # ---- inspections ------------------------------------------------------------------------
 
@@ -255,9 +266,7 @@ class Store:
 
     def counts(self) -> dict:
         """{'normal': n, 'anomalous': n} over the whole log."""
-        rows = self._connection().execute("SELECT anomalous, COUNT(*) FROM inspections GROUP BY anomalous")
-        found = {bool(a): n for a, n in rows}
-        return {"normal": found.get(False, 0), "anomalous": found.get(True, 0)}
+        return dict(self._counts)
 
     # ---- threshold, settings, watched files ------------------------------------------------
 
