@@ -390,3 +390,26 @@ def test_without_the_serve_extra_the_command_says_how_to_install_it(model, tmp_p
     done = subprocess.run([sys.executable, "-m", "gradad", "serve", "--checkpoint", path, "--data",
                            str(tmp_path / "d")], env=env, capture_output=True, text=True)
     assert done.returncode == 1 and "gradad-runtime[serve]" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_serve_benchmark_runs_and_writes_its_tables(model, tmp_path):
+    """benchmarks/bench_serve.py on the tiny model, a few images: both modes, every field (no
+    assertion on the timings)."""
+    import subprocess
+    import sys
+
+    _, path, _ = model
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_serve.py"), "--model", path,
+                           "--images", "6", "--size", "40", "--clients", "1", "3", "--settings", "default",
+                           "--warmup", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (folder,) = tmp_path.iterdir()
+    results = json.loads((folder / "serve.json").read_text())
+    serve = [r for r in results["rows"] if r["mode"] == "serve"]
+    assert [r["clients"] for r in serve] == [1, 3] and all(r["images"] == 6 for r in results["rows"])
+    for row in serve:
+        latency = row["latency_ms"]
+        assert row["images_per_s"] > 0 and latency["p50"] <= latency["p99"] <= latency["max"]
+    assert {r["mode"] for r in results["rows"]} == {"predict", "serve"}
+    assert (folder / "serve.md").read_text().count("| serve |") == 2
