@@ -32,7 +32,7 @@ LAYERS = (
     ("gradad.runtime", "gradad.deploy"),
     ("gradad.serve",),
     ("gradad.datasets",),
-    ("gradad.backbones", "gradad.metrics"),
+    ("gradad.backbones", "gradad.metrics", "gradad.operating_points"),
     ("gradad.evaluation", "gradad.features", "gradad.models.fusion", "gradad.models.fbp", "gradad.models"),
     ("gradad.config",),
     ("gradad.models.grad",),

@@ -10,6 +10,9 @@ from PIL import Image
 
 from gradad import io_utils, report
 from gradad.metrics import METRIC_KEYS
+from gradad.operating_points import operating_points
+from gradad.report.figures import roc_curves_png
+from gradad.report.tables import OPERATING_POINT_COLUMNS
 
 
 def _results():
@@ -46,6 +49,60 @@ def test_write_metrics_round_trip(tmp_path):
     assert [float(v) for v in rows[1][1:]] == [results["bottle"][k] for k in METRIC_KEYS]
     assert rows[2][4:] == ["", "", "", ""]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.csv", "metrics.json"]
+
+
+def _points(per_class):
+    labels = np.array([0, 0, 1, 1, 0, 1, 0, 0])
+    scores = np.array([0.1, 0.6, 0.7, 0.3, 0.2, 0.9, 0.4, 0.5])
+    classes = ["bottle"] * 4 + ["elpv"] * 4
+    threshold = {"bottle": 0.5, "elpv": 0.45} if per_class else 0.5
+    normals = ({"bottle": list(np.linspace(0, 0.5, 30)), "elpv": list(np.linspace(0, 0.4, 120))} if per_class
+               else {None: list(np.linspace(0, 0.5, 200))})
+    return operating_points(labels, scores, classes, threshold, "validation quantile 0.99", normals)
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_write_metrics_with_operating_points(tmp_path, per_class):
+    results, points = _results(), _points(per_class)
+    json_path, csv_path = report.write_metrics(tmp_path, results, {"protocol": "strict"}, points)
+    assert json.loads(json_path.read_text()) == {"protocol": "strict", "results": results,
+                                                 "operating_points": points}
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["class", *METRIC_KEYS, *OPERATING_POINT_COLUMNS]
+    assert "f1max_threshold_tuned_on_test" in rows[0] and "val_fpr_0.001_test_recall" in rows[0]
+    for row, key in zip(rows, ["bottle", "elpv", "all"]):  # the mean row carries the pooled 'all' record
+        record = points[key]
+        stored = record["stored"]
+        for name in ("tp", "fp", "tn", "fn"):
+            assert int(row[f"stored_{name}"]) == stored[name]
+        for name in ("precision", "recall", "fpr"):
+            assert row[f"stored_{name}"] == ("" if stored[name] is None else repr(stored[name]))
+        for target, entry in zip(("0.001", "0.01", "0.05"), record["targets"]):
+            threshold = "" if isinstance(entry["threshold"], dict) else repr(entry["threshold"])
+            assert (row[f"val_fpr_{target}_threshold"], float(row[f"val_fpr_{target}_test_recall"]),
+                    float(row[f"val_fpr_{target}_test_fpr"])) == (threshold, entry["recall"], entry["fpr"])
+        f1_threshold = record["f1_max"]["threshold"]
+        assert row["f1max_threshold_tuned_on_test"] == ("" if isinstance(f1_threshold, dict) else repr(f1_threshold))
+    assert rows[2]["class"] == "mean" and int(rows[2]["stored_tp"]) == points["all"]["stored"]["tp"]
+    assert rows[2]["stored_threshold"] == ("" if per_class else "0.5")
+    assert rows[0]["stored_threshold"] == "0.5"
+    # 30 normals: 0.1 % and 1 % are their maximum; the pooled 'all' of a per-class run has per-class thresholds
+    assert points["bottle"]["targets"][0]["note"] is not None
+    with pytest.raises(ValueError, match="operating_points"):
+        report.write_metrics(tmp_path, results, {"operating_points": 1}, points)
+
+
+def test_roc_marks_the_stored_threshold():
+    labels, scores = np.array([0, 0, 1, 1, 0, 1]), np.array([0.1, 0.6, 0.7, 0.3, 0.2, 0.9])
+    plain = roc_curves_png({"a": (labels, scores)})
+    assert roc_curves_png({"a": (labels, scores)}, None) == plain
+    marked = roc_curves_png({"a": (labels, scores)}, 0.5)
+    assert marked != plain and roc_curves_png({"a": (labels, scores)}, {"a": 0.5}) == marked
+    assert roc_curves_png({"a": (labels, scores)}, {"a": None}) == plain
+    assert roc_curves_png({"a": (labels, scores)}, 0.25) != marked  # another point
+    with pytest.raises(ValueError, match="class 'a': the threshold must be a finite number"):
+        roc_curves_png({"a": (labels, scores)}, float("inf"))
 
 
 def test_write_metrics_rejects_bad_input_and_writes_nothing(tmp_path):

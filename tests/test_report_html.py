@@ -8,6 +8,7 @@ GRADAD_REQUIRE_BROWSER=1 (set by scripts/test.sh), which makes a missing browser
 """
 
 import base64
+import csv
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 from PIL import Image
 
 import gradad.io_utils
+from gradad.operating_points import operating_points
 from gradad.report.figures import roc_curves_png as roc_png
 from gradad.report.html import REPORT_HTML, write_report_html
 
@@ -161,6 +163,55 @@ def test_roc_is_an_embedded_png_and_the_config_is_shown(tmp_path):
     assert os.listdir(tmp_path) == [REPORT_HTML]  # the ROC needs no file of its own
 
 
+def _points(names=("a", "b"), source="validation quantile 0.99"):
+    labels = np.array([0, 0, 1, 1, 0, 1, 0, 0])
+    scores = np.array([0.1, 0.6, 0.7, 0.3, 0.2, 0.9, 0.4, 0.5])
+    classes = [names[0]] * 4 + [names[1]] * 4
+    return operating_points(labels, scores, classes, {names[0]: 0.5, names[1]: 0.45}, source,
+                            {names[0]: list(np.linspace(0, 0.5, 30)), names[1]: list(np.linspace(0, 0.4, 120))})
+
+
+def test_operating_points_section(tmp_path):
+    points = _points()
+    write_report_html(tmp_path, metrics=METRICS, threshold={"a": 0.5, "b": 0.45}, operating_points=points)
+    text = (tmp_path / REPORT_HTML).read_text()
+    assert "<h2>Operating points</h2>" in text
+    page = _Page(text)
+    stored = page.tables["op-stored"]
+    assert stored[0] == ["class", "threshold", "TP", "FP", "TN", "FN", "precision", "recall", "FPR"]
+    assert [row[0] for row in stored[1:]] == ["a", "b", "all"]
+    for row, key in zip(stored[1:], ["a", "b", "all"]):
+        record = points[key]["stored"]
+        assert [int(c) for c in row[2:6]] == [record[k] for k in ("tp", "fp", "tn", "fn")]
+        assert row[7] == f"{100 * record['recall']:.2f}%" and row[8] == f"{100 * record['fpr']:.2f}%"
+    assert stored[1][1] == "0.5" and stored[3][1] == "per class"
+    table = page.tables["op-points"]
+    assert table[0][:6] == ["class", "operating point", "threshold", "chosen from", "test recall", "test FPR"]
+    rows_a = [row for row in table[1:] if row[0] == "a"]
+    assert [row[1] for row in rows_a] == ["stored threshold", "FPR ≤ 0.1%", "FPR ≤ 1%", "FPR ≤ 5%", "F1-max"]
+    assert rows_a[0][3] == "validation quantile 0.99"
+    assert "n = 30" in rows_a[3][3] and "only 30 validation normals" in rows_a[1][3]
+    assert rows_a[4][3].startswith("tuned on the test split, not for deployment")
+    target = points["b"]["targets"][2]
+    row_b = [row for row in table[1:] if row[0] == "b" and row[1] == "FPR ≤ 5%"][0]
+    assert row_b[2] == f"{target['threshold']:.6g}" and row_b[4] == f"{100 * target['recall']:.2f}%"
+    assert row_b[5] == f"{100 * target['fpr']:.2f}%" and [int(c) for c in row_b[6:]] == [target["fn"], target["fp"]]
+    pooled = points["all"]["stored"]
+    assert (f"about {1000 * pooled['fpr']:.1f} of every 1000 good parts are rejected" in text
+            and f"{pooled['fn']} of the {pooled['tp'] + pooled['fn']} defective test images" in text)
+    write_report_html(tmp_path, metrics=METRICS)
+    assert "Operating points" not in (tmp_path / REPORT_HTML).read_text()  # not given: no section
+
+
+def test_operating_points_are_escaped(tmp_path):
+    evil = '<script>alert("x")</script>&'
+    write_report_html(tmp_path, operating_points=_points(names=(evil, "b"), source=evil))
+    text = (tmp_path / REPORT_HTML).read_text()
+    assert "<script" not in text
+    page = _Page(text)
+    assert page.tables["op-stored"][1][0] == evil and page.tables["op-points"][1][3] == evil
+
+
 def test_roc_png_changes_with_the_scores():
     labels = np.array([0, 0, 1, 1])
     assert roc_png({"a": (labels, np.array([0.1, 0.2, 0.8, 0.9]))}) != roc_png(
@@ -263,6 +314,35 @@ def test_gradad_test_writes_the_report(cli_reports):
     assert "model:" in (tested / REPORT_HTML).read_text()
 
 
+def test_gradad_test_reports_the_operating_points(cli_reports):
+    """metrics.json / metrics.csv / report.html of `gradad test` hold the operating points, and
+    the counts at the stored threshold agree with scores.csv counted here."""
+    tested = cli_reports[0]
+    payload = json.loads((tested / "metrics.json").read_text())
+    points = payload["operating_points"]
+    assert list(points) == ["a", "b", "all"]
+    with open(tested / "scores.csv", newline="") as handle:
+        scores = list(csv.DictReader(handle))
+    threshold = points["all"]["stored"]["threshold"]
+    assert isinstance(threshold, float)  # one model for both classes: one stored threshold
+    for name in ("a", "b"):
+        rows = [r for r in scores if r["class"] == name]
+        flagged = [float(r["score"]) > threshold for r in rows]
+        anomalous = [r["label"] == "1" for r in rows]
+        stored = points[name]["stored"]
+        assert stored["tp"] == sum(f and a for f, a in zip(flagged, anomalous))
+        assert stored["fp"] == sum(f and not a for f, a in zip(flagged, anomalous))
+        assert stored["threshold"] == threshold and stored["source"].startswith("validation")
+        assert [t["n_validation"] for t in points[name]["targets"]] == [points["all"]["targets"][0]["n_validation"]] * 3
+        assert points[name]["f1_max"]["tuned_on"] == "test split"
+    with open(tested / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[-1]["class"] == "mean" and int(rows[-1]["stored_fp"]) == points["all"]["stored"]["fp"]
+    page = _read(tested)
+    assert [row[0] for row in page.tables["op-stored"][1:]] == ["a", "b", "all"]
+    assert len(page.tables["op-points"]) == 1 + 3 * 5
+
+
 @pytest.mark.parametrize("side", ["checkpoint", "exported"])
 def test_gradad_predict_writes_the_report(cli_reports, side):
     predicted = cli_reports[1] if side == "checkpoint" else cli_reports[2]
@@ -343,7 +423,9 @@ def _full_report(out):
     scores = np.array([0.1, 0.3, 0.5, 0.4, 0.8, 0.9])
     return write_report_html(out, title="browser check", metrics=METRICS, roc={"a": (labels, scores)},
                              threshold=0.45, threshold_source="given",
-                             gallery=_gallery(out, list(scores), labels=list(labels)), config="a: 1\n")
+                             gallery=_gallery(out, list(scores), labels=list(labels)), config="a: 1\n",
+                             operating_points=operating_points(labels, scores, ["a"] * 6, 0.45, "given",
+                                                               {None: [0.1, 0.2, 0.3, 0.35]}))
 
 
 def test_report_renders_in_chromium(browser, tmp_path):

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Metrics (docs/method.md §5), scores, ROC curves and heatmaps of a "
                                "dataset's test split; default dataset: the checkpoint's.")
     test.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    test_threshold = test.add_mutually_exclusive_group()
+    test_threshold.add_argument("--quantile", dest="test_quantile", type=float, help="report the threshold at this "
+                                "quantile of the checkpoint's validation scores instead of the stored one")
+    test_threshold.add_argument("--target-fpr", dest="test_target_fpr", type=float, help="report the threshold "
+                                "that lets at most this fraction of the validation normals through instead")
     _add_config_flags(test)
 
     predict = commands.add_parser("predict", help="score image files or folders",
@@ -101,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     threshold.add_argument("--threshold", type=float, help="decision threshold on the image score")
     threshold.add_argument("--quantile", type=float,
                            help="threshold = this quantile of the checkpoint's validation scores")
+    threshold.add_argument("--target-fpr", type=float, help="threshold that lets at most this fraction of the "
+                           "checkpoint's validation normals through as anomalous")
     predict.add_argument("--on-error", choices=ON_ERROR_CHOICES,
                          help="unreadable image: stop with an error or skip it with a warning")
     _add_config_flags(predict)
@@ -122,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     export_threshold.add_argument("--threshold", type=float, help="decision threshold instead of the checkpoint's")
     export_threshold.add_argument("--quantile", type=float,
                                   help="threshold = this quantile of the checkpoint's validation scores")
+    export_threshold.add_argument("--target-fpr", type=float, help="threshold that lets at most this fraction of "
+                                  "the checkpoint's validation normals through as anomalous")
 
     demo = commands.add_parser("demo", help="train and evaluate on ELPV solar cells (CPU-sized)",
                                description="Train on ELPV normal cells with the offline "
@@ -142,8 +151,11 @@ def _add_split_flags(parser: argparse.ArgumentParser) -> None:
                        "(split.max_train_images; 'none' for all)")
     group.add_argument("--val-fraction", help="seeded fraction of the training normals held out for the "
                        "threshold (split.val_fraction)")
-    group.add_argument("--threshold-quantile", help="decision threshold: this quantile of the held-out "
-                       "normals' scores (split.threshold_quantile)")
+    rule = group.add_mutually_exclusive_group()
+    rule.add_argument("--threshold-quantile", help="decision threshold: this quantile of the held-out "
+                      "normals' scores (split.threshold_quantile)")
+    rule.add_argument("--target-fpr", help="decision threshold: the one that lets at most this fraction of the "
+                      "held-out normals through as anomalous, e.g. 0.01 (split.target_fpr)")
 
 
 def build_config(args: argparse.Namespace, base: Optional[Config] = None) -> Config:
@@ -166,9 +178,11 @@ def build_config(args: argparse.Namespace, base: Optional[Config] = None) -> Con
     if args.device is not None:
         shortcuts.append(f"train.device={args.device}")
     for flag, key in (("max_train_images", "max_train_images"), ("val_fraction", "val_fraction"),
-                      ("threshold_quantile", "threshold_quantile")):
+                      ("threshold_quantile", "threshold_quantile"), ("target_fpr", "target_fpr")):
         if getattr(args, flag, None) is not None:
             shortcuts.append(f"split.{key}={getattr(args, flag)}")
+    if getattr(args, "threshold_quantile", None) is not None:  # the quantile rule, not a target_fpr from elsewhere
+        shortcuts.append("split.target_fpr=none")
     return apply_overrides(cfg, shortcuts + list(args.overrides))
 
 
@@ -199,7 +213,8 @@ def _run_and_out_dir(args: argparse.Namespace, default_subfolder: str):
 
 def _command_test(args: argparse.Namespace) -> int:
     models, out_dir = _run_and_out_dir(args, "test")
-    result = run_test(models, progress=not args.no_progress)
+    result = run_test(models, progress=not args.no_progress, quantile=args.test_quantile,
+                      target_fpr=args.test_target_fpr)
     write_test_report(result, out_dir, progress=not args.no_progress)
     _print_results(result)
     print(f"report: {out_dir}")
@@ -218,7 +233,7 @@ def _command_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint} is a per-class run ({', '.join(models)}): pass the checkpoint "
                          f"of one class, e.g. {os.path.join(args.checkpoint, next(iter(models)), 'checkpoint.pt')}")
     prediction = predict(models[None], args.images, threshold=args.threshold, quantile=args.quantile,
-                         on_error=args.on_error, progress=not args.no_progress)
+                         target_fpr=args.target_fpr, on_error=args.on_error, progress=not args.no_progress)
     results = write_predictions(prediction, out_dir, config_to_yaml(models[None].config))
     for row in results:
         verdict = "ANOMALOUS" if row["anomalous"] else "normal"
@@ -234,7 +249,8 @@ def _command_predict(args: argparse.Namespace) -> int:
 
 def _command_export(args: argparse.Namespace) -> int:
     result = export_detector(args.checkpoint, args.export_format, args.out, opset=args.opset, sampler=args.sampler,
-                             input_dtype=args.input_dtype, threshold=args.threshold, quantile=args.quantile)
+                             input_dtype=args.input_dtype, threshold=args.threshold, quantile=args.quantile,
+                             target_fpr=args.target_fpr)
     print(f"exported: {result.model_path} (threshold {result.metadata['threshold']:.5g}, "
           f"{result.metadata['threshold_source']})")
     print(f"metadata: {result.metadata_path}")

@@ -217,7 +217,8 @@ def _write_torch(graph: DetectorGraph, example: torch.Tensor, path: str) -> None
 
 def export_detector(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
                     opset: Optional[int] = None, sampler: str = "auto", input_dtype: str = "float32",
-                    threshold: Optional[float] = None, quantile: Optional[float] = None) -> ExportResult:
+                    threshold: Optional[float] = None, quantile: Optional[float] = None,
+                    target_fpr: Optional[float] = None) -> ExportResult:
     """Exports a trained detector (see the module docstring).
 
     Args:
@@ -228,8 +229,8 @@ def export_detector(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.P
             grids raises grad_ext.onnx.ExportError.
         sampler: grad_ext.onnx's sampler ('auto', 'gridsample', 'gather').
         input_dtype: 'float32' or 'uint8' pixels.
-        threshold, quantile: the decision threshold instead of the checkpoint's validation one
-            (see gradad.inference.decision_threshold).
+        threshold, quantile, target_fpr: the decision threshold instead of the checkpoint's
+            stored one (at most one; see gradad.inference.decision_threshold).
 
     Returns:
         :class:`ExportResult`. Raises ValueError / FileNotFoundError / FileExistsError naming
@@ -251,7 +252,7 @@ def export_detector(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.P
         raise ValueError(f"checkpoint {loaded.path}: its threshold was chosen under eval.protocol="
                          f"{validation['protocol']!r}, the exported graph computes the 'strict' protocol; "
                          f"pass a threshold explicitly")
-    threshold_value, source = decision_threshold(loaded.checkpoint, threshold, quantile)
+    threshold_value, source = decision_threshold(loaded.checkpoint, threshold, quantile, target_fpr)
     resize = "matmul" if fmt == "openvino" else "native"
     graph = DetectorGraph(loaded.backbone, loaded.model, loaded.config.image_size, resize).eval()
     example = example_input(loaded, dtype=input_dtype)

@@ -1,8 +1,10 @@
 """``report.html``: one page a person can open to see what a test, predict or demo run found.
 
 The page holds the metrics table (one row per class, the mean last), the image-level ROC
-curves, the decision threshold, a gallery of heatmap overlays sorted by score (highest
-first) with each image's name, label and decision, and the run's config.
+curves, the decision threshold, the operating points of a test run (what the threshold costs
+on the test split, the thresholds of target false-positive rates), a gallery of heatmap
+overlays sorted by score (highest first) with each image's name, label and decision, and the
+run's config.
 
 This module needs the standard library only, so that the torch-free predict of an exported
 model (gradad.deploy) writes the same page as the torch side (gradad.report.html, which
@@ -43,6 +45,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 tr.mean td { font-weight: bold; }
+td.text { text-align: left; }
 .gallery { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; width: 420px; border: 1px solid #ccc; padding: 0.4em; }
 figure img { width: 100%; height: auto; display: block; }
@@ -129,6 +132,90 @@ def _threshold_section(threshold: Threshold, source: Optional[str]) -> str:
             f"{where}.</p>")
 
 
+def _fraction(value: object, where: str, percent: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    value = _finite(value, where)
+    return f"{100.0 * value:.2f}%" if percent else f"{value:.6g}"
+
+
+def _count(record: Optional[Mapping[str, object]], key: str) -> str:
+    return "n/a" if record is None else str(int(_finite(record[key], f"operating_points: {key}")))
+
+
+def _limit(value: object, where: str) -> str:
+    """A threshold cell: a number, 'per class' for a {class: threshold} map, n/a for None."""
+    return "per class" if isinstance(value, Mapping) else _fraction(value, where, percent=False)
+
+
+def _line_sentence(pooled: Mapping[str, object]) -> str:
+    """What the stored threshold means for a production line, from the pooled record."""
+    stored = pooled.get("stored")
+    general = ("A target FPR row rejects about that share of good parts (1% = 10 in 1000, as measured on the "
+               "validation normals; its test FPR is what it gave here); 1 − recall is the share of defects missed.")
+    if not stored or stored.get("fpr") is None or stored.get("recall") is None:
+        return f'<p id="op-line">{_text(general)}</p>'
+    rejected = 1000 * _finite(stored["fpr"], "operating_points: fpr")
+    missed = 1000 * (1 - _finite(stored["recall"], "operating_points: recall"))
+    defective = int(_finite(stored["tp"], "operating_points: tp")) + int(_finite(stored["fn"], "operating_points: fn"))
+    return (f'<p id="op-line">For a line, at the stored threshold on this test split: about {rejected:.1f} of every '
+            f"1000 good parts are rejected (false positives) and {missed:.1f} of every 1000 defective parts are "
+            f"missed ({_count(stored, 'fn')} of the {defective} defective test images). {_text(general)}</p>")
+
+
+def _row(css: str, cells: Sequence[str], text_columns: Sequence[int] = ()) -> str:
+    """A table row of HTML cells (already escaped); ``text_columns`` are aligned left."""
+    return f"<tr{css}>" + "".join(f'<td class="text">{c}</td>' if i in text_columns else f"<td>{c}</td>"
+                                  for i, c in enumerate(cells)) + "</tr>"
+
+
+def _operating_points_section(points: Mapping[str, Mapping[str, object]], pooled_key: str) -> str:
+    """Two tables: the stored threshold's confusion counts per class (the pooled record last) and
+    the operating points (stored, target FPRs from the validation normals, F1-max)."""
+    if not isinstance(points, Mapping) or not points or not all(isinstance(r, Mapping) for r in points.values()):
+        raise TypeError("operating_points must be a non-empty mapping {class: record}")
+    names = [n for n in points if n != pooled_key] + ([pooled_key] if pooled_key in points else [])
+    stored_rows, point_rows = [], []
+    for name in names:
+        record, css = points[name], ' class="mean"' if name == pooled_key else ""
+        stored = record.get("stored")
+        cells = [_limit(None if stored is None else stored["threshold"], f"operating_points[{name!r}]")]
+        cells += [_count(stored, k) for k in ("tp", "fp", "tn", "fn")]
+        cells += [_fraction(None if stored is None else stored[k], f"operating_points[{name!r}][{k!r}]")
+                  for k in ("precision", "recall", "fpr")]
+        stored_rows.append(_row(css, [_text(name), *cells]))
+        how = "none (or chosen under another protocol)" if stored is None else stored.get("source") or "stored"
+        rows = [("stored threshold", stored, how)]
+        for entry in record.get("targets") or []:
+            if entry is None:
+                continue
+            where = (f"validation normals: {_fraction(entry['validation_fpr'], 'validation_fpr')} of "
+                     f"n = {int(entry['n_validation'])} above it")
+            rows.append((f"FPR ≤ {100 * _finite(entry['target_fpr'], 'target_fpr'):g}%", entry,
+                         where + (f"; {entry['note']}" if entry.get("note") else "")))
+        best = record.get("f1_max")
+        if best is not None:
+            rows.append(("F1-max", best, f"tuned on the test split, not for deployment "
+                                         f"(F1 {_fraction(best['f1'], 'f1')})"))
+        for label, entry, how in rows:
+            cells = [_text(label), _limit(None if entry is None else entry["threshold"], f"{name!r}: {label}"),
+                     _text(how)] + [_fraction(None if entry is None else entry[k], f"{name!r}: {label}: {k}")
+                                    for k in ("recall", "fpr")] + [_count(entry, "fn"), _count(entry, "fp")]
+            point_rows.append(_row(css, [_text(name), *cells], text_columns=(1, 3)))
+    head = "".join(f"<th>{h}</th>" for h in ("class", "threshold", "TP", "FP", "TN", "FN", "precision", "recall",
+                                              "FPR"))
+    point_head = "".join(f"<th>{h}</th>" for h in ("class", "operating point", "threshold", "chosen from",
+                                                    "test recall", "test FPR", "defects missed (FN)",
+                                                    "good parts rejected (FP)"))
+    return ("<p>An image is anomalous when its score is above the threshold. At the stored threshold, on the "
+            f"test split ({_text(pooled_key)}: every test image, each judged by its own class's threshold):</p>"
+            f'<table id="op-stored"><tr>{head}</tr>\n' + "\n".join(stored_rows) + "\n</table>\n"
+            "<p>Operating points: the thresholds for target false-positive rates come from the validation "
+            "normals only; recall and FPR are measured on the test split.</p>"
+            f'<table id="op-points"><tr>{point_head}</tr>\n' + "\n".join(point_rows) + "\n</table>\n"
+            + (_line_sentence(points[pooled_key]) if pooled_key in points else ""))
+
+
 def _gallery_items(gallery: Sequence[Mapping[str, object]], out_dir: Path, threshold: Threshold):
     """Checked gallery entries, sorted by score (highest first, ties in the given order)."""
     if isinstance(gallery, (str, bytes, Mapping)):
@@ -195,6 +282,8 @@ def write_page(
     config_text: Optional[str] = None,
     config_title: str = "Config",
     notes: Sequence[str] = (),
+    operating_points: Optional[Mapping[str, Mapping[str, object]]] = None,
+    pooled_key: str = "all",
 ) -> Path:
     """Write ``<out_dir>/report.html`` (the folder is created if needed) and return its path.
 
@@ -217,6 +306,11 @@ def write_page(
         config_text: text shown verbatim under ``config_title`` (the run's config as YAML,
             an exported model's metadata); None: omitted.
         notes: lines shown under the metrics table (e.g. what the pixel metrics cover).
+        operating_points: {class: record, ..., pooled_key: record} as
+            gradad.operating_points.operating_points builds them (plain data: 'stored',
+            'targets', 'f1_max' with their thresholds, counts and rates), shown in a section
+            "Operating points"; None: no such section.
+        pooled_key: the key of the record of every image pooled, shown last and in bold.
 
     Everything is checked and the whole page built before anything is written; the file is
     written atomically (readers see the old page or the new one, never part of one). Bad
@@ -241,6 +335,8 @@ def write_page(
         "<h2>Metrics</h2>", _metrics_section(metrics, mean_row), *(f'<p class="note">{_text(n)}</p>' for n in notes),
         "<h2>ROC curves</h2>", _roc_section(roc_png),
         "<h2>Decision threshold</h2>", _threshold_section(threshold, threshold_source),
+        *(() if operating_points is None else
+          ("<h2>Operating points</h2>", _operating_points_section(operating_points, pooled_key))),
         f"<h2>Heatmaps ({len(items)} images, {flagged} anomalous at the threshold)</h2>",
         "<p>Sorted by image score, highest first.</p>", _gallery_section(items),
         f"<h2>{_text(config_title)}</h2>",

@@ -23,7 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import FeatureExtractor, build_backbone
-from .checkpoint import check_fits, find_checkpoints, library_versions, read_checkpoint
+from .checkpoint import (
+    check_fits,
+    convergence_note,
+    find_checkpoints,
+    library_versions,
+    read_checkpoint,
+    threshold_rule,
+)
 from .config import Config, config_from_dict
 from .datasets import ON_ERROR_CHOICES, AnomalyDataset, ImageRecord, load_mask
 from .datasets.image_io import image_size_of
@@ -33,6 +40,7 @@ from .image_files import collect_images
 from .listings import config_listing
 from .models.factory import build_model, model_feature_size, planned_epochs
 from .models.grad import GRAD
+from .operating_points import threshold_for_fpr
 from .runtime import resolve_device
 
 PREDICT_CLASS = "predict"
@@ -139,15 +147,21 @@ class TestResult:
     skipped: List[str]
     config: Config
     info: Dict[str, object] = field(default_factory=dict)
+    # the validation normals' image scores per model key ({None: [...]} for one model, {class:
+    # [...]} per class); None where a checkpoint has none or scored them under another protocol
+    validation_scores: Dict[Optional[str], Optional[List[float]]] = field(default_factory=dict)
 
 
-def validation_threshold(checkpoint: Dict[str, object], protocol: str) -> tuple[Optional[float], Optional[str]]:
-    """(threshold, where it came from) stored at training time, or (None, None) when there is
-    none or it was chosen under another evaluation protocol (its scores are not comparable)."""
+def validation_threshold(checkpoint: Dict[str, object], protocol: str, quantile: Optional[float] = None,
+                         target_fpr: Optional[float] = None) -> tuple[Optional[float], Optional[str]]:
+    """(threshold, where it came from): the one stored at training time, or the ``quantile`` /
+    ``target_fpr`` rule applied to the stored validation scores (:func:`decision_threshold`);
+    (None, None) when there are none or they were scored under another evaluation protocol (not
+    comparable)."""
     validation = checkpoint.get("validation")
     if not validation or validation.get("protocol") != protocol:
         return None, None
-    return float(validation["threshold"]), f"validation quantile {validation['quantile']}"
+    return decision_threshold(checkpoint, quantile=quantile, target_fpr=target_fpr)
 
 
 def heatmap_selection(scores: np.ndarray, count: int) -> np.ndarray:
@@ -168,8 +182,12 @@ def _score_test_split(loaded: LoadedModel, cfg: Config, progress: bool):
 
 
 def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], progress: bool = True,
-             cfg: Optional[Config] = None) -> TestResult:
+             cfg: Optional[Config] = None, quantile: Optional[float] = None,
+             target_fpr: Optional[float] = None) -> TestResult:
     """Evaluate on the test split of ``cfg.data`` (default: the first model's config).
+
+    The decision threshold reported is each model's stored one, or the ``quantile`` or
+    ``target_fpr`` rule (:func:`decision_threshold`) applied to its stored validation scores.
 
     models: one LoadedModel for all classes, or {class: LoadedModel} of a per-class run (each
     class's test images are scored by its own model; {None: model} means one for all).
@@ -208,12 +226,19 @@ def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], progress
             "dataset": cfg.data.dataset, "root": cfg.data.root, "classes": sorted(by_class), "images": len(records),
             "skipped_images": skipped, "seconds": round(time.perf_counter() - started, 2),
             "pixel_masks": {name: {"anomalous_with_mask": k, "anomalous": n} for name, (k, n) in pixel_masks.items()},
-            "versions": library_versions()}
-    found = {name: validation_threshold(m.checkpoint, cfg.eval.protocol) for name, m in models.items()}
+            "versions": library_versions(),
+            "training_notes": [f"{name + ': ' if name else ''}{note}" for name, note in
+                               ((name, convergence_note(m.checkpoint.get("validation_history") or []))
+                                for name, m in models.items()) if note is not None]}
+    found = {name: validation_threshold(m.checkpoint, cfg.eval.protocol, quantile, target_fpr)
+             for name, m in models.items()}
+    normals = {name: [float(v) for v in m.checkpoint["validation"]["scores"]]
+               if (m.checkpoint.get("validation") or {}).get("protocol") == cfg.eval.protocol else None
+               for name, m in models.items()}
     sources = {source for _, source in found.values() if source is not None}
     threshold = found[None][0] if None in found else {name: value for name, (value, _) in found.items()}
     return TestResult(results, records, sizes, scores, heatmaps, pixel_masks, threshold,
-                      sources.pop() if len(sources) == 1 else None, skipped, cfg, info)
+                      sources.pop() if len(sources) == 1 else None, skipped, cfg, info, normals)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,13 +246,16 @@ def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], progress
 
 
 def decision_threshold(checkpoint: Dict[str, object], threshold: Optional[float] = None,
-                       quantile: Optional[float] = None) -> tuple[float, str]:
+                       quantile: Optional[float] = None, target_fpr: Optional[float] = None) -> tuple[float, str]:
     """The score above which an image is called anomalous, and where it came from: an explicit
     ``threshold``; else ``quantile`` of the checkpoint's validation scores; else the threshold
-    stored at training time."""
+    that lets at most ``target_fpr`` of them through (:func:`gradad.operating_points.threshold_for_fpr`);
+    else the threshold stored at training time (by the run's own rule). At most one may be given."""
+    given = [name for name, value in (("threshold", threshold), ("quantile", quantile), ("target_fpr", target_fpr))
+             if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of threshold, quantile and target_fpr, not {' and '.join(given)}")
     if threshold is not None:
-        if quantile is not None:
-            raise ValueError("give either threshold or quantile, not both")
         return float(threshold), "given"
     validation = checkpoint.get("validation")
     if validation is None:
@@ -237,7 +265,12 @@ def decision_threshold(checkpoint: Dict[str, object], threshold: Optional[float]
         if not 0.0 <= quantile <= 1.0:
             raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
         return float(np.quantile(validation["scores"], quantile)), f"validation quantile {quantile}"
-    return float(validation["threshold"]), f"validation quantile {validation['quantile']}"
+    if target_fpr is not None:
+        if not 0.0 <= target_fpr < 1.0:
+            raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr!r}")
+        return (float(threshold_for_fpr(validation["scores"], target_fpr)),
+                threshold_rule({"target_fpr": target_fpr, "scores": validation["scores"]}))
+    return float(validation["threshold"]), threshold_rule(validation)
 
 
 @dataclass(frozen=True)
@@ -281,7 +314,7 @@ SCORING_ERRORS = (OSError, ValueError, RuntimeError)
 
 
 def predict(loaded: LoadedModel, paths: Sequence[str | os.PathLike], threshold: Optional[float] = None,
-            quantile: Optional[float] = None, on_error: Optional[str] = None,
+            quantile: Optional[float] = None, on_error: Optional[str] = None, target_fpr: Optional[float] = None,
             progress: bool = True) -> Prediction:
     """Score image files / folders with a trained model.
 
@@ -295,7 +328,7 @@ def predict(loaded: LoadedModel, paths: Sequence[str | os.PathLike], threshold: 
     on_error = on_error or cfg.data.on_error
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {list(ON_ERROR_CHOICES)}, got {on_error!r}")
-    threshold_value, source = decision_threshold(loaded.checkpoint, threshold, quantile)
+    threshold_value, source = decision_threshold(loaded.checkpoint, threshold, quantile, target_fpr)
     validation = loaded.checkpoint.get("validation")
     protocol = validation["protocol"] if validation is not None else cfg.eval.protocol
     if threshold is None and protocol != cfg.eval.protocol:

@@ -136,11 +136,15 @@ class SplitConfig:
     in proportion to its size), None for all. val_fraction: seeded fraction of every class's
     remaining normals held out as validation images for the threshold (0 for none).
     threshold_quantile: quantile of the validation scores used as the decision threshold.
+    target_fpr: instead of the quantile, the decision threshold that lets at most this fraction
+    of the validation normals through as anomalous (gradad.operating_points.threshold_for_fpr);
+    None: the quantile decides.
     """
 
     max_train_images: Optional[int] = None
     val_fraction: float = VALIDATION_FRACTION
     threshold_quantile: float = THRESHOLD_QUANTILE
+    target_fpr: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.max_train_images is not None:
@@ -148,6 +152,8 @@ class SplitConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"split.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         _check_range("split", "threshold_quantile", self.threshold_quantile, 0, 1)
+        if self.target_fpr is not None and not 0.0 <= self.target_fpr < 1.0:
+            raise ValueError(f"split.target_fpr must be in [0, 1) or None, got {self.target_fpr!r}")
 
 
 @dataclass

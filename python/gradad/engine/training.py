@@ -31,7 +31,15 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from ..backbones import FeatureExtractor, build_backbone
-from ..checkpoint import CHECKPOINT_NAME, check_resumable, checkpoint_payload, read_checkpoint, save_checkpoint
+from ..checkpoint import (
+    CHECKPOINT_NAME,
+    check_resumable,
+    checkpoint_payload,
+    convergence_note,
+    read_checkpoint,
+    save_checkpoint,
+    validation_statistics,
+)
 from ..config import Config
 from ..datasets import AnomalyDataset, ImageRecord, split_training_records
 from ..datasets.image_io import image_size_of
@@ -40,6 +48,7 @@ from ..features import FeatureCache, extract_features, feature_cache, score_feat
 from ..listings import config_listing
 from ..models.factory import build_model, epoch_stages, model_feature_size, planned_epochs
 from ..models.grad import GRAD
+from ..operating_points import threshold_for_fpr
 from ..runtime import DistributedContext, init_distributed, seed_everything, set_rng_state
 from .epochs import BatchSource, TrainingObjective, epoch_batches, epoch_desc, make_optimizer, run_epoch
 
@@ -57,29 +66,30 @@ class TrainResult:
 
 def validation_summary(model: GRAD, features: torch.Tensor, records: Sequence[ImageRecord],
                        orig_sizes: Sequence[tuple], cfg: Config, device: torch.device) -> Optional[Dict[str, object]]:
-    """Scores of the normal validation images under cfg.eval.protocol and the threshold at
-    cfg.split.threshold_quantile of them, or None without validation images."""
+    """Scores of the normal validation images under cfg.eval.protocol and the threshold by the
+    split section's rule (cfg.split.target_fpr when set, else the cfg.split.threshold_quantile
+    quantile), or None without validation images."""
     if len(records) == 0:
         return None
-    quantile = cfg.split.threshold_quantile
+    quantile, target = cfg.split.threshold_quantile, cfg.split.target_fpr
     maps = score_features(model, features, cfg.image_size, device, cfg.train.batch_size)
     _, scores = postprocess(maps, cfg.eval.protocol, list(orig_sizes))
+    threshold = np.quantile(scores, quantile) if target is None else threshold_for_fpr(scores, target)
     return {"scores": [float(s) for s in scores], "paths": [r.path for r in records],
-            "protocol": cfg.eval.protocol, "quantile": float(quantile),
-            "threshold": float(np.quantile(scores, quantile))}
+            "protocol": cfg.eval.protocol, "quantile": None if target is not None else float(quantile),
+            "target_fpr": None if target is None else float(target), "threshold": float(threshold)}
 
 
-def _validate(model: GRAD, backbone: FeatureExtractor, records: List[ImageRecord],
-              cache: Optional[FeatureCache], cfg: Config, device: torch.device,
-              progress: bool) -> Optional[Dict[str, object]]:
+def _validation_features(backbone: FeatureExtractor, records: List[ImageRecord], cache: Optional[FeatureCache],
+                         cfg: Config, device: torch.device, progress: bool) -> Optional[tuple]:
+    """(features, records, original sizes) of the validation normals, or None without any."""
     if not records:
         return None
     dataset = AnomalyDataset(records, cfg.image_size, backbone.mean, backbone.std,
                              on_error=cfg.data.on_error, progress=progress)
     features = extract_features(backbone, dataset, device, cfg.train.batch_size, cache, progress,
                                 cfg.train.num_workers)
-    sizes = [image_size_of(record.path) for record in dataset.records]
-    return validation_summary(model, features, dataset.records, sizes, cfg, device)
+    return features, dataset.records, [image_size_of(record.path) for record in dataset.records]
 
 
 def _cached_features(cfg: Config, backbone: FeatureExtractor, dataset: AnomalyDataset,
@@ -117,6 +127,11 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, resume: bo
                                on_error=cfg.data.on_error, progress=show)
     cache = feature_cache(cfg.data.cache, backbone, cfg.data.cache_dir)
     features = _cached_features(cfg, backbone, train_set, cache, context, device, show)
+    # the validation normals are scored after every epoch (rank 0; read
+    # before the seeding below, like the training features): the checkpoint keeps how their
+    # scores moved, which says whether training had settled (checkpoint.convergence_note)
+    validation_set = _validation_features(backbone, val_records, cache, cfg, device, show) \
+        if context.is_main else None
 
     stages = epoch_stages(cfg)
     total_epochs = len(stages)
@@ -124,12 +139,13 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, resume: bo
     model = build_model(cfg, backbone.out_channels, model_feature_size(cfg, backbone)).to(device)
     objective = TrainingObjective(model, cfg.train.seed)
     optimizer, scheduler = make_optimizer(model, cfg.train)
-    start_epoch, losses = 0, []
+    start_epoch, losses, history = 0, [], []
     if stored is not None:
         model.load_state_dict(stored["model"])
         optimizer.load_state_dict(stored["optimizer"])
         scheduler.load_state_dict(stored["scheduler"])
         start_epoch, losses = stored["epoch"], list(stored["epoch_losses"])
+        history = list(stored.get("validation_history") or [])
         if start_epoch > total_epochs:
             raise ValueError(f"{checkpoint_path} already holds {start_epoch} epochs, more than the "
                              f"{total_epochs} this config trains")
@@ -164,20 +180,28 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, resume: bo
         scheduler.step()
         new_losses.append(loss)
         epochs.set_postfix(loss=f"{loss:.4g}", lr=f"{scheduler.get_last_lr()[-1]:.2g}")
+        validation = None
+        if validation_set is not None:
+            validation = validation_summary(model, *validation_set, cfg, device)
+        if validation is not None:
+            history.append(validation_statistics(epoch + 1, validation["scores"], validation["threshold"]))
         if context.is_main and epoch + 1 < total_epochs:
             save_checkpoint(checkpoint_path, checkpoint_payload(
                 cfg, model, backbone, epoch + 1, optimizer, scheduler, losses + new_losses, None, complete=False,
-                class_names=class_names))
+                class_names=class_names, validation_history=history))
     epochs.close()
     objective.finish()
     # The finished model: validation scores and threshold, then the complete checkpoint (also
     # when a resumed run had nothing left to train but its last checkpoint was not complete).
     if context.is_main and not (stored is not None and stored.get("complete")
                                 and start_epoch == total_epochs):
-        validation = _validate(model, backbone, val_records, cache, cfg, device, show)
+        validation = None if validation_set is None else validation_summary(model, *validation_set, cfg, device)
         save_checkpoint(checkpoint_path, checkpoint_payload(
             cfg, model, backbone, total_epochs, optimizer, scheduler, losses + new_losses, validation,
-            complete=True, class_names=class_names))
+            complete=True, class_names=class_names, validation_history=history))
+        note = convergence_note(history)
+        if note is not None:
+            warnings.warn(f"{checkpoint_path}: {note}")
     if context.enabled:
         dist.barrier()  # nobody reads the checkpoint before rank 0 has written it
     return checkpoint_path, new_losses

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -97,24 +97,41 @@ def save_heatmap_overlays(out_dir: str | os.PathLike, images: Sequence[np.ndarra
     return paths
 
 
-def roc_curves_png(per_class: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
+def roc_curves_png(per_class: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                   thresholds: Union[None, float, Mapping[str, Optional[float]]] = None) -> bytes:
     """The image-level ROC curve of every class in one plot, as PNG bytes; the legend gives
     each class's AUROC in percent.
 
-    Args: per_class, {class: (labels (N,) binary, scores (N,) float)}; each class needs both labels.
+    Args:
+        per_class: {class: (labels (N,) binary, scores (N,) float)}; each class needs both labels.
+        thresholds: the stored decision threshold, one for every class or {class: threshold or
+            None}; each class's point at it (FPR, TPR of score > threshold, a vertex of its curve)
+            is marked with an "o" in the curve's colour, and the legend says "o: stored threshold".
+            None: no marks.
     """
     if not isinstance(per_class, Mapping) or not per_class:
         raise ValueError(f"per_class must be a non-empty mapping {{class: (labels, scores)}}, got {per_class!r:.80}")
     figure = Figure(figsize=(6, 6), dpi=FIGURE_DPI)
     axis = figure.subplots()
+    marked = False
     for name, pair in per_class.items():
+        limit = thresholds.get(name) if isinstance(thresholds, Mapping) else thresholds
         try:
             labels, scores = (np.asarray(a) for a in pair)
             fpr, tpr, _ = roc_curve(labels, scores)
             area = auroc(labels, scores)
+            if limit is not None and (isinstance(limit, (bool, str)) or not np.isfinite(float(limit))):
+                raise ValueError(f"the threshold must be a finite number, got {limit!r}")
         except (TypeError, ValueError) as error:
             raise ValueError(f"class {name!r}: {error}") from error
-        axis.plot(fpr, tpr, label=f"{name} (AUROC {100.0 * area:.1f}%)")
+        line, = axis.plot(fpr, tpr, label=f"{name} (AUROC {100.0 * area:.1f}%)")
+        if limit is not None:
+            flagged, positive = scores > float(limit), labels.astype(bool)
+            axis.plot(flagged[~positive].mean(), flagged[positive].mean(), "o", color=line.get_color(),
+                      markeredgecolor="black", markersize=8, zorder=3, clip_on=False)
+            marked = True
+    if marked:
+        axis.plot([], [], "o", color="white", markeredgecolor="black", label="o: stored threshold")
     axis.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=0.8)
     axis.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate",
              ylabel="true positive rate", title="image-level ROC")
@@ -122,10 +139,11 @@ def roc_curves_png(per_class: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> by
     return _figure_png(figure)
 
 
-def save_roc_curves(out_dir: str | os.PathLike,
-                    per_class: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Path:
-    """``<out_dir>/roc_curves.png``: :func:`roc_curves_png` of ``per_class``; returns the path."""
-    png = roc_curves_png(per_class)
+def save_roc_curves(out_dir: str | os.PathLike, per_class: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                    thresholds: Union[None, float, Mapping[str, Optional[float]]] = None) -> Path:
+    """``<out_dir>/roc_curves.png``: :func:`roc_curves_png` of ``per_class`` (with the stored
+    ``thresholds`` marked); returns the path."""
+    png = roc_curves_png(per_class, thresholds)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return atomic_write_bytes(out_dir / ROC_PNG, png)

@@ -11,6 +11,7 @@ import yaml
 
 from ..evaluation import MEAN_KEY
 from ..html_page import REPORT_HTML, Threshold, write_page
+from ..operating_points import ALL_KEY
 from .figures import roc_curves_png
 
 __all__ = ["REPORT_HTML", "write_report_html"]
@@ -35,6 +36,7 @@ def write_report_html(
     gallery: Sequence[Mapping[str, object]] = (),
     config: Union[None, str, Mapping[str, object]] = None,
     notes: Sequence[str] = (),
+    operating_points: Optional[Mapping[str, Mapping[str, object]]] = None,
 ) -> Path:
     """Write ``<out_dir>/report.html`` and return its path (see :func:`gradad.html_page.write_page`
     for the page, the gallery entries and the errors).
@@ -44,14 +46,19 @@ def write_report_html(
         roc: {class: (labels, scores)} with labels a (N,) array of 0/1 and scores a (N,) float
             array; each class needs both labels. None or empty: no ROC plot.
         config: the run's config as YAML text, or a mapping (dumped as YAML); None: omitted.
-        title, threshold, threshold_source, gallery, notes: as write_page's.
+        threshold: as write_page's; the ROC plot also marks each class's point at it.
+        operating_points: {class: record, ..., 'all': record} of
+            :func:`gradad.operating_points.operating_points`, shown in the section "Operating
+            points"; None: no such section.
+        title, threshold_source, gallery, notes: as write_page's.
     """
     roc_png = None
     if roc is not None and not (isinstance(roc, Mapping) and not roc):
         try:
-            roc_png = roc_curves_png(roc)
+            roc_png = roc_curves_png(roc, threshold)
         except ValueError as error:
             raise ValueError(f"roc: {error}") from error
     return write_page(out_dir, title=title, metrics=metrics, mean_row=MEAN_KEY, roc_png=roc_png,
                       threshold=threshold, threshold_source=threshold_source, gallery=gallery,
-                      config_text=_config_text(config), notes=notes)
+                      config_text=_config_text(config), notes=notes, operating_points=operating_points,
+                      pooled_key=ALL_KEY)

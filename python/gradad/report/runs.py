@@ -1,7 +1,8 @@
 """The files of a test run and of a predict run, from what :mod:`gradad.inference` returns.
 
-- test: metrics.json / metrics.csv, scores.csv (path, class, defect type, label, image score),
-  roc_curves.png, heatmap overlays in heatmaps/, and report.html;
+- test: metrics.json / metrics.csv (with the operating points of gradad.operating_points),
+  scores.csv (path, class, defect type, label, image score), roc_curves.png (the stored
+  threshold marked), heatmap overlays in heatmaps/, and report.html;
 - predict: one heatmap per image in heatmaps/, results.json, results.csv and report.html.
 """
 
@@ -18,6 +19,7 @@ from ..config import config_to_yaml
 from ..datasets import ImageRecord, load_rgb
 from ..inference import Prediction, TestResult
 from ..io_utils import atomic_write_text
+from ..operating_points import operating_points
 from ..prediction_files import HEATMAP_DIR, file_stem, unique_names, write_prediction_files
 from .figures import save_heatmap_overlays, save_roc_curves
 from .html import write_report_html
@@ -40,16 +42,18 @@ def write_test_report(result: TestResult, out_dir: str | os.PathLike, progress: 
     """Write the files of a test run into ``out_dir``; returns their paths."""
     out_dir = os.fspath(out_dir)
     records, scores = result.records, result.scores
-    files = [str(p) for p in write_metrics(out_dir, result.results, result.info)]
-    files.append(_write_scores_csv(os.path.join(out_dir, SCORES_CSV), records, scores))
     labels = np.array([r.label for r in records])
+    points = operating_points(labels, scores, [r.class_name for r in records], result.threshold,
+                              result.threshold_source, result.validation_scores)
+    files = [str(p) for p in write_metrics(out_dir, result.results, result.info, points)]
+    files.append(_write_scores_csv(os.path.join(out_dir, SCORES_CSV), records, scores))
     by_class: Dict[str, List[int]] = {}
     for i, record in enumerate(records):
         by_class.setdefault(record.class_name, []).append(i)
     roc_classes = {name: (labels[idx], scores[idx]) for name, idx in by_class.items()
                    if 0 < labels[idx].sum() < len(idx)}
     if roc_classes:
-        files.append(str(save_roc_curves(out_dir, roc_classes)))
+        files.append(str(save_roc_curves(out_dir, roc_classes, result.threshold)))
     gallery = []
     if result.heatmaps:
         shown = list(result.heatmaps)
@@ -69,7 +73,8 @@ def write_test_report(result: TestResult, out_dir: str | os.PathLike, progress: 
     files.append(str(write_report_html(
         out_dir, title=f"gradad test: {result.config.data.dataset}", metrics=result.results, roc=roc_classes,
         threshold=result.threshold, threshold_source=result.threshold_source, gallery=gallery,
-        config=config_to_yaml(result.config), notes=pixel_notes(result.pixel_masks))))
+        config=config_to_yaml(result.config), operating_points=points,
+        notes=pixel_notes(result.pixel_masks) + list(result.info.get("training_notes", [])))))
     return files
 
 
