@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gradad.checkpoint import THRESHOLD_DRIFT_LIMIT, convergence_note, read_checkpoint
+from gradad.checkpoint import SCORE_DRIFT_LIMIT, convergence_note, read_checkpoint
 from gradad.cli import main
 from gradad.config import SplitConfig
 from gradad.engine import train
@@ -113,14 +113,14 @@ def test_the_checkpoint_records_every_epochs_validation_scores(mvtec, tmp_path, 
     assert read_checkpoint(tmp_path / "resumed")["validation_history"] == history
 
 
-def _history(*thresholds):
-    return [{"epoch": i + 1, "threshold": t} for i, t in enumerate(thresholds)]
+def _history(*medians):
+    return [{"epoch": i + 1, "median": m, "threshold": 2 * m} for i, m in enumerate(medians)]
 
 
 def test_convergence_note_is_about_the_last_epochs_change():
     assert convergence_note(_history(5.0)) is None
     assert convergence_note([]) is None
-    assert convergence_note(_history(9.0, 5.0, 5.0 * (1 + THRESHOLD_DRIFT_LIMIT / 2))) is None
+    assert convergence_note(_history(9.0, 5.0, 5.0 * (1 + SCORE_DRIFT_LIMIT / 2))) is None
     note = convergence_note(_history(5.0, 4.0))
     assert note.startswith("under-trained?") and "25.0%" in note and "train.epochs" in note
     assert convergence_note(_history(-2.0, -1.0)) is not None  # a negative scale is no excuse
