@@ -413,3 +413,27 @@ def test_the_serve_benchmark_runs_and_writes_its_tables(model, tmp_path):
         assert row["images_per_s"] > 0 and latency["p50"] <= latency["p99"] <= latency["max"]
     assert {r["mode"] for r in results["rows"]} == {"predict", "serve"}
     assert (folder / "serve.md").read_text().count("| serve |") == 2
+
+
+def test_a_request_cancelled_while_queued_is_dropped_and_the_service_goes_on(model, tmp_path):
+    """A job whose future is cancelled before it is scored is neither scored nor logged, and the
+    pipeline keeps answering the others (a cancelled future must not stop the writing thread)."""
+    import threading
+
+    from gradad.serve.inspector import Job
+
+    _, path, _ = model
+    data = str(tmp_path / "d")
+    with service_thread(checkpoint=path, data=data, max_batch=1, max_wait_ms=0) as (url, service):
+        scorer = service.inspector.scorer
+        run, gate = scorer.run, threading.Event()
+        scorer.run = lambda batch: (gate.wait(30), run(batch))[1]
+        blocker = service.inspector.submit(Job(rgb=images()[0], received_at=0.0))
+        wait_until(lambda: service.inspector.queue.qsize() == 0, what="the first job to be taken")
+        dropped = service.inspector.submit(Job(rgb=images()[1], received_at=0.0))
+        assert dropped.cancel()
+        gate.set()
+        assert blocker.result(30).id
+        r = request(url, "POST", "/v1/inspect", png_bytes(images()[2]), {"Content-Type": "image/png"})
+        assert r.status == 200
+    assert [row["id"] for row in rows(data)] == [blocker.result().id, r.json()["id"]]

@@ -155,6 +155,9 @@ class Inspector:
         stop = False
         while not stop:
             batch, stop = self._next_batch()
+            # a job whose waiter was cancelled (its request went away while queued) is dropped;
+            # the others can no longer be cancelled, so their results always land
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
             if batch:
                 self._scored.put(self._score(batch))
         self._scored.put(_STOP)
