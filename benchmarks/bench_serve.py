@@ -23,8 +23,9 @@ What it measures:
   client-side latency p50/p90/p99/max, the mean batch size (the change of gradad_batch_size_sum /
   _count in /metrics over the pass) and the means of the answers' timings_ms (decode, queue, score
   of the batch, draw of the batch's heatmaps, SQLite commit, total). Settings (``--settings``):
-  ``default`` (no flags: --max-batch 8, --max-wait-ms 5), ``max-batch-1`` (--max-batch 1) and
-  ``threads-1`` (--threads 1: one intra-op thread leaves a core to the HTTP side and the drawing).
+  ``default`` (no flags: --max-batch 8, --max-wait-ms 0), ``max-batch-1`` (--max-batch 1),
+  ``threads-1`` (--threads 1: one intra-op thread leaves a core to the HTTP side and the drawing)
+  and ``wait-5ms`` (--max-wait-ms 5: a batch's first image waits for others to join it).
   The idle round trip (median GET /healthz on a keep-alive connection) is recorded too: it shows
   a per-response delay of the server's sockets (Nagle's algorithm against delayed ACKs) apart from
   the model's time.
@@ -77,7 +78,8 @@ from benchmarks.reporting import markdown_table
 from gradad.io_utils import atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = {"default": [], "max-batch-1": ["--max-batch", "1"], "threads-1": ["--threads", "1"]}
+SETTINGS = {"default": [], "max-batch-1": ["--max-batch", "1"], "threads-1": ["--threads", "1"],
+            "wait-5ms": ["--max-wait-ms", "5"]}
 TIMINGS = ("decode", "queue", "score", "draw", "commit", "total")
 START_TIMEOUT_S = 180
 
@@ -383,7 +385,7 @@ def to_markdown(results: Dict[str, object]) -> str:
     ready = sorted({round(r["ready_s"], 1) for r in results["rows"] if r.get("ready_s") is not None})
     idle = [r["healthz_ms"] for r in results["rows"] if r.get("healthz_ms") is not None]
     notes = ["score, draw and commit are per batch (every image of a batch waits for all of it); queue includes "
-             "--max-wait-ms (5 ms by default), which a lone image waits for others to join it."]
+             "--max-wait-ms (0 by default: a batch is what queued up while the previous one ran)."]
     if idle and max(idle) > 20:
         notes.append(f"An idle GET /healthz takes {max(idle):.0f} ms: probably the service's sockets lack "
                      "TCP_NODELAY (asyncio sets it only on sockets created with proto IPPROTO_TCP, see "

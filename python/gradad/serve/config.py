@@ -35,7 +35,10 @@ class ServeConfig:
         backend: the runtime ('auto' picks by the model file's suffix).
         threads: the runtime's intra-op threads (None: its default).
         max_batch: most images scored in one run of the model.
-        max_wait_ms: how long the first image of a batch waits for others to join it.
+        max_wait_ms: how long the first image of a batch waits for others to join it. 0: a batch
+            is what queued up while the previous one ran, so a lone client never waits and
+            concurrent ones are still batched (on the 2-core CPU with the Lite demo: one client
+            40.6 images/s at 0 ms, 34.0 at 5 ms; eight clients 49 images/s either way).
         queue_size: images accepted and waiting to be scored; beyond it, 503 with Retry-After.
         max_connections: requests handled at once (uvicorn's limit_concurrency; beyond it, 503).
         max_bytes: largest request body; a larger one is refused (413) before it is read.
@@ -62,7 +65,7 @@ class ServeConfig:
     backend: str = "auto"
     threads: Optional[int] = None
     max_batch: int = 8
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     queue_size: int = 32
     max_connections: int = 64
     max_bytes: int = 20 * 1024 * 1024
