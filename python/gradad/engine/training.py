@@ -164,6 +164,7 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, resume: bo
     epochs = tqdm(range(start_epoch, total_epochs), desc="training", unit="epoch",
                   initial=start_epoch, total=total_epochs, disable=not show)
     trained, trained_stage = None, object()
+    validation = None  # the validation summary of the latest epoch (rank 0)
     for epoch in epochs:
         stage = stages[epoch]
         objective.start_epoch(epoch, stage)
@@ -180,7 +181,6 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, resume: bo
         scheduler.step()
         new_losses.append(loss)
         epochs.set_postfix(loss=f"{loss:.4g}", lr=f"{scheduler.get_last_lr()[-1]:.2g}")
-        validation = None
         if validation_set is not None:
             validation = validation_summary(model, *validation_set, cfg, device)
         if validation is not None:
@@ -195,7 +195,8 @@ def _train_one(cfg: Config, records: List[ImageRecord], out_dir: str, resume: bo
     # when a resumed run had nothing left to train but its last checkpoint was not complete).
     if context.is_main and not (stored is not None and stored.get("complete")
                                 and start_epoch == total_epochs):
-        validation = None if validation_set is None else validation_summary(model, *validation_set, cfg, device)
+        if validation is None and validation_set is not None:  # a resumed run with no epoch left to train
+            validation = validation_summary(model, *validation_set, cfg, device)
         save_checkpoint(checkpoint_path, checkpoint_payload(
             cfg, model, backbone, total_epochs, optimizer, scheduler, losses + new_losses, validation,
             complete=True, class_names=class_names, validation_history=history))
