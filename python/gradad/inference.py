@@ -158,10 +158,15 @@ def validation_threshold(checkpoint: Dict[str, object], protocol: str, quantile:
     ``target_fpr`` rule applied to the stored validation scores (:func:`decision_threshold`);
     (None, None) when there are none or they were scored under another evaluation protocol (not
     comparable)."""
-    validation = checkpoint.get("validation")
-    if not validation or validation.get("protocol") != protocol:
+    if comparable_validation(checkpoint, protocol) is None:
         return None, None
     return decision_threshold(checkpoint, quantile=quantile, target_fpr=target_fpr)
+
+
+def comparable_validation(checkpoint: Dict[str, object], protocol: str) -> Optional[Dict[str, object]]:
+    """The checkpoint's validation summary when its scores were taken under ``protocol``, else None."""
+    validation = checkpoint.get("validation")
+    return validation if validation and validation.get("protocol") == protocol else None
 
 
 def heatmap_selection(scores: np.ndarray, count: int) -> np.ndarray:
@@ -232,9 +237,9 @@ def run_test(models: LoadedModel | Mapping[Optional[str], LoadedModel], progress
                                 for name, m in models.items()) if note is not None]}
     found = {name: validation_threshold(m.checkpoint, cfg.eval.protocol, quantile, target_fpr)
              for name, m in models.items()}
-    normals = {name: [float(v) for v in m.checkpoint["validation"]["scores"]]
-               if (m.checkpoint.get("validation") or {}).get("protocol") == cfg.eval.protocol else None
-               for name, m in models.items()}
+    normals = {name: None if validation is None else [float(v) for v in validation["scores"]]
+               for name, validation in ((name, comparable_validation(m.checkpoint, cfg.eval.protocol))
+                                        for name, m in models.items())}
     sources = {source for _, source in found.values() if source is not None}
     threshold = found[None][0] if None in found else {name: value for name, (value, _) in found.items()}
     return TestResult(results, records, sizes, scores, heatmaps, pixel_masks, threshold,
