@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ..io_utils import atomic_write_bytes
 from ..metrics import auroc, roc_curve
+from ..operating_points import confusion
 
 ROC_PNG = "roc_curves.png"
 HEATMAP_COLORMAP = "jet"
@@ -126,8 +127,8 @@ def roc_curves_png(per_class: Mapping[str, tuple[np.ndarray, np.ndarray]],
             raise ValueError(f"class {name!r}: {error}") from error
         line, = axis.plot(fpr, tpr, label=f"{name} (AUROC {100.0 * area:.1f}%)")
         if limit is not None:
-            flagged, positive = scores > float(limit), labels.astype(bool)
-            axis.plot(flagged[~positive].mean(), flagged[positive].mean(), "o", color=line.get_color(),
+            point = confusion(labels, scores, float(limit))
+            axis.plot(point["fpr"], point["recall"], "o", color=line.get_color(),
                       markeredgecolor="black", markersize=8, zorder=3, clip_on=False)
             marked = True
     if marked:
