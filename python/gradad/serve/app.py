@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
-import re
 import time
 from datetime import datetime, timezone
 
@@ -20,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from .config import valid_label
 from .images import ImageRejected, decode_image
@@ -34,38 +33,32 @@ __all__ = ["create_app"]
 
 OPEN_PATHS = ("/healthz", "/")  # no token needed: the process answers / the page's shell (it holds no data)
 RETRY_AFTER_S = 1
-_ROUTE_LABELS = ((re.compile(r"^/v1/inspections/[^/]+/[^/]+$"), "/v1/inspections/{id}/{file}"),
-                 (re.compile(r"^/v1/inspections/[^/]+$"), "/v1/inspections/{id}"))
-KNOWN_PATHS = {"/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/inspect", "/v1/inspections",
-               "/v1/threshold", "/v1/status", "/v1/pause", "/v1/resume"}
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
-def route_label(path: str) -> str:
-    """The route a path belongs to, for the metrics' labels (ids are not labels)."""
-    if path in KNOWN_PATHS:
-        return path
-    for pattern, label in _ROUTE_LABELS:
-        if pattern.match(path):
-            return label
+def route_label(routes, scope) -> str:
+    """The route template a request belongs to, for the metrics' labels (ids are not labels)."""
+    for route in routes:
+        if route.matches(scope)[0] != Match.NONE:  # FULL, or PARTIAL: the path with another method
+            return route.path
     return "other"
 
 
 class Guard:
     """ASGI middleware: the bearer token (when one is set) and the requests-by-status counter."""
 
-    def __init__(self, app, service):
-        self.app, self.service = app, service
+    def __init__(self, app, service, routes):
+        self.app, self.service, self.routes = app, service, routes
         token = service.config.token
         self.expected = None if token is None else f"Bearer {token}".encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        label, status = route_label(scope["path"]), [500]
+        label, status = route_label(self.routes, scope), [500]
 
         async def counted_send(message):
             if message["type"] == "http.response.start":
@@ -283,5 +276,5 @@ def create_app(service) -> Starlette:
         return error(exc.status_code, getattr(exc, "detail", "") or f"HTTP {exc.status_code}")
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
-    app.add_middleware(Guard, service=service)
+    app.add_middleware(Guard, service=service, routes=routes)
     return app
