@@ -1,6 +1,6 @@
 """Every setting of ``gradad serve`` and its default, in one dataclass (:class:`ServeConfig`),
-with the command-line flags built from it. Standard library only: the light command line
-parses ``gradad serve`` without starlette or uvicorn installed."""
+with the command-line flags built from it. Light (the standard library and gradad.deploy): the
+light command line parses ``gradad serve`` without starlette or uvicorn installed."""
 from __future__ import annotations
 
 import argparse
@@ -10,12 +10,15 @@ import re
 from dataclasses import dataclass, fields
 from typing import Optional
 
-__all__ = ["TOKEN_ENV", "WEBHOOK_ON", "ServeConfig", "add_serve_arguments", "config_from_args"]
+from ..deploy.scorer import BACKENDS
+
+__all__ = ["LABEL_PATTERN", "TOKEN_ENV", "WEBHOOK_ON", "ServeConfig", "add_serve_arguments", "config_from_args"]
 
 TOKEN_ENV = "GRADAD_SERVE_TOKEN"  # the token when --token is not given
 WEBHOOK_ON = ("all", "anomalous")
-BACKENDS = ("auto", "onnxruntime", "openvino")
-_LABEL = re.compile(r"^[\w.:/@+-]{1,128}$")
+# an item_id or station label (also the OpenAPI document's pattern)
+LABEL_PATTERN = r"^[\w.:/@+-]{1,128}$"
+_LABEL = re.compile(LABEL_PATTERN)
 
 
 @dataclass

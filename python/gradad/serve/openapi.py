@@ -4,6 +4,8 @@ promise, errors included; tests/test_serve.py checks that both name the same rou
 from __future__ import annotations
 
 from .. import __version__
+from .config import LABEL_PATTERN
+from .store import ID_PATTERN
 
 __all__ = ["openapi_schema"]
 
@@ -28,9 +30,9 @@ def _query(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-_LABELS = [_query("item_id", {"type": "string", "pattern": r"^[\w.:/@+-]{1,128}$"}, "the part's id"),
-           _query("station", {"type": "string", "pattern": r"^[\w.:/@+-]{1,128}$"}, "the camera or station")]
-_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+_LABELS = [_query("item_id", {"type": "string", "pattern": LABEL_PATTERN}, "the part's id"),
+           _query("station", {"type": "string", "pattern": LABEL_PATTERN}, "the camera or station")]
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": ID_PATTERN.pattern}}
 _PNG = {"description": "a PNG", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
 
 
