@@ -8,7 +8,6 @@
 #include <tuple>
 
 #include "host_common.h"
-#include "huge_pages.h"
 #include "refine_common.h"
 
 namespace grad_ext {
@@ -61,14 +60,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> al
     const at::Tensor& rec, const RefineGeometry& g, bool return_refined) {
   const auto opts = rec.options().memory_format(at::MemoryFormat::Contiguous);
   return {at::empty({g.B, g.H, g.W}, opts), at::empty({g.B, g.H, g.W}, opts), at::empty({}, opts),
-          return_refined ? empty_output({g.B, g.C, g.H, g.W}, opts) : at::empty({0}, opts),
+          return_refined ? at::empty({g.B, g.C, g.H, g.W}, opts) : at::empty({0}, opts),
           at::empty({kStatsRows, g.B, g.H, g.W}, opts.dtype(stats_dtype(rec.scalar_type())))};
 }
 
 // The gradient of an input, contiguous; an empty tensor when it is not asked for.
 inline at::Tensor allocate_refine_grad(const at::Tensor& input, bool requires_grad) {
   const auto opts = input.options().memory_format(at::MemoryFormat::Contiguous);
-  return requires_grad ? empty_output(input.sizes(), opts) : at::empty({0}, opts);
+  return requires_grad ? at::empty(input.sizes(), opts) : at::empty({0}, opts);
 }
 
 // A defined upstream gradient made contiguous after its shape and dtype are checked; an

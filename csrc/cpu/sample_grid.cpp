@@ -22,7 +22,6 @@
 #include "cpu/sample_grid_rows.h"
 #include "cpu/simd.h"
 #include "grid_common.h"
-#include "huge_pages.h"
 #include "philox.h"
 #include "sample_grid.h"
 
@@ -324,7 +323,7 @@ at::Tensor sample_grid_cpu(const at::Tensor& input_, const at::Tensor& grid_, in
                            jitter_std, jitter_prob, jitter_mode, jitter_seed)
         .to(input_.scalar_type());
   }
-  at::Tensor out = empty_output(g.out_shape, input_.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty(g.out_shape, input_.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor input = input_.contiguous(), grid = grid_.contiguous();
   const JitterParams jitter = host_jitter(jitter_std, jitter_prob, jitter_mode, seed);
@@ -363,9 +362,9 @@ std::tuple<at::Tensor, at::Tensor> sample_grid_backward_cpu(const at::Tensor& gr
   // Uninitialised: every path below writes all of it (the dense path by a matrix product,
   // backward_kernel task by task).
   at::Tensor grad_input =
-      input_requires_grad ? empty_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
+      input_requires_grad ? at::empty(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
   at::Tensor grad_grid =
-      grid_requires_grad ? zeros_output(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options());
+      grid_requires_grad ? at::zeros(grid_.sizes(), grid_.options()) : at::empty({0}, grid_.options());
   if (g.N * g.C * g.P == 0 || (!input_requires_grad && !grid_requires_grad)) {
     if (input_requires_grad) grad_input.zero_();  // no point reads the table
     return {grad_input, grad_grid};

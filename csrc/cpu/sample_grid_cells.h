@@ -8,7 +8,6 @@
 #include "cpu/sample_grid_rows.h"
 #include "cpu/simd.h"
 #include "cpu/transpose.h"
-#include "huge_pages.h"
 #include "sample_grid.h"
 
 namespace grad_ext {
@@ -102,7 +101,7 @@ void channel_cells(const T* rows, int64_t channels, int64_t S, T* dst, int64_t w
 // instead, see backward_kernel.)
 inline at::Tensor cell_major(const at::Tensor& input, const GridGeometry& g) {
   const int64_t Cp = round_up(g.C, kLanes);
-  at::Tensor t = empty_output({g.N_in, g.S + 1, Cp}, input.options());
+  at::Tensor t = at::empty({g.N_in, g.S + 1, Cp}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cell_major", [&] {
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* out = t.data_ptr<scalar_t>();
