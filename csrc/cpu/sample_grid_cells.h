@@ -168,9 +168,11 @@ GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, TAPS, D>& a) {
       const T* rows[K];
       for (int k = 0; k < K; ++k) rows[k] = a.cells + corner_cell(a, k, i) * a.Cp + (b0 - a.cells_c0);
       T* o = a.scratch + i * kScratchStride;
+      V weight[K];  // in registers (see backward_cells_impl)
+      for (int k = 0; k < K; ++k) weight[k] = V{} + t.w[k][i];
       for (int64_t c = 0; c < width; c += kLanes) {
-        V acc = load_lanes(rows[0] + c) * t.w[0][i];
-        for (int k = 1; k < K; ++k) acc += load_lanes(rows[k] + c) * t.w[k][i];
+        V acc = load_lanes(rows[0] + c) * weight[0];
+        for (int k = 1; k < K; ++k) acc += load_lanes(rows[k] + c) * weight[k];
         store_lanes(o + c, acc);
       }
     }
@@ -202,21 +204,21 @@ GRAD_EXT_INLINE void backward_cells_impl(const CellsCall<T, TAPS, D>& a) {
         grows[k] = a.gradT + cell * a.Wt + (b0 - a.c_begin);
       }
       const T* gv = a.scratch + i * kScratchStride;
+      // The weights in registers: read from t.w inside the loop, they are loaded again after
+      // every store to the gradient (the compiler cannot rule out that the two overlap).
+      V weight[K];
+      for (int k = 0; k < K; ++k) weight[k] = V{} + t.w[k][i];
       V sum[K] = {};
       for (int64_t c = 0; c < width; c += kLanes) {
         const V g = load_lanes(gv + c);
         for (int k = 0; k < K; ++k) {
           if (NEED_GRID) sum[k] += g * load_lanes(rows[k] + c);
-          if (NEED_INPUT) store_lanes(grows[k] + c, load_lanes(grows[k] + c) + g * t.w[k][i]);
+          if (NEED_INPUT) store_lanes(grows[k] + c, load_lanes(grows[k] + c) + g * weight[k]);
         }
       }
       if (NEED_GRID) {
         T corner[K];
-        for (int k = 0; k < K; ++k) {
-          T s = T(0);
-          for (int l = 0; l < kLanes; ++l) s += sum[k][l];
-          corner[k] = s;
-        }
+        for (int k = 0; k < K; ++k) corner[k] = sum_lanes<T>(sum[k]);
         for (int d = 0; d < D; ++d) {
           T ga = T(0);
           for (int k = 0; k < K; ++k) ga += t.dw[k][d][i] * corner[k];
