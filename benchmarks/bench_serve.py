@@ -74,8 +74,7 @@ import torch
 from PIL import Image
 
 from benchmarks.device_info import device_slug, environment, load_average
-from benchmarks.reporting import markdown_table
-from gradad.io_utils import atomic_write_text
+from benchmarks.reporting import markdown_table, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"default": [], "max-batch-1": ["--max-batch", "1"], "threads-1": ["--threads", "1"],
@@ -442,10 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         "model": args.model or "lite-demo, 1 epoch, onnx", "model_desc": desc,
                         "warmup": args.warmup},
                "environment": env, "load_average_end": load_average(), "rows": rows}
-    out = os.path.join(args.out, device_slug(device))
-    os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, "serve.json"), json.dumps(results, indent=2) + "\n")
-    atomic_write_text(os.path.join(out, "serve.md"), to_markdown(results))
+    write_report(os.path.join(args.out, device_slug(device)), "serve", results, to_markdown(results))
     print(to_markdown(results))
 
 

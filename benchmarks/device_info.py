@@ -13,6 +13,7 @@ import torch
 
 from gradad.runtime import resolve_device  # noqa: F401 (the benchmarks' device names are gradad's)
 
+from .allocators import current_allocator
 from .timing import TimingSettings, measure
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +99,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "load_average": load_average(),
         "grad_ext": grad_ext.info(),
         "git": git_commit(),
+        "allocator": current_allocator(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":

@@ -11,7 +11,7 @@ import io
 import json
 import math
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -56,6 +56,38 @@ def _load_remark(env: Dict, results: Dict) -> str:
     return ""
 
 
+def _allocator_title(alloc: Dict) -> str:
+    extra = [f"{k}={alloc[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if alloc.get(k)]
+    return alloc["title"] + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _allocators_text(results: Dict) -> str:
+    """The allocator setting(s) the figures were measured under."""
+    runs = results.get("allocators") or [a for a in [results["environment"].get("allocator")] if a]
+    if not runs:
+        return "not recorded"
+    each = ": every case runs under each" if len(runs) > 1 else ""
+    return "; ".join(_allocator_title(a) for a in runs) + each + ", grad_ext and its reference in the same process"
+
+
+def _speedup_header(results: Dict) -> str:
+    """'speed-up', naming the allocator when a run_all --allocators run measured under several."""
+    runs = results.get("allocators") or []
+    return f"speed-up, {runs[0]['title']}" if len(runs) > 1 else "speed-up"
+
+
+def _by_allocator_columns(results: Dict, row: Dict, digits: str) -> Tuple[List[str], List[str]]:
+    """(header, cells) of a row's figures under the other allocator settings of a run_all
+    --allocators run: their speed-up and ext / reference milliseconds."""
+    header, cells = [], []
+    for alloc in (results.get("allocators") or [])[1:]:
+        other = (row.get("by_allocator") or {}).get(alloc["name"]) or {}
+        header += [f"ext / ref ms, {alloc['title']}", f"speed-up, {alloc['title']}"]
+        cells += [f"{_fmt(other.get('ext_ms'), digits)} / {_fmt(other.get('reference_ms'), digits)}",
+                  _fmt(other.get("speedup"), ".2f", "×")]
+    return header, cells
+
+
 def _environment_md(results: Dict) -> List[str]:
     env = results["environment"]
     git = env.get("git") or {}
@@ -69,6 +101,7 @@ def _environment_md(results: Dict) -> List[str]:
         ("torch / CUDA", f"{env['torch']} / {env['cuda'] or '—'}"),
         ("torch threads / CPUs", f"{env['torch_threads']} / {env['cpu_count']}"),
         ("git commit", commit),
+        ("CPU memory allocator", _allocators_text(results)),
         ("date (UTC)", env["date_utc"]),
         ("measured copy bandwidth", f"{copy['gbps']:.1f} GB/s (copy_ of {copy['bytes'] / 2 / 2**20:.0f} MiB, "
                                     f"read + write counted)"),
@@ -86,7 +119,8 @@ def _environment_md(results: Dict) -> List[str]:
     return ["## Environment", "", markdown_table(("", ""), rows), ""]
 
 
-def _grid_sample_md(rows: Sequence[Dict]) -> List[str]:
+def _grid_sample_md(results: Dict) -> List[str]:
+    rows = results.get("grid_sample", [])
     if not rows:
         return ["## grid_sample", "", "Not run.", ""]
     out = ["## grid_sample: grad_ext vs torch", "",
@@ -94,16 +128,17 @@ def _grid_sample_md(rows: Sequence[Dict]) -> List[str]:
            "(formula in bench_grid_sample.py) / time; '% copy' = fraction of the measured copy bandwidth. "
            "Forward runs under no_grad; forward+backward computes the table and grid gradients. "
            "Times are medians; the fastest repetition is shown beside them (a wide gap means a busy machine).", ""]
-    table = []
+    table, extra_header = [], []
     for r in rows:
         ref = _fmt(r["reference_ms"], ".3f") if not r.get("reference_error") else f"error: {r['reference_error']}"
+        extra_header, extra = _by_allocator_columns(results, r, ".3f")
         table.append((r["label"], r["direction"], r["reference"], _fmt(r["ext_ms"], ".3f"), ref,
                       f"{_fmt(r['ext_min_ms'], '.3f')} / {_fmt(r['reference_min_ms'], '.3f')}",
-                      _fmt(r["speedup"], ".2f", "×"), f"{r['bytes'] / 2**20:.3g}", _fmt(r["ext_gbps"], ".3g"),
+                      _fmt(r["speedup"], ".2f", "×"), *extra, f"{r['bytes'] / 2**20:.3g}", _fmt(r["ext_gbps"], ".3g"),
                       _fmt(r["ext_copy_fraction"] and 100 * r["ext_copy_fraction"], ".0f", "%"),
                       _fmt(r["reference_gbps"], ".3g"), f"{r['ext_reps']}/{r['reference_reps']}"))
-    out += [markdown_table(("case", "direction", "reference", "ext ms", "ref ms", "min ms ext / ref", "speed-up",
-                            "MiB moved",
+    out += [markdown_table(("case", "direction", "reference", "ext ms", "ref ms", "min ms ext / ref",
+                            _speedup_header(results), *extra_header, "MiB moved",
                             "ext GB/s", "ext % copy", "ref GB/s", "reps ext/ref"), table), ""]
     det = _deterministic_rows(rows)
     if det:
@@ -128,7 +163,8 @@ def _deterministic_rows(rows: Sequence[Dict]) -> List[Sequence[str]]:
     return table
 
 
-def _detector_md(detector: Optional[Dict]) -> List[str]:
+def _detector_md(results: Dict) -> List[str]:
+    detector = results.get("detector")
     if not detector:
         return ["## Detector", "", "Not run.", ""]
     out = ["## Detector: kernels='ext' vs 'reference'", ""]
@@ -143,7 +179,7 @@ def _detector_md(detector: Optional[Dict]) -> List[str]:
     out += ["### Model size", "", markdown_table(
         ("spec", "backbone", "input → features", "fusion", "GRAD parameters", "breakdown", "backbone parameters",
          "GFLOPs / image (reconstruction)"), size_rows), ""]
-    rows = []
+    rows, extra_header = [], []
     for r in detector["speedups"]:
         batch = str(r["batch"]) + ("" if r["batch"] == r["requested_batch"] else f" (asked {r['requested_batch']})")
         variant = r["precision"] + (", compiled" if r["compiled"] else "")
@@ -151,35 +187,39 @@ def _detector_md(detector: Optional[Dict]) -> List[str]:
                    if x["spec"] == r["spec"] and x["kernels"] == "ext" and x["phase"] == r["phase"]
                    and x["batch"] == r["batch"] and x["precision"] == r["precision"] and x["compiled"] == r["compiled"])
         preset = next(s["preset"] for s in detector["specs"] if s["spec"] == r["spec"])
+        extra_header, extra = _by_allocator_columns(results, r, ".1f")
         rows.append((preset, variant, r["phase"], batch, _fmt(r["ext_ms"], ".1f"), _fmt(r["reference_ms"], ".1f"),
                      f"{_fmt(r['ext_min_ms'], '.1f')} / {_fmt(r['reference_min_ms'], '.1f')}",
-                     _fmt(r["speedup"], ".2f", "×"), _fmt(ext["images_per_s"], ".1f"),
+                     _fmt(r["speedup"], ".2f", "×"), *extra, _fmt(ext["images_per_s"], ".1f"),
                      _fmt(r["ext_peak_increase_mb"], ".0f"), _fmt(r["reference_peak_increase_mb"], ".0f")))
     method = next((x["memory_method"] for s in detector["specs"] for x in s["rows"]), "")
     out += ["### Speed and memory", "",
             f"Peak memory: increase over the memory in use before the measurement ({method}).", "",
-            markdown_table(("spec", "variant", "phase", "batch", "ext ms", "ref ms", "min ms ext / ref", "speed-up",
-                            "ext images/s",
+            markdown_table(("spec", "variant", "phase", "batch", "ext ms", "ref ms", "min ms ext / ref",
+                            _speedup_header(results), *extra_header, "ext images/s",
                             "ext peak MiB", "ref peak MiB"), rows), ""]
     return out
 
 
-def _refine_md(refine: Optional[Dict]) -> List[str]:
+def _refine_md(results: Dict) -> List[str]:
+    refine = results.get("refine")
     if not refine or refine.get("status") != "ok":
         note = (refine or {}).get("note", "Not run.")
         return ["## refine", "", note, ""]
     cfg = refine.get("config", {})
     shape = "×".join(str(cfg.get(k, "?")) for k in ("batch", "channels", "height", "width"))
-    rows = [(r["case"], _fmt(r["ext_ms"], ".3f"), _fmt(r["reference_ms"], ".3f"),
-             f"{_fmt(r['ext_min_ms'], '.3f')} / {_fmt(r['reference_min_ms'], '.3f')}", _fmt(r["speedup"], ".2f", "×"),
-             _fmt(r["bytes"] / 1e6, ".1f"), _fmt(r["ext_gbps"], ".1f"),
-             _fmt(r["ext_copy_fraction"] and 100 * r["ext_copy_fraction"], ".0f", "%"))
-            for r in refine["rows"]]
+    rows, extra_header = [], []
+    for r in refine["rows"]:
+        extra_header, extra = _by_allocator_columns(results, r, ".3f")
+        rows.append((r["case"], _fmt(r["ext_ms"], ".3f"), _fmt(r["reference_ms"], ".3f"),
+                     f"{_fmt(r['ext_min_ms'], '.3f')} / {_fmt(r['reference_min_ms'], '.3f')}",
+                     _fmt(r["speedup"], ".2f", "×"), *extra, _fmt(r["bytes"] / 1e6, ".1f"), _fmt(r["ext_gbps"], ".1f"),
+                     _fmt(r["ext_copy_fraction"] and 100 * r["ext_copy_fraction"], ".0f", "%")))
     return ["## refine: grad_ext.refine vs grad_ext.reference.refine", "",
             f"Shape {shape}, {cfg.get('dtype', '')}, median of {cfg.get('repeats', '?')} after "
             f"{cfg.get('warmup', '?')} warm-up, both sides interleaved (benchmarks/bench_refine.py).", "",
-            markdown_table(("case", "grad_ext ms", "torch ms", "min ms ext / ref", "speed-up", "MB moved",
-                            "ext GB/s", "% copy"), rows), ""]
+            markdown_table(("case", "grad_ext ms", "torch ms", "min ms ext / ref", _speedup_header(results),
+                            *extra_header, "MB moved", "ext GB/s", "% copy"), rows), ""]
 
 
 def _metrics_md(scored: Optional[Dict]) -> List[str]:
@@ -202,9 +242,9 @@ def results_markdown(results: Dict) -> str:
     env = results["environment"]
     lines = [f"# grad_ext benchmarks on {env['device_name']}", ""]
     lines += _environment_md(results)
-    lines += _grid_sample_md(results.get("grid_sample", []))
-    lines += _detector_md(results.get("detector"))
-    lines += _refine_md(results.get("refine"))
+    lines += _grid_sample_md(results)
+    lines += _detector_md(results)
+    lines += _refine_md(results)
     lines += _metrics_md(results.get("metrics"))
     notes = results.get("notes", [])
     if notes:
@@ -393,3 +433,14 @@ def write_results(results: Dict, folder: str, plots: bool = True) -> Dict[str, s
     paths["markdown"] = os.path.join(folder, RESULTS_MD)
     atomic_write_text(paths["markdown"], results_markdown(results))
     return paths
+
+
+def write_report(folder: str, stem: str, results: Dict, markdown: str) -> str:
+    """Writes ``<stem>.json`` (``results``) and ``<stem>.md`` (``markdown``) into ``folder``
+    (created if missing), each whole or not at all; returns the markdown's path. For the
+    benchmarks that report apart from run_all (serve, allocators, export, peers)."""
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_text(os.path.join(folder, f"{stem}.json"), json.dumps(results, indent=2) + "\n")
+    path = os.path.join(folder, f"{stem}.md")
+    atomic_write_text(path, markdown)
+    return path

@@ -1,21 +1,30 @@
 """Runs the whole benchmark suite on one device and writes its results.
 
     python benchmarks/run_all.py --out benchmarks/results [--device auto|cpu|cuda]
-        [--only grid_sample refine detector metrics]
+        [--only grid_sample refine detector metrics] [--allocators glibc glibc-tuned jemalloc tcmalloc]
 
 Results go to ``<out>/<device-slug>/`` (``cpu-<model>`` or the GPU's name): results.json
 (environment, measured roofs, every figure), results.md (tables) and PNG plots (see
 :mod:`benchmarks.reporting`). Parts: grid_sample kernels (bench_grid_sample), the whole
 detector (bench_detector), the refinement op (bench_refine) and the evaluation metrics on
 millions of pixels (bench_metrics, on the CPU whatever the device: they are numpy code).
+
+On the CPU, the kernel and detector parts run once per memory allocator setting (``--allocators``,
+default glibc as it comes and glibc tuned to reuse its heap; see benchmarks/allocators.py), each
+in a child process started under it, and the tables put the speed-ups side by side: grad_ext
+and its reference always run in the same process, so both sides of every figure share one
+allocator. ``--in-process`` runs once under this process's own allocator.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -26,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 import torch
 
 from benchmarks import bench_detector, bench_grid_sample, bench_metrics, bench_refine
+from benchmarks.allocators import DEFAULT_SETTINGS, allocator_env, check_settings
 from benchmarks.device_info import (
     device_name,
     device_slug,
@@ -56,6 +66,21 @@ def run_refine(config: "bench_refine.BenchConfig", copy_gbps: Optional[float] = 
     return {"status": "ok", "config": dataclasses.asdict(config), "rows": rows}
 
 
+def keep_earlier_parts(results: Dict[str, object], folder: str, parts: Sequence[str]) -> None:
+    """Copies into ``results`` the parts of ``folder``'s earlier results.json that ``parts`` does
+    not redo (with their wall times and notes); nothing when there is no earlier file."""
+    earlier_path = os.path.join(folder, RESULTS_JSON)
+    if not os.path.exists(earlier_path):
+        return
+    with open(earlier_path) as f:
+        earlier = json.load(f)
+    for part in PARTS:
+        if part not in parts and part in earlier:
+            results[part] = earlier[part]
+            results["part_wall_time_s"][part] = earlier.get("part_wall_time_s", {}).get(part)
+    results["notes"].extend(n for n in earlier.get("notes", []) if n not in results["notes"])
+
+
 def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
               grid_cases: Optional[Sequence[bench_grid_sample.SampleCase]] = None,
               detector_specs: Optional[Sequence[bench_detector.DetectorSpec]] = None,
@@ -63,7 +88,7 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
               metrics: Optional["bench_metrics.MetricsCase"] = None,
               kernel_timing: Optional[TimingSettings] = None, model_timing: Optional[TimingSettings] = None,
               roof_sizes: Tuple[Optional[int], Optional[int]] = (None, None),
-              progress: bool = True, merge: bool = False) -> Tuple[str, Dict[str, object]]:
+              progress: bool = True, merge: bool = False, plots: bool = True) -> Tuple[str, Dict[str, object]]:
     """Runs ``parts`` on ``device`` and writes the results to ``out_root/<device-slug>/``: the
     JSON and tables after each part (so a run stopped part-way keeps what it finished), the
     plots at the end.
@@ -72,8 +97,9 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
     kernel_timing / model_timing: repetition settings (defaults: timing.default_timing; the
     metrics part uses model_timing when given, else bench_metrics.DEFAULT_TIMING);
     roof_sizes: (copy-probe bytes, matmul side) for the roofs (defaults in device_info);
-    merge: keep the parts of an earlier results.json in the folder that this run does not redo.
-    Returns (folder, results)."""
+    merge: keep the parts of an earlier results.json in the folder that this run does not redo;
+    plots: draw the PNG plots at the end. Runs under this process's allocator (recorded in the
+    environment; see run_under_allocators for several). Returns (folder, results)."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
         raise ValueError(f"parts must be a non-empty selection of {PARTS}, got {list(parts)}")
@@ -93,15 +119,8 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
     copy_gbps = results["roofs"]["copy_bandwidth"]["gbps"]
     part_times = results["part_wall_time_s"] = {}
     folder = os.path.join(out_root, device_slug(device))
-    earlier_path = os.path.join(folder, RESULTS_JSON)
-    if merge and os.path.exists(earlier_path):
-        with open(earlier_path) as f:
-            earlier = json.load(f)
-        for part in PARTS:
-            if part not in parts and part in earlier:
-                results[part] = earlier[part]
-                part_times[part] = earlier.get("part_wall_time_s", {}).get(part)
-        notes.extend(n for n in earlier.get("notes", []) if n not in notes)
+    if merge:
+        keep_earlier_parts(results, folder, parts)
 
     def checkpoint() -> None:
         results["wall_time_s"] = time.perf_counter() - started
@@ -136,6 +155,73 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
         checkpoint()
     results["wall_time_s"] = time.perf_counter() - started
     results["load_average_end"] = load_average()
+    write_results(results, folder, plots=plots)
+    return folder, results
+
+
+# Each part's rows, and what identifies a row across runs of the same cases.
+_ROW_KEYS = {
+    "grid_sample": (lambda results: results.get("grid_sample") or [], lambda r: (r["label"], r["direction"])),
+    "refine": (lambda results: (results.get("refine") or {}).get("rows") or [], lambda r: r["case"]),
+    "detector": (lambda results: (results.get("detector") or {}).get("speedups") or [],
+                 lambda r: (r["spec"], r["phase"], r["batch"], r["precision"], r["compiled"])),
+}
+ALLOCATOR_PARTS = ("grid_sample", "refine", "detector")  # the metrics part is numpy code: run once
+
+
+def merge_allocator_runs(runs: Sequence[Tuple[str, Dict[str, object]]]) -> Dict[str, object]:
+    """One results mapping from runs of the same cases under several allocator settings
+    ``[(setting name, results), ...]``: the first run's figures, every later run's speed-up and
+    times beside each row as ``row["by_allocator"][name]``, the settings in order as
+    ``results["allocators"]``, wall times summed and notes joined."""
+    if not runs:
+        raise ValueError("merge_allocator_runs needs at least one run")
+    merged = copy.deepcopy(runs[0][1])
+    merged["allocators"] = [{**r["environment"]["allocator"], "name": name} for name, r in runs]
+    for name, other in runs[1:]:
+        for part, (rows_of, key) in _ROW_KEYS.items():
+            theirs = {key(r): r for r in rows_of(other)}
+            for row in rows_of(merged):
+                match = theirs.get(key(row))
+                if match is not None:
+                    row.setdefault("by_allocator", {})[name] = {
+                        k: match[k] for k in ("speedup", "ext_ms", "reference_ms", "ext_min_ms", "reference_min_ms")}
+        for part, seconds in (other.get("part_wall_time_s") or {}).items():
+            times = merged.setdefault("part_wall_time_s", {})
+            times[part] = (times.get(part) or 0) + (seconds or 0)
+        merged["wall_time_s"] = merged.get("wall_time_s", 0) + other.get("wall_time_s", 0)
+        merged["notes"] += [n for n in other.get("notes", []) if n not in merged["notes"]]
+        merged["load_average_end"] = other.get("load_average_end")
+    return merged
+
+
+def run_under_allocators(out_root: str, allocators: Sequence[str], parts: Sequence[str], child_args: Sequence[str],
+                         merge: bool = False) -> Tuple[str, Dict[str, object]]:
+    """Runs ``parts`` on the CPU once per allocator setting, each in a child process started
+    under that setting (``run_all.py --in-process`` with ``child_args``), and writes the merged
+    results (:func:`merge_allocator_runs`) to ``out_root/<cpu slug>/``. The metrics part runs
+    only under the first setting. Returns (folder, results)."""
+    check_settings(allocators)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="run_all-") as scratch:
+        for index, name in enumerate(allocators):
+            child_parts = [p for p in parts if index == 0 or p in ALLOCATOR_PARTS]
+            if not child_parts:
+                continue
+            out = os.path.join(scratch, name)
+            print(f"== allocator {name}: {' '.join(child_parts)}", flush=True)
+            command = [sys.executable, os.path.abspath(__file__), "--in-process", "--no-plots", "--device", "cpu",
+                       "--out", out, "--only", *child_parts, *child_args]
+            done = subprocess.run(command, env=allocator_env(name))
+            if done.returncode != 0:
+                raise RuntimeError(f"the benchmarks under allocator {name!r} failed (exit {done.returncode})")
+            (slug,) = os.listdir(out)
+            with open(os.path.join(out, slug, RESULTS_JSON), encoding="utf-8") as handle:
+                runs.append((name, json.load(handle)))
+    results = merge_allocator_runs(runs)
+    folder = os.path.join(out_root, slug)
+    if merge:
+        keep_earlier_parts(results, folder, parts)
     write_results(results, folder)
     return folder, results
 
@@ -143,14 +229,20 @@ def run_suite(out_root: str, device: torch.device, parts: Sequence[str] = PARTS,
 def summary(results: Dict[str, object]) -> str:
     """The key speed-ups, one per line, for the terminal."""
     lines = []
+    others = [a["name"] for a in (results.get("allocators") or [])[1:]]
+    if others:
+        lines.append(f"speed-ups under: {', '.join(a['name'] for a in results['allocators'])}")
+
+    def speedups(row: Dict[str, object]) -> str:
+        values = [row["speedup"]] + [(row.get("by_allocator") or {}).get(n, {}).get("speedup") for n in others]
+        return "  ".join(f"{v:6.2f}×" if v is not None else "   n/a" for v in values)
     for r in results.get("grid_sample", []):
-        speedup = f"{r['speedup']:6.2f}×" if r["speedup"] is not None else "   n/a"
-        lines.append(f"grid_sample {r['label']:<28} {r['direction']:<17} {speedup}")
+        lines.append(f"grid_sample {r['label']:<28} {r['direction']:<17} {speedups(r)}")
     for r in (results.get("detector") or {}).get("speedups", []):
-        lines.append(f"detector {r['spec'][:30]:<31} {r['phase']:<22} B={r['batch']:<3} {r['speedup']:6.2f}×")
+        lines.append(f"detector {r['spec'][:30]:<31} {r['phase']:<22} B={r['batch']:<3} {speedups(r)}")
     refine = results.get("refine") or {}
     for r in refine.get("rows", []):
-        lines.append(f"refine {r['case']:<30} {r['speedup']:6.2f}×")
+        lines.append(f"refine {r['case']:<30} {speedups(r)}")
     scored = results.get("metrics") or {}
     if scored.get("status") == "ok":
         lines.append(f"metrics on {scored['pixels'] / 1e6:.1f} M pixels {scored['ms']:8.0f} ms")
@@ -168,20 +260,44 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--detector-weights", choices=("as-specified", "random"), default="as-specified",
                         help="'random': build every detector with random backbone weights (timing only: for "
                         "machines without the offline ImageNet weights); the spec titles say so")
+    parser.add_argument("--allocators", nargs="+", default=None, metavar="SETTING",
+                        help="CPU: run the kernel and detector parts once per memory allocator setting, each in a "
+                        "child process, and put the speed-ups side by side (settings in benchmarks/allocators.py; "
+                        f"default: {' '.join(DEFAULT_SETTINGS)})")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run everything in this process, under the allocator it was started with")
+    parser.add_argument("--no-plots", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    parts = args.only or PARTS
+    if device.type != "cpu" and args.allocators:
+        parser.error("--allocators is for CPU runs (the GPU kernels' memory comes from PyTorch's CUDA allocator)")
+    if device.type == "cpu" and not args.in_process:
+        allocators = args.allocators or DEFAULT_SETTINGS
+        try:
+            check_settings(allocators)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(f"--allocators: {err}")
+        child_args = ["--threads", str(torch.get_num_threads()), "--detector-weights", args.detector_weights]
+        print(f"benchmarking on {device_name(device)} ({torch.get_num_threads()} threads) under the allocator "
+              f"settings {', '.join(allocators)}")
+        folder, results = run_under_allocators(args.out, allocators, parts, child_args, merge=args.merge)
+        print(summary(results))
+        print(f"results written to {folder} in {results['wall_time_s']:.0f} s")
+        return
     print(f"benchmarking on {device_name(device)} ({device}, {torch.get_num_threads()} threads)")
     specs = None
-    if args.detector_weights == "random" and "detector" in (args.only or PARTS):
+    if args.detector_weights == "random" and "detector" in parts:
         specs = bench_detector.DEFAULT_SPECS
         specs = [s if s.backbone_weights == "random" else
                  dataclasses.replace(s, title=f"{s.title.split(' (')[0]} (RANDOM backbone weights: timing only)",
                                      backbone_weights="random") for s in specs]
-    folder, results = run_suite(args.out, device, parts=args.only or PARTS, detector_specs=specs, merge=args.merge)
+    folder, results = run_suite(args.out, device, parts=parts, detector_specs=specs, merge=args.merge,
+                                plots=not args.no_plots)
     print(summary(results))
     print(f"results written to {folder} in {results['wall_time_s']:.0f} s")
 

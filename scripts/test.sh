@@ -8,27 +8,35 @@
 #   4. runs pytest (GPU tests are skipped without a GPU);
 #   5. runs the CUDA kernels on the CPU under the emulation and its sanitizers
 #      (scripts/cuda_emulation.sh).
-# The report.html test opens pages in headless Chromium: the Debian packages chromium and
-# chromium-driver are installed when missing (as root, or with password-less sudo).
+# The report.html test opens pages in headless Chromium, and the benchmark tests preload jemalloc
+# and tcmalloc: the Debian packages chromium, chromium-driver, libjemalloc2 and libtcmalloc-minimal4
+# are installed when missing (as root, or with password-less sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+# Debian packages the tests need: Chromium for report.html and the serve page; jemalloc and
+# tcmalloc for the benchmarks' allocator settings (tests/test_benchmarks.py starts children under each).
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+ls /usr/lib/*-linux-gnu/libjemalloc.so.2 >/dev/null 2>&1 || missing+=(libjemalloc2)
+ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || missing+=(libtcmalloc-minimal4)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     as_root=()
   elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
     as_root=(sudo)
   else
-    echo "scripts/test.sh: chromium and chromium-driver are needed by tests/test_report_html.py and this user" \
-         "cannot install them; run as root: apt-get install -y chromium chromium-driver" >&2
+    echo "scripts/test.sh: the tests need the Debian packages ${missing[*]} and this user cannot install" \
+         "them; run as root: apt-get install -y ${missing[*]}" >&2
     exit 1
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "scripts/test.sh: chromium and chromium-driver are missing and there is no apt-get to install them;" \
-         "install Chromium and its chromedriver with this system's package manager" >&2
+    echo "scripts/test.sh: ${missing[*]} are missing and there is no apt-get to install them;" \
+         "install them with this system's package manager" >&2
     exit 1
   fi
   "${as_root[@]}" apt-get update -qq
-  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 export GRADAD_REQUIRE_BROWSER=1  # a browser test that cannot start fails instead of being skipped
 export MAX_JOBS=${MAX_JOBS:-2}

@@ -1,21 +1,25 @@
 """Smoke tests of the benchmark suite: its core functions on tiny shapes with one repetition,
 and the files it writes (no assertions on timings)."""
+import copy
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks import bench_detector, bench_grid_sample, bench_metrics, bench_refine, run_all
+from benchmarks import allocators, bench_detector, bench_grid_sample, bench_metrics, bench_refine, run_all
 from benchmarks.bench_grid_sample import FORWARD, FORWARD_BACKWARD, SampleCase
 from benchmarks.device_info import resolve_device, slugify
-from benchmarks.reporting import PLOT_FILES, RESULTS_JSON, RESULTS_MD
+from benchmarks.reporting import PLOT_FILES, RESULTS_JSON, RESULTS_MD, results_markdown
 from benchmarks.timing import PeakMemory, TimingSettings, measure, measure_interleaved
 
 CPU = torch.device("cpu")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_REP = TimingSettings(warmup=0, min_reps=1, max_reps=1, budget_s=0.0)
 
 TINY_CASES = [
@@ -97,15 +101,11 @@ def test_results_json_is_complete(suite):
     assert scored["mpixels_per_s"] == pytest.approx(scored["pixels"] / (scored["ms"] / 1e3) / 1e6)
 
 
-def test_results_markdown_has_a_row_per_measurement(suite):
-    _, folder, results = suite
-    with open(os.path.join(folder, RESULTS_MD), encoding="utf-8") as handle:
-        text = handle.read()
-    lines = text.splitlines()
-    assert lines[0].startswith("# ")
-    # every table row has as many cells as its header
+def markdown_tables(text):
+    """The tables of a markdown text (lists of row lines), each checked: every row has as many
+    cells as its header, and the second row is the separator."""
     tables, current = [], []
-    for line in lines + [""]:
+    for line in text.splitlines() + [""]:
         if line.startswith("|"):
             current.append(line)
         elif current:
@@ -115,6 +115,15 @@ def test_results_markdown_has_a_row_per_measurement(suite):
         widths = {row.replace("\\|", "").count("|") for row in table}
         assert len(widths) == 1, table
         assert set(table[1].strip("|").split("|")) == {"---"}
+    return tables
+
+
+def test_results_markdown_has_a_row_per_measurement(suite):
+    _, folder, results = suite
+    with open(os.path.join(folder, RESULTS_MD), encoding="utf-8") as handle:
+        text = handle.read()
+    assert text.splitlines()[0].startswith("# ")
+    tables = markdown_tables(text)
     grid_table = next(t for t in tables if "ext GB/s" in t[0])
     assert len(grid_table) - 2 == len(results["grid_sample"])
     for case in TINY_CASES:
@@ -122,6 +131,108 @@ def test_results_markdown_has_a_row_per_measurement(suite):
     assert "## metrics: gradad.metrics.compute_metrics" in text and "| 4×16×16 |" in text
     for file in PLOT_FILES.values():
         assert f"({file})" in text
+
+
+def test_results_name_the_allocator_both_sides_ran_under(suite):
+    _, folder, results = suite
+    assert results["environment"]["allocator"] == allocators.current_allocator()
+    with open(os.path.join(folder, RESULTS_MD), encoding="utf-8") as handle:
+        text = handle.read()
+    assert f"| CPU memory allocator | {allocators.current_allocator()['title']}" in text
+
+
+def test_allocator_runs_are_merged_side_by_side(suite, tmp_path):
+    # Two runs of the same cases under different settings (the second's times made up here):
+    # every row keeps the first run's figures and gets the second's beside it.
+    _, _, results = suite
+    first = copy.deepcopy(results)
+    first["environment"]["allocator"] = allocators.current_allocator({})
+    second = copy.deepcopy(results)
+    second["environment"]["allocator"] = allocators.current_allocator({"GLIBC_TUNABLES": allocators.GLIBC_TUNED})
+    rows_of = {"grid_sample": lambda r: r["grid_sample"], "refine": lambda r: r["refine"]["rows"],
+               "detector": lambda r: r["detector"]["speedups"]}
+    for rows in rows_of.values():
+        for i, row in enumerate(rows(second)):
+            row["ext_ms"], row["reference_ms"], row["speedup"] = 1.0 + i, 3.0 * (1.0 + i), 3.0
+    del second["grid_sample"][-1]  # a case the second run lacks stays without its column
+    merged = run_all.merge_allocator_runs([("glibc", first), ("glibc-tuned", second)])
+    assert [a["name"] for a in merged["allocators"]] == ["glibc", "glibc-tuned"]
+    assert merged["allocators"][1]["GLIBC_TUNABLES"] == allocators.GLIBC_TUNED
+    for part, rows in rows_of.items():
+        for i, (row, original) in enumerate(zip(rows(merged), rows(first))):
+            assert row["speedup"] == original["speedup"] and row["ext_ms"] == original["ext_ms"]
+            if part == "grid_sample" and i == len(rows(merged)) - 1:
+                assert "by_allocator" not in row
+                continue
+            assert row["by_allocator"]["glibc-tuned"]["ext_ms"] == 1.0 + i
+            assert row["by_allocator"]["glibc-tuned"]["speedup"] == 3.0
+    assert merged["wall_time_s"] == pytest.approx(first["wall_time_s"] + second["wall_time_s"])
+    text = results_markdown(merged)
+    tables = markdown_tables(text)
+    grid_table = next(t for t in tables if "ext GB/s" in t[0])
+    header = [c.strip() for c in grid_table[0].strip("|").split("|")]
+    assert "speed-up, glibc (default)" in header and "speed-up, glibc tuned" in header
+    first_row = [c.strip() for c in grid_table[2].strip("|").split("|")]
+    assert first_row[header.index("speed-up, glibc tuned")] == "3.00×"
+    assert first_row[header.index("ext / ref ms, glibc tuned")] == "1.000 / 3.000"
+    assert sum("speed-up, glibc tuned" in t[0] for t in tables) == 3  # grid_sample, detector, refine
+    assert "every case runs under each" in text
+
+
+def test_allocator_settings_replace_the_parents(tmp_path, monkeypatch):
+    parent = {"LD_PRELOAD": "/somewhere/libother.so", "GLIBC_TUNABLES": "glibc.malloc.arena_max=1", "KEEP": "1"}
+    plain = allocators.allocator_env("glibc", parent)
+    assert plain == {"KEEP": "1"}
+    tuned = allocators.allocator_env("glibc-tuned", parent)
+    assert tuned == {"KEEP": "1", "GLIBC_TUNABLES": allocators.GLIBC_TUNED}
+    assert allocators.current_allocator(tuned)["name"] == "glibc-tuned"
+    assert allocators.current_allocator(parent)["name"] == "custom"
+    with pytest.raises(ValueError, match="allocator must be one of"):
+        allocators.allocator_env("mimalloc", parent)
+    with pytest.raises(ValueError, match="without repeats"):
+        allocators.check_settings(["glibc", "glibc"])
+    monkeypatch.setattr(allocators, "LIBRARY_GLOBS", (str(tmp_path),))
+    with pytest.raises(FileNotFoundError, match="apt-get install libjemalloc2"):
+        allocators.allocator_env("jemalloc", parent)
+
+
+_CHILD = """
+import ctypes, json
+from benchmarks.allocators import current_allocator
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+libc.free(libc.malloc(64 << 20))
+with open("/proc/self/maps") as maps:
+    libraries = sorted({line.split()[-1] for line in maps if ".so" in line})
+print(json.dumps({"allocator": current_allocator(), "heap_bytes": libc.mallinfo2().arena, "libraries": libraries}))
+"""
+
+
+@pytest.mark.parametrize("name", sorted(allocators.SETTINGS))
+def test_a_child_process_runs_under_the_setting(name):
+    # What run_all's children get: the setting's name in their results, and the allocator itself
+    # (the preloaded library mapped; glibc tuned keeping a freed 64 MiB block in its heap, where
+    # glibc as it comes hands such a block back to the OS at once).
+    env = allocators.allocator_env(name)
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    child = json.loads(done.stdout)
+    assert child["allocator"]["name"] == name
+    library = allocators.SETTINGS[name].library
+    preloaded = [lib for lib in child["libraries"] if "jemalloc" in lib or "tcmalloc" in lib]
+    assert [os.path.realpath(lib) for lib in preloaded] == (
+        [os.path.realpath(allocators.find_library(library))] if library else [])
+    if name == "glibc-tuned":
+        assert child["heap_bytes"] >= 64 << 20
+    elif name == "glibc":
+        assert child["heap_bytes"] < 64 << 20
 
 
 def test_plots_are_valid_pngs(suite):
@@ -281,3 +392,33 @@ def test_bigrid_synthetic_dataset_is_an_mvtec_class_with_masks_on_the_defects(tm
             assert mask is None or not mask.any()
         else:  # a defect covers a small part of the image
             assert 0 < mask.mean() < 0.05
+
+
+def test_allocator_report_compares_each_setting_with_glibc():
+    from benchmarks import bench_allocators
+
+    runs = {"glibc": {w: [4.0, 2.0] for w in bench_allocators.WORK},
+            "glibc-tuned": {w: [1.0, 3.0] for w in bench_allocators.WORK}}
+    results = {"environment": {"cpu": "test CPU", "torch": torch.__version__, "load_average": [0.1, 0.1, 0.1]},
+               "load_average_end": [0.2, 0.2, 0.2], "runs": runs, "libraries": {"glibc": None, "glibc-tuned": None},
+               "case": {"threads": 2, "rounds": 2, "images": 10, "train_images": 20, "training": "t", "predict": "p"}}
+    text = bench_allocators.to_markdown(results)
+    tables = markdown_tables(text)
+    rows = [[c.strip() for c in row.strip("|").split("|")] for row in tables[0][2:]]
+    assert len(rows) == 2 * len(bench_allocators.WORK)
+    for work, name, best, speed, every in rows:
+        assert best == ("2.00" if name == "glibc" else "1.00")  # the best round
+        assert speed == ("1.00×" if name == "glibc" else "2.00×")
+    per_image = [[c.strip() for c in row.strip("|").split("|")] for row in tables[1][2:]]
+    assert per_image[1] == ["glibc-tuned", "20.0", "20.0", "10.0", "10.0"]
+    assert allocators.GLIBC_TUNED in text
+
+
+def test_allocator_benchmark_rejects_bad_arguments(capsys):
+    from benchmarks import bench_allocators
+
+    with pytest.raises(SystemExit):
+        bench_allocators.main(["--allocators", "mimalloc"])
+    assert "--allocators" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_allocators.main(["--rounds", "0"])
