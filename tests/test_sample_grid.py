@@ -375,10 +375,13 @@ def test_large_outputs_are_ordinary_torch_tensors_and_fully_written():
             t.resize_(t.numel() + 1024)  # a storage PyTorch did not allocate refuses to grow
 
 
-def test_large_local_grid_outputs_match_f_grid_sample():
-    gen = torch.Generator().manual_seed(stable_seed("large local outputs"))
+@pytest.mark.parametrize("points", [(28, 28), (27, 29)])
+def test_large_local_grid_outputs_match_f_grid_sample(points):
+    # Outputs of 8 MiB and more are written with streaming stores when each channel row of
+    # points is a whole number of vectors (28 x 28), with ordinary ones otherwise (27 x 29).
+    gen = torch.Generator().manual_seed(stable_seed("large local outputs", *points))
     table = torch.randn(1, 64, 8, 8, generator=gen, requires_grad=True)
-    grid = (torch.rand(48, 28, 28, 2, generator=gen) * 2 - 1).requires_grad_()
+    grid = (torch.rand(48, *points, 2, generator=gen) * 2 - 1).requires_grad_()
     ext = grad_ext.grid_sample(table, grid)
     ref = F.grid_sample(table.expand(48, -1, -1, -1), grid, align_corners=False)
     assert ext.numel() * ext.element_size() >= 8 << 20

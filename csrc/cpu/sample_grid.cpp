@@ -55,6 +55,7 @@ void forward_local_cells(const at::Tensor& input, const at::Tensor& grid, at::Te
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t tiles_per_batch = ceil_div(g.P, kPointTile);
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
+  const bool stream = streams_output(o, g.P, out.nbytes());
   at::parallel_for(0, g.N * channel_tiles, 1, [&](int64_t begin, int64_t end) {
     auto tile = std::make_unique<Tile>();
     std::vector<acc_t> scratch(kPointTile * kScratchStride);
@@ -71,7 +72,7 @@ void forward_local_cells(const at::Tensor& input, const at::Tensor& grid, at::Te
         scalar_t* obase = o + n * g.C * g.P + p0;
         if (!tile->biased) {
           forward_cells<scalar_t, TAPS, D>({tile.get(), cellsT.data(), c0, channel_tile, g.S, c0, c1, g.P,
-                                            scratch.data(), obase, nullptr, nullptr, 0, nullptr});
+                                            scratch.data(), obase, nullptr, nullptr, 0, nullptr, stream});
           continue;
         }
         for (int64_t c = c0; c < c1; ++c)  // a non-finite bias (NaN coordinates): the checked row loop
@@ -118,6 +119,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   const int64_t channel_tiles = ceil_div(g.C, channel_tile);
   const at::Tensor cells = by_cells ? cell_major(input, g) : at::Tensor();
   const int64_t Cp = round_up(g.C, kLanes);
+  const bool stream = by_cells && streams_output(o, g.P, out.nbytes());
 
   at::parallel_for(0, point_blocks * channel_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<std::unique_ptr<Tile>> tiles(block);
@@ -139,7 +141,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
       // Tiles with a non-finite bias (NaN coordinates) take the checked row loop.
       if (by_cells && !tiles[0]->biased) {
         forward_cells<scalar_t, TAPS, D>({tiles[0].get(), cells.data_ptr<scalar_t>() + b * (g.S + 1) * Cp, 0, Cp, g.S,
-                                          c0, c1, g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr});
+                                          c0, c1, g.P, scratch.data(), obase, nullptr, nullptr, 0, nullptr, stream});
         continue;
       }
       for (int64_t c = c0; c < c1; ++c) {

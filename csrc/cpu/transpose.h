@@ -26,9 +26,32 @@ struct ShuffleIndex {
 #define GRAD_EXT_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, typename ShuffleIndex<T>::vector{__VA_ARGS__})
 #endif
 
-// dst[j * ds + i] = (or +=, when ADD) src[i * ss + j] for i, j < 8.
-template <bool ADD, typename T>
+// A streaming (non-temporal) store of 8 floats to a 32-byte aligned address: written straight to
+// memory, without first reading the line into the cache. Only for code compiled for AVX (the
+// loops' AVX2 build), which is why it is inline assembly and not an intrinsic: the generic
+// functions below are compiled for the baseline ISA, and GCC refuses to inline an AVX intrinsic
+// into them even when they are themselves only ever inlined into AVX2 code.
+GRAD_EXT_INLINE void stream_lanes(float* p, simd_t<float> v) {
+  asm("vmovntps %1, %0" : "=m"(*reinterpret_cast<simd_t<float>*>(p)) : "x"(v));
+}
+// Orders the streaming stores before whatever follows (another thread reading the output).
+GRAD_EXT_INLINE void stream_fence() { asm volatile("sfence" ::: "memory"); }
+
+template <bool STREAM, typename T>
+GRAD_EXT_INLINE void store_row(T* p, simd_t<T> v) {
+  if constexpr (STREAM) {
+    static_assert(std::is_same<T, float>::value, "streaming stores are for float outputs");
+    stream_lanes(p, v);
+  } else {
+    store_lanes(p, v);
+  }
+}
+
+// dst[j * ds + i] = (or +=, when ADD) src[i * ss + j] for i, j < 8. STREAM: dst's rows are
+// written with streaming stores (dst and ds * sizeof(T) 32-byte aligned; not with ADD).
+template <bool ADD, typename T, bool STREAM = false>
 GRAD_EXT_INLINE void transpose8x8(const T* __restrict__ src, int64_t ss, T* __restrict__ dst, int64_t ds) {
+  static_assert(!(ADD && STREAM), "a streamed row is not read back");
   using V = simd_t<T>;
   V r[8], t[8], u[8];
   for (int i = 0; i < 8; ++i) r[i] = load_lanes(src + i * ss);
@@ -49,8 +72,8 @@ GRAD_EXT_INLINE void transpose8x8(const T* __restrict__ src, int64_t ss, T* __re
       lo += load_lanes(dst + i * ds);
       hi += load_lanes(dst + (i + 4) * ds);
     }
-    store_lanes(dst + i * ds, lo);
-    store_lanes(dst + (i + 4) * ds, hi);
+    store_row<STREAM>(dst + i * ds, lo);
+    store_row<STREAM>(dst + (i + 4) * ds, hi);
   }
 }
 
@@ -66,16 +89,16 @@ GRAD_EXT_INLINE void transpose_scalar(const T* __restrict__ src, int64_t ss, T* 
 // apart (channel rows of a tensor are often a multiple of 4 KiB apart, so that all of them
 // fall into one set of the L1 cache): each slab's 8 rows are then read or written whole
 // before the next, instead of a part of every row at a time.
-template <bool ADD, typename T>
+template <bool ADD, typename T, bool STREAM = false>
 GRAD_EXT_INLINE void transpose_block(const T* __restrict__ src, int64_t ss, T* __restrict__ dst, int64_t ds,
                                      int64_t rows, int64_t cols) {
   const int64_t rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
   if (ss >= ds) {
     for (int64_t i = 0; i < rows8; i += 8)
-      for (int64_t j = 0; j < cols8; j += 8) transpose8x8<ADD>(src + i * ss + j, ss, dst + j * ds + i, ds);
+      for (int64_t j = 0; j < cols8; j += 8) transpose8x8<ADD, T, STREAM>(src + i * ss + j, ss, dst + j * ds + i, ds);
   } else {
     for (int64_t j = 0; j < cols8; j += 8)
-      for (int64_t i = 0; i < rows8; i += 8) transpose8x8<ADD>(src + i * ss + j, ss, dst + j * ds + i, ds);
+      for (int64_t i = 0; i < rows8; i += 8) transpose8x8<ADD, T, STREAM>(src + i * ss + j, ss, dst + j * ds + i, ds);
   }
   transpose_scalar<ADD>(src, ss, dst, ds, 0, rows8, cols8, cols);
   transpose_scalar<ADD>(src, ss, dst, ds, rows8, rows, 0, cols);
