@@ -12,6 +12,13 @@ time each runtime alone in its own process::
 
     python benchmarks/bench_export.py [--specs lite-demo grad] [--out benchmarks/results]
 
+Precisions (``gradad export --precision``) need a trained detector, for its calibration images and
+its accuracy check: ``--checkpoint runs/demo`` (the Lite demo, ``gradad demo``) exports it in fp32,
+fp16 and int8 to ONNX and OpenVINO and times each file with its runtime (spec 'lite-demo-trained';
+the AUROC columns are the export's own measurement on the demo's test split)::
+
+    for r in onnxruntime openvino; do python benchmarks/bench_export.py --checkpoint runs/demo --runtimes $r; done
+
 Writes ``<out>/<cpu slug>/export.json`` and ``export.md`` (rows of specs and runtimes not run are kept).
 """
 from __future__ import annotations
@@ -37,9 +44,10 @@ import torch
 import grad_ext.onnx
 from benchmarks.bench_detector import DetectorSpec, build_detector
 from benchmarks.device_info import device_slug, environment
-from benchmarks.reporting import markdown_table
-from gradad.export import DetectorGraph, dynamic_shapes
-from gradad.io_utils import atomic_write_text
+from benchmarks.reporting import markdown_table, write_report
+from gradad.deploy import PRECISIONS
+from gradad.export import DetectorGraph, dynamic_shapes, export_detector
+from gradad.quantize import PrecisionConfig
 
 SPECS = {"lite-demo": DetectorSpec("Lite demo (random weights)", "lite-demo", "random"),
          "grad": DetectorSpec("GRAD, EfficientNet-B4 (random weights)", "grad", "random")}
@@ -67,6 +75,55 @@ def _time_interleaved(steps: Dict[str, object], batch: int) -> Dict[str, Dict[st
 
 
 RUNTIMES = {"eager": "torch eager (ext kernels)", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+TRAINED_SPEC = "lite-demo-trained"
+RUNTIME_FORMATS = {"onnxruntime": "onnx", "openvino": "openvino"}
+
+
+def _ort_session(path: str, threads: int):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # idle threads must not spin: the runtimes take turns on the same cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _ov_request(path: str, threads: int):
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                     "INFERENCE_NUM_THREADS": threads})
+    return compiled.create_infer_request()
+
+
+def run_precisions(checkpoint: str, threads: int, folder: str, runtimes: Sequence[str],
+                   precisions: Sequence[str]) -> List[Dict[str, object]]:
+    """Rows of the trained detector exported by ``gradad export --precision`` in each precision, per
+    runtime (onnxruntime: the .onnx, openvino: the IR), timed one precision after another on the
+    same images, with the export's measured accuracy (image AUROC, largest score change)."""
+    rows = []
+    for runtime in [r for r in RUNTIMES if r in runtimes and r in RUNTIME_FORMATS]:
+        steps, accuracy, side = {}, {}, None
+        for precision in precisions:
+            out = os.path.join(folder, f"{runtime}-{precision}")
+            result = export_detector(checkpoint, RUNTIME_FORMATS[runtime], out, precision=PrecisionConfig(precision))
+            side = result.metadata["input"]["height"]
+            accuracy[precision] = result.metadata.get("quantization", {}).get("accuracy")
+            if runtime == "onnxruntime":
+                session = _ort_session(result.model_path, threads)
+                steps[precision] = lambda images, session=session: session.run(None, {"image": images})
+            else:
+                request = _ov_request(result.model_path, threads)
+                steps[precision] = lambda images, request=request: request.infer({"image": images})
+        for batch in BATCHES:
+            images = (np.random.default_rng(0).random((batch, 3, side, side)) * 255).astype(np.float32)
+            timed = _time_interleaved({p: (lambda step=step: step(images)) for p, step in steps.items()}, batch)
+            for precision, timing in timed.items():
+                measured = accuracy[precision] or {}
+                rows.append({"spec": TRAINED_SPEC, "runtime": RUNTIMES[runtime], "precision": precision, "batch": batch,
+                             "requested_batch": batch, "input_size": side, **timing,
+                             "auroc_fp32": measured.get("auroc_fp32"), "auroc": measured.get("auroc"),
+                             "max_score_change": measured.get("max_score_change")})
+                print(f"{TRAINED_SPEC} {runtime} {precision} batch {batch}: {timing['images_per_s']:.1f} images/s",
+                      flush=True)
+    return rows
 
 
 def run_spec(name: str, threads: int, folder: str,
@@ -88,17 +145,10 @@ def run_spec(name: str, threads: int, folder: str,
                 continue
             grad_ext.onnx.export(graph, (example,), path, dynamic_shapes=dynamic_shapes(),
                                  input_names=["image"], output_names=["anomaly_map", "score"])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    # idle threads must not spin: the runtimes take turns on the same cores
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if "onnxruntime" in runtimes:
-        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        session = _ort_session(onnx_path, threads)
     if "openvino" in runtimes:
-        core = ov.Core()
-        compiled = core.compile_model(core.read_model(ov_onnx), "CPU",
-                                      {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
-        request = compiled.create_infer_request()
+        request = _ov_request(ov_onnx, threads)
 
     def eager(images):
         with torch.no_grad():
@@ -119,9 +169,28 @@ def run_spec(name: str, threads: int, folder: str,
     return rows
 
 
+def precision_table(rows: List[Dict[str, object]]) -> str:
+    """The trained detector's rows: images/s per runtime and precision, the speed-up over fp32
+    onnxruntime at the same batch, and the accuracy the export measured."""
+    base = {r["batch"]: r["images_per_s"] for r in rows if r["runtime"] == "onnxruntime" and r["precision"] == "fp32"}
+    auroc_fp32 = next((r["auroc_fp32"] for r in rows if r.get("auroc_fp32") is not None), None)
+
+    def auroc(r):
+        if r["precision"] == "fp32":
+            return "n/a" if auroc_fp32 is None else f"{auroc_fp32:.4f}"
+        return f"{r['auroc']:.4f} ({r['auroc'] - r['auroc_fp32']:+.4f})"
+    table = [[r["runtime"], r["precision"], str(r["batch"]), f"{r['median_ms']:.1f}", f"{r['images_per_s']:.1f}",
+              f"{r['images_per_s'] / base[r['batch']]:.2f}×" if r["batch"] in base else "n/a", auroc(r),
+              "0 (reference)" if r["precision"] == "fp32" else f"{r['max_score_change']:.3g}"] for r in rows]
+    return markdown_table(["runtime", "precision", "batch", "median ms", "images/s", "vs fp32 onnxruntime",
+                           "image AUROC (change)", "largest score change"], table)
+
+
 def to_markdown(results: Dict[str, object]) -> str:
-    """The results as a markdown table, with the speed-up over torch eager at each batch."""
-    rows = results["rows"]
+    """The results as markdown tables: the speed-up over torch eager at each batch, and the
+    trained detector's precisions."""
+    trained = [r for r in results["rows"] if r["spec"] == TRAINED_SPEC]
+    rows = [r for r in results["rows"] if r["spec"] != TRAINED_SPEC]
     eager = {(r["spec"], r["batch"]): r["images_per_s"] for r in rows if r["runtime"].startswith("torch")}
     table = [[r["spec"], str(r["input_size"]), r["runtime"],
               f"{r['batch']}" + (f" (asked {r['requested_batch']})" if r["batch"] != r["requested_batch"] else ""),
@@ -132,6 +201,13 @@ def to_markdown(results: Dict[str, object]) -> str:
              f"{results['threads']} threads; image to answer (resize, normalisation, backbone, GRAD, strict "
              "post-processing) at the model's input size; random backbone weights.", "",
              markdown_table(["spec", "input", "runtime", "batch", "median ms", "images/s", "vs eager"], table)]
+    if trained:
+        side = trained[0]["input_size"]
+        lines += ["", f"## Precisions: the Lite demo detector, trained (`gradad demo`), {side} px", "",
+                  "`gradad export --precision` of the trained demo checkpoint, each file in its own runtime at "
+                  f"{results['threads']} threads; AUROC and score change: the export's accuracy check against "
+                  "fp32 on the demo's test split (and its validation normals for the score change).", "",
+                  precision_table(trained)]
     return "\n".join(lines) + "\n"
 
 
@@ -143,22 +219,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--runtimes", nargs="+", choices=sorted(RUNTIMES), default=sorted(RUNTIMES),
                         help="runtimes to time (one alone: none of the others is loaded in the process)")
+    parser.add_argument("--checkpoint", help="a trained Lite demo run: time its exports in --precisions instead of "
+                        "the random-weight specs")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     args = parser.parse_args(argv)
     device = torch.device("cpu")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
-        rows = [row for name in args.specs for row in run_spec(name, args.threads, folder, args.runtimes)]
+        if args.checkpoint:
+            rows = run_precisions(args.checkpoint, args.threads, folder, args.runtimes, args.precisions)
+        else:
+            rows = [row for name in args.specs for row in run_spec(name, args.threads, folder, args.runtimes)]
     out = os.path.join(args.out, device_slug(device))
-    os.makedirs(out, exist_ok=True)
     previous = os.path.join(out, "export.json")
     if os.path.isfile(previous):  # keep the rows of the specs not run this time
         with open(previous, encoding="utf-8") as handle:
-            ran = {(r["spec"], r["runtime"]) for r in rows}
-            rows = [r for r in json.load(handle)["rows"] if (r["spec"], r["runtime"]) not in ran] + rows
+            ran = {(r["spec"], r["runtime"], r.get("precision")) for r in rows}
+            kept = json.load(handle)["rows"]
+            rows = [r for r in kept if (r["spec"], r["runtime"], r.get("precision")) not in ran] + rows
     results = {"device": device_slug(device), "threads": args.threads, "environment": environment(device),
                "rows": sorted(rows, key=lambda r: (r["spec"] != "lite-demo", r["spec"]))}
-    atomic_write_text(os.path.join(out, "export.json"), json.dumps(results, indent=2))
-    atomic_write_text(os.path.join(out, "export.md"), to_markdown(results))
+    write_report(out, "export", results, to_markdown(results))
     print(to_markdown(results))
 
 

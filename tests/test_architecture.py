@@ -39,6 +39,8 @@ LAYERS = (
     ("gradad.models.bigrid",),
     ("gradad.models.factory", "gradad.checkpoint", "gradad.listings"),
     ("gradad.engine", "gradad.inference"),
+    ("gradad.precision_check",),
+    ("gradad.quantize",),
     ("gradad.export",),
     ("gradad.report",),
     ("gradad.commands",),
@@ -46,7 +48,7 @@ LAYERS = (
     ("gradad.__main__",),
 )
 # Imported inside the functions that need them: dependencies a user may not have installed.
-OPTIONAL = ("elpv_dataset", "safetensors", "onnxruntime", "openvino", "onnx", "onnxscript",
+OPTIONAL = ("elpv_dataset", "safetensors", "onnxruntime", "openvino", "onnx", "onnxscript", "nncf",
             "grad_ext.onnx",  # grad_ext.onnx imports onnx and onnxscript
             "fcntl", "msvcrt")  # the standard library's file locks: one exists on POSIX, the other on Windows
 # The allowed function-level imports of gradad modules: the command line imports its torch

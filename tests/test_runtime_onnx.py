@@ -243,12 +243,18 @@ def test_metadata_round_trip_and_atomic_write(tmp_path):
         rt.write_metadata(path, good_metadata(threshold=float("nan")))
     assert rt.read_metadata(path) == good_metadata()  # the failed write left the old file
     assert [p.name for p in tmp_path.iterdir()] == ["model.json"]
+    # a file of schema version 1 (before precision existed) still reads, as written
+    version1 = good_metadata(schema_version=1)
+    assert rt.validate_metadata(version1) == version1
     assert rt.metadata_path("x/model.onnx") == os.path.join("x", "model.json")
     assert rt.metadata_path("x/model.xml") == os.path.join("x", "model.json")
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"schema_version": 2}, "schema_version"),
+    ({"schema_version": 3}, "schema_version"),
+    ({"precision": "int4"}, "precision"),
+    ({"precision": "fp32", "quantization": {"calibration": {}}}, "quantization"),
+    ({"schema_version": 1, "precision": "int8"}, "unknown"),
     ({"format": "other"}, "format"),
     ({"threshold": "1"}, "threshold"),
     ({"class_names": "a"}, "class_names"),

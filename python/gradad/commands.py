@@ -30,10 +30,12 @@ from .config import (
     preset_config,
 )
 from .datasets import DATASET_NAMES, ON_ERROR_CHOICES
+from .deploy import PRECISIONS
 from .engine import train
 from .export import FORMATS as EXPORT_FORMATS
 from .export import export_detector
 from .inference import load_model, load_run, predict, run_test
+from .quantize import PrecisionConfig
 from .report import format_table, pixel_notes, write_predictions, write_test_report
 from .runtime import finish_distributed, is_main_process
 from .serve.config import add_serve_arguments
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="threshold = this quantile of the checkpoint's validation scores")
     export_threshold.add_argument("--target-fpr", type=float, help="threshold that lets at most this fraction of "
                                   "the checkpoint's validation normals through as anomalous")
+    _add_precision_flags(export)
 
     demo = commands.add_parser("demo", help="train and evaluate on ELPV solar cells (CPU-sized)",
                                description="Train on ELPV normal cells with the offline "
@@ -142,6 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve an exported model over HTTP, with a page and a durable log")
     add_serve_arguments(serve)
     return parser
+
+
+def _optional_fraction(text: str) -> Optional[float]:
+    return None if text.lower() == "none" else float(text)
+
+
+def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
+    # defaults: gradad.quantize.PrecisionConfig
+    defaults = PrecisionConfig()
+    group = parser.add_argument_group("precision (onnx and openvino; see gradad.quantize)")
+    group.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                       help="the backbone's precision; the GRAD head and post-processing stay float32. fp16 and int8 "
+                       "are scored against fp32 on the validation normals and test split before they are written")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--calibration", metavar="DIR", default=defaults.calibration_dir,
+                        help="int8: calibrate on the normal images of this folder")
+    source.add_argument("--calibration-from-checkpoint", dest="calibration", action="store_const", const=None,
+                        help="int8: calibrate on the run's own training normals (the default)")
+    group.add_argument("--calibration-images", type=int, default=defaults.calibration_images,
+                       help="int8: at most this many calibration images, a seeded subset")
+    group.add_argument("--max-auroc-drop", type=_optional_fraction, default=defaults.max_auroc_drop,
+                       help="refuse a reduced-precision model whose image AUROC on the test split drops by more "
+                       "than this ('none': no check)")
 
 
 def _add_split_flags(parser: argparse.ArgumentParser) -> None:
@@ -248,11 +274,18 @@ def _command_predict(args: argparse.Namespace) -> int:
 
 
 def _command_export(args: argparse.Namespace) -> int:
+    precision = PrecisionConfig(args.precision, args.calibration, args.calibration_images, args.max_auroc_drop)
     result = export_detector(args.checkpoint, args.export_format, args.out, opset=args.opset, sampler=args.sampler,
                              input_dtype=args.input_dtype, threshold=args.threshold, quantile=args.quantile,
-                             target_fpr=args.target_fpr)
-    print(f"exported: {result.model_path} (threshold {result.metadata['threshold']:.5g}, "
-          f"{result.metadata['threshold_source']})")
+                             target_fpr=args.target_fpr, precision=precision)
+    print(f"exported: {result.model_path} ({result.metadata['precision']}, threshold "
+          f"{result.metadata['threshold']:.5g}, {result.metadata['threshold_source']})")
+    accuracy = result.metadata.get("quantization", {}).get("accuracy")
+    if accuracy is not None:
+        auroc = "n/a" if accuracy["auroc"] is None else f"{accuracy['auroc_fp32']:.4f} -> {accuracy['auroc']:.4f}"
+        print(f"accuracy against fp32: image AUROC {auroc} on {accuracy['test_images']} test images, largest score "
+              f"change {accuracy['max_score_change']:.4g} over {accuracy['validation_normals']} validation normals "
+              f"and the test images")
     print(f"metadata: {result.metadata_path}")
     return 0
 

@@ -36,6 +36,7 @@ from .deploy.metadata import make_metadata, write_metadata
 from .evaluation import STRICT_SIGMA, STRICT_TRUNCATE
 from .inference import LoadedModel, decision_threshold, load_model
 from .models.grad import GRAD
+from .quantize import PrecisionConfig, reduce_precision
 
 FORMATS = ("onnx", "openvino", "torch")
 MODEL_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin"), "torch": ("model.pt2",)}
@@ -218,7 +219,7 @@ def _write_torch(graph: DetectorGraph, example: torch.Tensor, path: str) -> None
 def export_detector(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
                     opset: Optional[int] = None, sampler: str = "auto", input_dtype: str = "float32",
                     threshold: Optional[float] = None, quantile: Optional[float] = None,
-                    target_fpr: Optional[float] = None) -> ExportResult:
+                    target_fpr: Optional[float] = None, precision: PrecisionConfig = PrecisionConfig()) -> ExportResult:
     """Exports a trained detector (see the module docstring).
 
     Args:
@@ -231,13 +232,23 @@ def export_detector(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.P
         input_dtype: 'float32' or 'uint8' pixels.
         threshold, quantile, target_fpr: the decision threshold instead of the checkpoint's
             stored one (at most one; see gradad.inference.decision_threshold).
+        precision: the backbone's precision (:class:`gradad.quantize.PrecisionConfig`): fp16 and
+            int8 (onnx and openvino only) are measured against the float32 graph on held-back
+            images before they are written, and their threshold is chosen again from their own
+            scores of the validation normals.
 
     Returns:
         :class:`ExportResult`. Raises ValueError / FileNotFoundError / FileExistsError naming
-        the argument; nothing is left at ``out_dir`` when the export fails.
+        the argument, gradad.precision_check.AccuracyError when a reduced precision loses more AUROC
+        than allowed; nothing is left at ``out_dir`` when the export fails.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    if not isinstance(precision, PrecisionConfig):
+        raise TypeError(f"precision must be a gradad.quantize.PrecisionConfig, got {type(precision).__name__}")
+    if precision.reduced and fmt == "torch":
+        raise ValueError(f"precision {precision.precision!r} is for the onnx and openvino formats; the torch "
+                         f"format exports fp32 only")
     if input_dtype not in INPUT_DTYPES:
         raise ValueError(f"input_dtype must be one of {list(INPUT_DTYPES)}, got {input_dtype!r}")
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -260,9 +271,14 @@ def export_detector(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.P
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=parent)
+    # a reduced precision starts from the float32 ONNX graph, kept here until it is measured
+    fp32_dir = os.path.join(staging, ".fp32")
     try:
         with torch.no_grad():
-            if fmt == "onnx":
+            if precision.reduced:
+                os.mkdir(fp32_dir)
+                _write_onnx(graph, example, os.path.join(fp32_dir, "model.onnx"), opset, sampler)
+            elif fmt == "onnx":
                 _write_onnx(graph, example, os.path.join(staging, "model.onnx"), opset, sampler)
             elif fmt == "openvino":
                 _write_openvino(graph, example, staging, opset, sampler)
@@ -273,13 +289,21 @@ def export_detector(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.P
             versions.update(opset=str(opset), sampler=sampler, resize=resize)
         side = loaded.config.image_size
         cfg = loaded.config
-        meta = make_metadata(input_name=INPUT_NAME, height=side, width=side, dtype=input_dtype,
-                             map_output=MAP_NAME, score_output=SCORE_NAME, threshold=threshold_value,
-                             class_names=trained_class_names(loaded.checkpoint, cfg),
-                             versions=versions, protocol="strict", threshold_source=source, any_input_size=True,
-                             extra={"format": fmt, "architecture": cfg.model.architecture,
-                                    "backbone": cfg.model.backbone, "dataset": cfg.data.dataset,
-                                    "checkpoint": os.path.basename(loaded.path)})
+        fields = dict(input_name=INPUT_NAME, height=side, width=side, dtype=input_dtype, map_output=MAP_NAME,
+                      score_output=SCORE_NAME, class_names=trained_class_names(loaded.checkpoint, cfg),
+                      versions=versions, protocol="strict", any_input_size=True,
+                      extra={"format": fmt, "architecture": cfg.model.architecture,
+                             "backbone": cfg.model.backbone, "dataset": cfg.data.dataset,
+                             "checkpoint": os.path.basename(loaded.path)})
+        meta = make_metadata(threshold=threshold_value, threshold_source=source, precision="fp32", **fields)
+        if precision.reduced:
+            write_metadata(os.path.join(fp32_dir, "model.json"), meta)
+            reduced = reduce_precision(loaded, fmt, precision, os.path.join(fp32_dir, "model.onnx"),
+                                       os.path.join(fp32_dir, "model.json"), staging, INPUT_NAME, threshold,
+                                       quantile, target_fpr)
+            shutil.rmtree(fp32_dir)
+            meta = make_metadata(threshold=reduced.threshold, threshold_source=reduced.threshold_source,
+                                 precision=precision.precision, quantization=reduced.quantization, **fields)
         model_file = MODEL_FILES[fmt][0]
         write_metadata(os.path.join(staging, "model.json"), meta)
         umask = os.umask(0)

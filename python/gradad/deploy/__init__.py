@@ -7,6 +7,7 @@ from .images import load_image, resize_map, resize_rgb
 from .metadata import (
     FORMAT,
     INPUT_DTYPES,
+    PRECISIONS,
     SCHEMA_VERSION,
     MetadataError,
     make_metadata,
@@ -17,6 +18,6 @@ from .metadata import (
 )
 from .scorer import BACKENDS, Prediction, Scorer
 
-__all__ = ["BACKENDS", "FORMAT", "INPUT_DTYPES", "SCHEMA_VERSION", "MetadataError", "Prediction", "Scorer",
-           "load_image", "make_metadata", "metadata_path", "read_metadata", "resize_map", "resize_rgb",
+__all__ = ["BACKENDS", "FORMAT", "INPUT_DTYPES", "PRECISIONS", "SCHEMA_VERSION", "MetadataError", "Prediction",
+           "Scorer", "load_image", "make_metadata", "metadata_path", "read_metadata", "resize_map", "resize_rgb",
            "validate_metadata", "write_metadata"]

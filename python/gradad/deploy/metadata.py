@@ -11,16 +11,23 @@ import os
 
 from ..io_utils import atomic_write_bytes
 
-__all__ = ["FORMAT", "INPUT_DTYPES", "SCHEMA_VERSION", "MetadataError", "make_metadata", "metadata_path",
-           "read_metadata", "validate_metadata", "write_metadata"]
+__all__ = ["FORMAT", "INPUT_DTYPES", "PRECISIONS", "SCHEMA_VERSION", "MetadataError", "make_metadata",
+           "metadata_path", "read_metadata", "validate_metadata", "write_metadata"]
 
 FORMAT = "gradad-exported-model"
-SCHEMA_VERSION = 1
+# version 2 added precision and quantization; a version 1 file is a float32 model and reads as one
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 INPUT_DTYPES = ("float32", "uint8")
+# the arithmetic of the model's backbone (the rest of the graph is float32 in all three)
+PRECISIONS = ("fp32", "fp16", "int8")
 _REQUIRED = {"format", "schema_version", "input", "outputs", "threshold", "class_names", "versions"}
 # optional: the image-score protocol, where the threshold came from, whether the graph takes
-# images of any size (and resizes and post-processes inside), free-form extra facts
-_OPTIONAL = {"anomaly_map_size", "protocol", "threshold_source", "any_input_size", "extra"}
+# images of any size (and resizes and post-processes inside), free-form extra facts, the
+# backbone's precision and, for a reduced one, its calibration set and measured accuracy cost
+_OPTIONAL = {"anomaly_map_size", "protocol", "threshold_source", "any_input_size", "extra", "precision",
+             "quantization"}
+_OPTIONAL_V1 = _OPTIONAL - {"precision", "quantization"}
 
 
 class MetadataError(ValueError):
@@ -48,23 +55,26 @@ def validate_metadata(meta) -> dict:
     (str -> str: gradad, grad_ext, torch, opset, ...); optional anomaly_map_size [h, w],
     protocol (str), threshold_source (str), any_input_size (bool: the graph takes (N, 3, H', W')
     at any H', W', resizes to input height x width inside and returns maps (N, H', W') already
-    post-processed; without it the input must be height x width), extra (dict). Raises
-    MetadataError naming the field.
+    post-processed; without it the input must be height x width), extra (dict), precision (one
+    of :data:`PRECISIONS`: the backbone's arithmetic; absent means fp32), quantization (dict, only
+    beside a reduced precision: the calibration set and the measured accuracy cost, as
+    gradad.quantize writes them). Version 1 files (without precision and quantization) read as
+    they are. Raises MetadataError naming the field.
     """
     if not isinstance(meta, dict):
         raise MetadataError(f"metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise MetadataError(f"metadata field 'format' must be {FORMAT!r}, got {meta.get('format')!r}")
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise MetadataError(f"metadata field 'schema_version' is {version!r}; this reader knows version "
-                            f"{SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise MetadataError(f"metadata field 'schema_version' is {version!r}; this reader knows versions "
+                            f"{list(READABLE_VERSIONS)}")
     missing = sorted(_REQUIRED - set(meta))
     if missing:
         raise MetadataError(f"metadata lacks the field(s) {missing}")
-    unknown = sorted(set(meta) - _REQUIRED - _OPTIONAL)
+    unknown = sorted(set(meta) - _REQUIRED - (_OPTIONAL if version == SCHEMA_VERSION else _OPTIONAL_V1))
     if unknown:
-        raise MetadataError(f"metadata has unknown field(s) {unknown} for schema version {SCHEMA_VERSION}")
+        raise MetadataError(f"metadata has unknown field(s) {unknown} for schema version {version}")
     inp = meta["input"]
     if not isinstance(inp, dict) or set(inp) != {"name", "height", "width", "dtype"}:
         raise MetadataError(f"metadata field 'input' must be {{name, height, width, dtype}}, got {inp!r}")
@@ -97,14 +107,19 @@ def validate_metadata(meta) -> dict:
             raise MetadataError(f"metadata field {key!r} must be a string, got {meta[key]!r}")
     if meta.get("any_input_size") is not None and not isinstance(meta["any_input_size"], bool):
         raise MetadataError(f"metadata field 'any_input_size' must be true or false, got {meta['any_input_size']!r}")
-    if meta.get("extra") is not None and not isinstance(meta["extra"], dict):
-        raise MetadataError(f"metadata field 'extra' must be an object, got {meta['extra']!r}")
+    for key in ("extra", "quantization"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise MetadataError(f"metadata field {key!r} must be an object, got {meta[key]!r}")
+    if meta.get("precision") is not None and meta["precision"] not in PRECISIONS:
+        raise MetadataError(f"metadata field 'precision' must be one of {list(PRECISIONS)}, got {meta['precision']!r}")
+    if meta.get("quantization") is not None and meta.get("precision", "fp32") == "fp32":
+        raise MetadataError("metadata field 'quantization' belongs to a reduced precision, but 'precision' is fp32")
     return meta
 
 
 def make_metadata(*, input_name: str, height: int, width: int, dtype: str, map_output: str, score_output: str,
                   threshold: float, class_names, versions: dict, anomaly_map_size=None, protocol=None,
-                  threshold_source=None, any_input_size=None, extra=None) -> dict:
+                  threshold_source=None, any_input_size=None, extra=None, precision=None, quantization=None) -> dict:
     """A validated metadata dict (see :func:`validate_metadata` for the fields)."""
     meta = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
             "input": {"name": input_name, "height": height, "width": width, "dtype": dtype},
@@ -113,7 +128,8 @@ def make_metadata(*, input_name: str, height: int, width: int, dtype: str, map_o
             "class_names": list(class_names), "versions": dict(versions)}
     optional = {"anomaly_map_size": None if anomaly_map_size is None else list(anomaly_map_size),
                 "protocol": protocol, "threshold_source": threshold_source,
-                "any_input_size": any_input_size, "extra": extra}
+                "any_input_size": any_input_size, "extra": extra, "precision": precision,
+                "quantization": quantization}
     meta.update({k: v for k, v in optional.items() if v is not None})
     return validate_metadata(meta)
 
