@@ -22,7 +22,8 @@ import grad_ext.onnx
 from gradad import deploy
 from gradad.checkpoint import CHECKPOINT_KIND, read_checkpoint
 from gradad.cli import main
-from gradad.export import export_detector
+from gradad.evaluation import gaussian_smooth
+from gradad.export import export_detector, gaussian_kernel, upsample_smooth_matrix
 from gradad.inference import load_model, predict
 from tests.synthetic import make_mvtec
 from tests.test_cli import TINY_TRAIN
@@ -222,3 +223,20 @@ def test_bad_input_raises_and_leaves_nothing(trained, tmp_path):
         export_detector(checkpoint, "onnx", full)
     assert os.listdir(full) == ["keep.txt"]
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)]) == 1
+
+
+@pytest.mark.parametrize("size", [(2, 3), (7, 300), (24, 24), (61, 45), (517, 333)])
+def test_upsampling_and_smoothing_as_two_products_match_the_protocol(size):
+    # The exported graph's post-processing (two matrix products) against the strict protocol's
+    # own steps: F.interpolate to the image size, then gradad.evaluation.gaussian_smooth
+    # (smaller and larger than the map, and smaller than the kernel's reach).
+    gen = torch.Generator().manual_seed(sum(size))
+    amap = torch.rand(24, 24, generator=gen, dtype=torch.float64).float() * 5
+    want = gaussian_smooth(torch.nn.functional.interpolate(amap[None, None], size=size, mode="bilinear",
+                                                           align_corners=False)[0, 0])
+    kernel = gaussian_kernel()
+    rows = upsample_smooth_matrix(size[0], 24, kernel, amap)
+    cols = upsample_smooth_matrix(size[1], 24, kernel, amap)
+    got = rows @ amap @ cols.T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
