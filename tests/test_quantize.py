@@ -227,3 +227,21 @@ def test_torchless_predict_reads_reduced_files(checkpoint, data, tmp_path):
         np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-5)
         assert json.loads((out / "results.json").read_text())["threshold"] == pytest.approx(
             result.metadata["threshold"])
+
+
+def test_serve_scores_a_reduced_file_and_names_its_precision(checkpoint, data, tmp_path):
+    from tests.serving import request, service_thread
+
+    paths, _ = labelled_test_images(data)
+    result = export_detector(checkpoint, "onnx", tmp_path / "int8", precision=PrecisionConfig("int8",
+                                                                                               max_auroc_drop=None))
+    expected = scores_of(deploy.Scorer(result.model_path), paths[:2])
+    with service_thread(checkpoint=result.model_path, data=str(tmp_path / "log")) as (url, _):
+        status = request(url, "GET", "/v1/status").json()
+        assert status["model"]["precision"] == "int8"
+        assert status["threshold"] == pytest.approx(result.metadata["threshold"])
+        for path, want in zip(paths[:2], expected):
+            with open(path, "rb") as handle:
+                got = request(url, "POST", "/v1/inspect", handle.read(), {"Content-Type": "image/png"}).json()
+            assert got["score"] == pytest.approx(want, rel=1e-5)
+

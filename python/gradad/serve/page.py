@@ -132,7 +132,8 @@ async function refresh() {  // one at a time; a call during one runs it again af
 async function refreshOnce() {
   try {
     const status = await (await api("/v1/status")).json();
-    $("model").textContent = status.model.name;
+    const precision = status.model.precision === "fp32" ? "" : " (" + status.model.precision + ")";
+    $("model").textContent = status.model.name + precision;
     $("threshold").textContent = status.threshold.toPrecision(5);
     $("count-normal").textContent = status.counts.normal;
     $("count-anomalous").textContent = status.counts.anomalous;

@@ -119,7 +119,8 @@ class Service:
         """What the page's header shows: model, threshold, counts, queue, folder source."""
         return {"ready": self.ready.is_set(), "error": self.error,
                 "model": {"name": self.model_name, "sha256": self.sha256,
-                          "class_names": self.metadata.get("class_names", [])},
+                          "class_names": self.metadata.get("class_names", []),
+                          "precision": self.metadata.get("precision", "fp32")},
                 "threshold": self.threshold, "threshold_source": self.threshold_source,
                 "counts": self.store.counts(),
                 "queue": {"depth": self.inspector.queue.qsize() if self.inspector else 0,
