@@ -218,10 +218,8 @@ GRAD_EXT_INLINE void forward_cells_impl(const CellsCall<T, TAPS, D>& a) {
         store_lanes(o + c, acc);
       }
     }
-    if (STREAM) {
-      transpose_block<false, T, STREAM>(a.scratch, kScratchStride, a.out + b0 * a.P, a.P, t.count, b1 - b0);
-    } else {
-      transpose_block<false>(a.scratch, kScratchStride, a.out + b0 * a.P, a.P, t.count, b1 - b0);
+    transpose_block<false, T, STREAM>(a.scratch, kScratchStride, a.out + b0 * a.P, a.P, t.count, b1 - b0);
+    if (!STREAM) {  // a streamed output is not read into the cache, so it is not prefetched either
       for (int64_t c = b0; c < b1; ++c) prefetch_next_tile<true>(a.out + c * a.P);
     }
   }

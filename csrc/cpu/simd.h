@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 namespace grad_ext {
 namespace cpu {
@@ -42,16 +43,27 @@ GRAD_EXT_INLINE void store_lanes(T* p, simd_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// The sum of a vector's lanes, pairwise (halves added until one lane is left): three vector
-// additions instead of seven dependent scalar ones.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define GRAD_EXT_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+// older GCC: __builtin_shuffle, whose index vector has integers as wide as the elements
+template <typename T>
+struct ShuffleIndex {
+  typedef typename std::conditional<sizeof(T) == 8, int64_t, int32_t>::type type;
+  typedef type vector __attribute__((vector_size(kLanes * sizeof(type))));
+};
+#define GRAD_EXT_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, typename ShuffleIndex<T>::vector{__VA_ARGS__})
+#endif
+
+// The sum of a vector's lanes, pairwise (the upper half added to the lower until one lane is
+// left): three vector additions instead of seven dependent scalar ones.
 template <typename T>
 GRAD_EXT_INLINE T sum_lanes(simd_t<T> v) {
   static_assert(kLanes == 8, "sum_lanes halves an 8-lane vector");
-  typedef T half_t __attribute__((vector_size(4 * sizeof(T))));
-  typedef T quarter_t __attribute__((vector_size(2 * sizeof(T))));
-  const half_t h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  const quarter_t q = __builtin_shufflevector(h, h, 0, 1) + __builtin_shufflevector(h, h, 2, 3);
-  return q[0] + q[1];
+  v += GRAD_EXT_SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += GRAD_EXT_SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += GRAD_EXT_SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  return v[0];
 }
 
 // The SIMD level of the cell-major loops: the best this CPU has, unless the environment

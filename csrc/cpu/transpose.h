@@ -14,28 +14,24 @@ namespace cpu {
 
 static_assert(kLanes == 8, "the register transpose is written for 8 lanes");
 
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-#define GRAD_EXT_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-// older GCC: __builtin_shuffle, whose index vector has integers as wide as the elements
-template <typename T>
-struct ShuffleIndex {
-  typedef typename std::conditional<sizeof(T) == 8, int64_t, int32_t>::type type;
-  typedef type vector __attribute__((vector_size(kLanes * sizeof(type))));
-};
-#define GRAD_EXT_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, typename ShuffleIndex<T>::vector{__VA_ARGS__})
-#endif
-
 // A streaming (non-temporal) store of 8 floats to a 32-byte aligned address: written straight to
 // memory, without first reading the line into the cache. Only for code compiled for AVX (the
 // loops' AVX2 build), which is why it is inline assembly and not an intrinsic: the generic
 // functions below are compiled for the baseline ISA, and GCC refuses to inline an AVX intrinsic
 // into them even when they are themselves only ever inlined into AVX2 code.
 GRAD_EXT_INLINE void stream_lanes(float* p, simd_t<float> v) {
+#ifdef GRAD_EXT_AVX2_DISPATCH
   asm("vmovntps %1, %0" : "=m"(*reinterpret_cast<simd_t<float>*>(p)) : "x"(v));
+#else
+  store_lanes(p, v);  // not reached: only the x86 AVX2 build streams
+#endif
 }
 // Orders the streaming stores before whatever follows (another thread reading the output).
-GRAD_EXT_INLINE void stream_fence() { asm volatile("sfence" ::: "memory"); }
+GRAD_EXT_INLINE void stream_fence() {
+#ifdef GRAD_EXT_AVX2_DISPATCH
+  asm volatile("sfence" ::: "memory");
+#endif
+}
 
 template <bool STREAM, typename T>
 GRAD_EXT_INLINE void store_row(T* p, simd_t<T> v) {
