@@ -1,6 +1,7 @@
 """Report outputs and atomic writes."""
 
 import csv
+import hashlib
 import json
 import os
 
@@ -145,6 +146,19 @@ def test_atomic_write_text_contents_and_permissions(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(FileNotFoundError):
         io_utils.atomic_write_text(tmp_path / "missing" / "a.txt", "x")
+
+
+def test_hash_file_matches_hashlib_across_chunks(tmp_path):
+    data = os.urandom((1 << 20) * 2 + 12345)  # over two of hash_file's 1 MiB chunks
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert io_utils.hash_file(path).hexdigest() == hashlib.sha256(data).hexdigest()
+    both = hashlib.md5()
+    io_utils.hash_file(path, both)
+    io_utils.hash_file(path, both)  # an existing digest is updated, not replaced
+    assert both.hexdigest() == hashlib.md5(data + data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert io_utils.hash_file(tmp_path / "empty").hexdigest() == hashlib.sha256(b"").hexdigest()
 
 
 def test_save_heatmap_overlays(tmp_path):

@@ -13,7 +13,6 @@ Weights come from one of three places, never silently from another one:
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.resources
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .datasets.image_io import IMAGENET_MEAN, IMAGENET_STD
+from .io_utils import hash_file
 
 # TF EfficientNet-Lite checkpoints were trained on (pixel - 127) / 128, i.e. mean = std = 0.5
 # on [0, 1] images; timm's pretrained config for tf_efficientnet_lite* says the same.
@@ -297,8 +297,7 @@ def _from_file(name: str, spec: BackboneSpec, path: str) -> FeatureExtractor:
         features = _features_with_state(spec, state)
     except ValueError as error:
         raise ValueError(f"weights file {path!r}: {error}") from error
-    with open(path, "rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    digest = hash_file(path).hexdigest()
     return FeatureExtractor(features, name, spec,
                             f"file:{os.path.basename(path)}:sha256={digest[:16]}")
 

@@ -37,6 +37,7 @@ from .datasets import split_training_records
 from .deploy import PRECISIONS, Scorer
 from .image_files import collect_images
 from .inference import LoadedModel
+from .io_utils import hash_file
 from .listings import config_listing
 from .precision_check import HeldBack, check_accuracy, held_back_images, measure_accuracy, reduced_threshold
 
@@ -137,11 +138,8 @@ def calibration_images(loaded: LoadedModel, config: PrecisionConfig, held_back: 
 def files_digest(paths: Sequence[str]) -> str:
     """sha256 over the sorted sha256 digests of the files' bytes: the same set of images gives
     the same digest wherever it lies."""
-    digests = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            digests.append(hashlib.sha256(handle.read()).hexdigest())
-    return hashlib.sha256("\n".join(sorted(digests)).encode("ascii")).hexdigest()
+    digests = sorted(hash_file(path).hexdigest() for path in paths)
+    return hashlib.sha256("\n".join(digests).encode("ascii")).hexdigest()
 
 
 # ---- lowering --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..io_utils import hash_file
 from .images import preview_pngs
 from .store import Inspection, file_paths
 
@@ -45,9 +46,7 @@ def model_sha256(path: str) -> str:
     digest = hashlib.sha256()
     files = [path] + ([os.path.splitext(path)[0] + ".bin"] if path.lower().endswith(".xml") else [])
     for name in files:
-        with open(name, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        hash_file(name, digest)
     return digest.hexdigest()
 
 
