@@ -91,12 +91,8 @@ def current_allocator(env: Optional[Mapping[str, str]] = None) -> Dict[str, Opti
     variables match no setting) and the variables themselves."""
     env = os.environ if env is None else env
     tunables, preload = env.get("GLIBC_TUNABLES") or None, env.get("LD_PRELOAD") or None
-    name = "custom"
-    for s in SETTINGS.values():
-        wanted_preload = os.path.basename(preload) if preload else None
-        if s.tunables == tunables and s.library == wanted_preload:
-            name = s.name
-            break
+    library = os.path.basename(preload) if preload else None
+    name = next((s.name for s in SETTINGS.values() if s.tunables == tunables and s.library == library), "custom")
     title = SETTINGS[name].title if name in SETTINGS else f"custom (GLIBC_TUNABLES={tunables}, LD_PRELOAD={preload})"
     return {"name": name, "title": title, "GLIBC_TUNABLES": tunables, "LD_PRELOAD": preload}
 

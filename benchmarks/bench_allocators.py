@@ -44,7 +44,7 @@ import torch
 from benchmarks.allocators import SETTINGS, allocator_env, check_settings, current_allocator
 from benchmarks.bench_serve import ROOT, make_files, make_model, subprocess_env
 from benchmarks.device_info import device_slug, environment, load_average
-from benchmarks.reporting import markdown_table, write_report
+from benchmarks.reporting import allocator_title, markdown_table, write_report
 from gradad.io_utils import atomic_write_text
 
 WORK = ("feature extraction", "training epoch", "predict, torch", "predict, ONNX")
@@ -136,10 +136,7 @@ def to_markdown(results: Dict[str, object]) -> str:
              f"{case['threads']} threads, torch {env['torch']}, {case['rounds']} rounds (the settings take turns "
              f"in each); load average {env.get('load_average')} → {results.get('load_average_end')}. "
              f"Work: {case['training']}; {case['predict']}.", "",
-             "Settings: " + "; ".join(f"**{n}**: {SETTINGS[n].title}" + (
-                 f" (`GLIBC_TUNABLES={SETTINGS[n].tunables}`)" if SETTINGS[n].tunables else "")
-                 + (f" (`LD_PRELOAD={results['libraries'][n]}`)" if results["libraries"].get(n) else "")
-                 for n in names), ""]
+             "Settings: " + "; ".join(f"**{n}**: {allocator_title(results['allocators'][n])}" for n in names), ""]
     rows = []
     baseline = runs.get("glibc")
     for work in WORK:
@@ -196,6 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ["--threads", str(args.threads)] if args.threads else [])
     runs: Dict[str, Dict[str, List[float]]] = {n: {w: [] for w in WORK} for n in args.allocators}
     peaks: Dict[str, Dict[str, List[float]]] = {n: {w: [] for w in PEAK_WORK} for n in args.allocators}
+    settings: Dict[str, Dict[str, Optional[str]]] = {}  # each setting as its children recorded it
     train_images = threads = None
     with tempfile.TemporaryDirectory(prefix="bench-allocators-") as folder:
         onnx_model = make_model(folder, 240)
@@ -205,6 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             for name in args.allocators:
                 trained = run_child(name, child_argv)
                 assert trained["allocator"]["name"] == name, trained["allocator"]
+                settings[name] = trained["allocator"]
                 train_images, threads = trained["images"], trained["threads"]
                 runs[name]["feature extraction"].append(trained["feature extraction"])
                 runs[name]["training epoch"].append(trained["training epoch"])
@@ -226,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  "predict": f"gradad predict on {args.images} PNGs of 240 px, Lite demo checkpoint (torch) and its "
                             f"ONNX export (onnxruntime), wall clock of the command"},
         "runs": runs, "peak_rss_mib": peaks,
-        "libraries": {n: allocator_env(n, {}).get("LD_PRELOAD") for n in args.allocators},
+        "allocators": settings,
     }
     write_report(os.path.join(args.out, device_slug(device)), "allocators", results, to_markdown(results))
     print(to_markdown(results))

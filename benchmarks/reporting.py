@@ -56,7 +56,9 @@ def _load_remark(env: Dict, results: Dict) -> str:
     return ""
 
 
-def _allocator_title(alloc: Dict) -> str:
+def allocator_title(alloc: Dict) -> str:
+    """An allocator setting as recorded by benchmarks.allocators.current_allocator, in words:
+    its title and the variables that make it."""
     extra = [f"{k}={alloc[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if alloc.get(k)]
     return alloc["title"] + (f" ({', '.join(extra)})" if extra else "")
 
@@ -67,7 +69,7 @@ def _allocators_text(results: Dict) -> str:
     if not runs:
         return "not recorded"
     each = ": every case runs under each" if len(runs) > 1 else ""
-    return "; ".join(_allocator_title(a) for a in runs) + each + ", grad_ext and its reference in the same process"
+    return "; ".join(allocator_title(a) for a in runs) + each + ", grad_ext and its reference in the same process"
 
 
 def _speedup_header(results: Dict) -> str:

@@ -179,7 +179,7 @@ def merge_allocator_runs(runs: Sequence[Tuple[str, Dict[str, object]]]) -> Dict[
     merged = copy.deepcopy(runs[0][1])
     merged["allocators"] = [{**r["environment"]["allocator"], "name": name} for name, r in runs]
     for name, other in runs[1:]:
-        for part, (rows_of, key) in _ROW_KEYS.items():
+        for rows_of, key in _ROW_KEYS.values():
             theirs = {key(r): r for r in rows_of(other)}
             for row in rows_of(merged):
                 match = theirs.get(key(row))

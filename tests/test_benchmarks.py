@@ -400,7 +400,9 @@ def test_allocator_report_compares_each_setting_with_glibc():
     runs = {"glibc": {w: [4.0, 2.0] for w in bench_allocators.WORK},
             "glibc-tuned": {w: [1.0, 3.0] for w in bench_allocators.WORK}}
     results = {"environment": {"cpu": "test CPU", "torch": torch.__version__, "load_average": [0.1, 0.1, 0.1]},
-               "load_average_end": [0.2, 0.2, 0.2], "runs": runs, "libraries": {"glibc": None, "glibc-tuned": None},
+               "load_average_end": [0.2, 0.2, 0.2], "runs": runs,
+               "allocators": {"glibc": allocators.current_allocator({}),
+                              "glibc-tuned": allocators.current_allocator({"GLIBC_TUNABLES": allocators.GLIBC_TUNED})},
                "case": {"threads": 2, "rounds": 2, "images": 10, "train_images": 20, "training": "t", "predict": "p"}}
     text = bench_allocators.to_markdown(results)
     tables = markdown_tables(text)
