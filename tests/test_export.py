@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import grad_ext.onnx
 from gradad import deploy
 from gradad.checkpoint import CHECKPOINT_KIND, read_checkpoint
 from gradad.cli import main
 from gradad.evaluation import gaussian_smooth
-from gradad.export import export_detector, gaussian_kernel, upsample_smooth_matrix
+from gradad.export import DetectorGraph, export_detector, gaussian_kernel, resize_matrix, upsample_smooth_matrix
 from gradad.inference import load_model, predict
 from tests.synthetic import make_mvtec
 from tests.test_cli import TINY_TRAIN
@@ -240,3 +241,36 @@ def test_upsampling_and_smoothing_as_two_products_match_the_protocol(size):
     got = rows @ amap @ cols.T
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("sizes", [(1, 5), (5, 1), (4, 9), (30, 240), (17, 7)])
+def test_align_corners_resize_matrix_matches_interpolate(sizes):
+    # GRAD.anomaly_map's upsampling (align_corners=True) as the matrix the exported graph folds
+    # into its post-processing, growing and shrinking, and with single pixels on either side
+    in_size, out_size = sizes
+    gen = torch.Generator().manual_seed(in_size * 31 + out_size)
+    signal = torch.rand(3, in_size, generator=gen)
+    want = torch.nn.functional.interpolate(signal[None, :, :, None], size=(out_size, 1), mode="bilinear",
+                                           align_corners=True)[0, :, :, 0]
+    got = (resize_matrix(out_size, in_size, antialias=False, like=signal, align_corners=True) @ signal.T).T
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="antialias"):
+        resize_matrix(out_size, in_size, antialias=True, like=signal, align_corners=True)
+
+
+@pytest.mark.parametrize("image", [(240, 240), (97, 333)])
+def test_map_matrices_match_anomaly_map_then_the_protocol(image):
+    # DetectorGraph's one matrix per axis against the steps it replaces: GRAD.anomaly_map's
+    # upsampling to S, F.interpolate to the image, gradad.evaluation.gaussian_smooth
+    graph = DetectorGraph.__new__(DetectorGraph)
+    nn.Module.__init__(graph)
+    graph.image_size = 240
+    graph.register_buffer("kernel", gaussian_kernel())
+    gen = torch.Generator().manual_seed(image[1])
+    small = torch.rand(2, 30, 30, generator=gen) * 4
+    upsampled = torch.nn.functional.interpolate(small[:, None], size=(240, 240), mode="bilinear",
+                                                align_corners=True)
+    want = torch.stack([gaussian_smooth(m) for m in torch.nn.functional.interpolate(
+        upsampled, size=image, mode="bilinear", align_corners=False)[:, 0]])
+    got = graph.map_matrix(image[0], 30, small) @ small @ graph.map_matrix(image[1], 30, small).T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -5,11 +5,12 @@
     image (N, 3, H, W) RGB 0..255 (float32, or uint8), any H, W (one size per batch)
       -> antialiased bilinear resize to the model's S x S (as training resized)
       -> /255, the backbone's mean/std normalisation -> backbone -> GRAD or Bi-Grid GRAD
-      -> map (N, S, S) -> bilinear (align_corners=False) to H x W
+      -> map (N, h, w) at the features' resolution -> bilinear (align_corners=True) to S x S
+      -> bilinear (align_corners=False) to H x W
       -> Gaussian sigma=4 (scipy's reflect border, repeated for small images)
       -> anomaly maps (N, H, W), image scores = max (N,)
 
-(the last two steps as two matrix products, see upsample_smooth_matrix)
+(the three steps after the map as two matrix products, see DetectorGraph.map_matrix)
 
 which is :func:`gradad.inference.predict`'s strict protocol. :func:`export_detector` writes it as
 ONNX (``model.onnx``, the grad_ext ops through :mod:`grad_ext.onnx`), OpenVINO IR
@@ -37,7 +38,7 @@ from .checkpoint import find_checkpoints, library_versions, trained_class_names
 from .deploy.metadata import make_metadata, write_metadata
 from .evaluation import STRICT_SIGMA, STRICT_TRUNCATE
 from .inference import LoadedModel, decision_threshold, load_model
-from .models.grad import GRAD
+from .models.grad import GRAD, MAP_ALIGN_CORNERS
 from .quantize import PrecisionConfig, reduce_precision
 
 FORMATS = ("onnx", "openvino", "torch")
@@ -67,15 +68,22 @@ def reflect_index(size, radius: int, device: torch.device) -> torch.Tensor:
     return torch.where(positions < size, positions, period - 1 - positions)
 
 
-def resize_matrix(out_size, in_size, antialias: bool, like: torch.Tensor) -> torch.Tensor:
-    """(out_size, in_size) float32 weights of a 1-D bilinear resize (align_corners=False) whose
-    product with a signal gives ``F.interpolate``'s values, ``antialias=True`` included (the
-    triangle filter stretched by the scale when shrinking, rows normalised as torch does).
-    Sizes may be symbolic (traced). ``like``: a tensor giving the device."""
+def resize_matrix(out_size, in_size, antialias: bool, like: torch.Tensor, align_corners: bool = False) -> torch.Tensor:
+    """(out_size, in_size) float32 weights of a 1-D bilinear resize whose product with a signal
+    gives ``F.interpolate``'s values: align_corners=False with ``antialias=True`` included (the
+    triangle filter stretched by the scale when shrinking, rows normalised as torch does), or
+    align_corners=True without antialiasing. Sizes may be symbolic (traced). ``like``: a tensor
+    giving the device."""
+    if align_corners and antialias:
+        raise ValueError("resize_matrix: antialias is implemented for align_corners=False only")
     dest = torch.arange(out_size, dtype=torch.float32, device=like.device)
     src = torch.arange(in_size, dtype=torch.float32, device=like.device)
-    scale = (torch.ones((), dtype=torch.float32, device=like.device) * in_size) / \
-        (torch.ones((), dtype=torch.float32, device=like.device) * out_size)
+    one = torch.ones((), dtype=torch.float32, device=like.device)
+    if align_corners:
+        # source position dest·(in - 1)/(out - 1); a single output pixel reads the first input
+        scale = (one * in_size - 1.0) / torch.clamp(one * out_size - 1.0, min=1.0)
+        return torch.clamp(1.0 - torch.abs(src[None, :] - dest[:, None] * scale), min=0.0)
+    scale = (one * in_size) / (one * out_size)
     support = torch.clamp(scale, min=1.0) if antialias else torch.ones_like(scale)
     centre = (dest[:, None] + 0.5) * scale
     weights = torch.clamp(1.0 - torch.abs(src[None, :] + 0.5 - centre) / support, min=0.0)
@@ -146,11 +154,20 @@ class DetectorGraph(nn.Module):
         else:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         x = (x / 255.0 - self.mean) / self.std
-        maps = self.model.anomaly_map(self.backbone(x), self.image_size)
-        rows = upsample_smooth_matrix(height, maps.shape[-2], self.kernel, maps)
-        cols = upsample_smooth_matrix(width, maps.shape[-1], self.kernel, maps)
+        maps = self.model(self.backbone(x)).anomaly_map  # (N, h, w), the features' resolution
+        # GRAD.anomaly_map's upsampling to S x S, the resize to the image and the smoothing are
+        # all linear along each axis: one (image side, h) matrix per axis, applied to the small map
+        rows = self.map_matrix(height, maps.shape[-2], maps)
+        cols = self.map_matrix(width, maps.shape[-1], maps)
         smoothed = torch.matmul(torch.matmul(rows, maps), cols.transpose(0, 1))
         return smoothed, smoothed.amax(dim=(1, 2))
+
+    def map_matrix(self, out_size, map_size: int, like: torch.Tensor) -> torch.Tensor:
+        """(out_size, map_size): one axis of GRAD.anomaly_map's upsampling to the model's side S
+        followed by :func:`upsample_smooth_matrix` from S to out_size (the image's side)."""
+        upsample = resize_matrix(self.image_size, map_size, antialias=False, like=like,
+                                 align_corners=MAP_ALIGN_CORNERS)
+        return torch.matmul(upsample_smooth_matrix(out_size, self.image_size, self.kernel, like), upsample)
 
 
 @dataclass(frozen=True)
@@ -236,7 +253,7 @@ def export_detector(checkpoint: str | os.PathLike, fmt: str, out_dir: str | os.P
         out_dir: the folder to create (it must not exist, or be empty).
         opset: ONNX opset (onnx/openvino; default grad_ext.onnx.DEFAULT_OPSET); too low for the
             grids raises grad_ext.onnx.ExportError.
-        sampler: grad_ext.onnx's sampler ('auto', 'gridsample', 'gather').
+        sampler: grad_ext.onnx's sampler (grad_ext._common.SAMPLERS).
         input_dtype: 'float32' or 'uint8' pixels.
         threshold, quantile, target_fpr: the decision threshold instead of the checkpoint's
             stored one (at most one; see gradad.inference.decision_threshold).

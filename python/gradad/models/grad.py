@@ -37,6 +37,9 @@ from ..config import ModelConfig
 from .fusion import build_fusion
 
 INIT_STD = 0.01     # std of every conv/linear weight at initialisation (reference code)
+# anomaly_map's bilinear upsampling to the image side keeps the corner pixels aligned (reference
+# code); gradad.export composes the same resize into its post-processing matrices
+MAP_ALIGN_CORNERS = True
 
 
 class GRADOutput(NamedTuple):
@@ -263,4 +266,4 @@ class GRAD(nn.Module):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         maps = self(features).anomaly_map
         return F.interpolate(maps[:, None], size=(image_size, image_size), mode="bilinear",
-                             align_corners=True)[:, 0]
+                             align_corners=MAP_ALIGN_CORNERS)[:, 0]
