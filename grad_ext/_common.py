@@ -16,6 +16,9 @@ PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
 JITTER_MODES = {"pixel": 0, "batch": 1}
 # Tables of 1 to this many dimensions (the kernels' dispatch_dim in csrc/host_common.h).
 MAX_TABLE_DIM = 4
+# How grad_ext.onnx expresses a grid lookup in ONNX (its module docstring); here so that callers
+# can offer the choice without importing the optional ONNX tools.
+SAMPLERS = ("auto", "gridsample", "gather", "matmul")
 
 # GRAD's refinement constants (docs/method.md §2): λ_mse, λ_cos and the MSE threshold k.
 MSE_WEIGHT = 0.3

@@ -18,10 +18,12 @@ How a ``sample_grid`` call on a d-dimensional table is expressed (``sampler``), 
     3    3-D GridSample (5-D input)                  20            yes           no
     4    none (6-D GridSample is opset 20 spec, but no runtime runs it)
     any  'gather': source indices and 2^d Gathers    16            yes           yes
+    any  'matmul': dense weights and one MatMul      16            yes           yes
 
 ``sampler='auto'`` (the default) takes GridSample where the table above has it at the requested
-opset and the gather decomposition otherwise (d = 4, and d = 3 below opset 20). For OpenVINO pick
-``'gather'`` when a table is 3-D.
+opset and the gather decomposition otherwise (d = 4, and d = 3 below opset 20), except for a
+shared table with fewer points per image than cells (below), which takes 'matmul'. For OpenVINO
+pick ``'gather'`` when a table is 3-D. Bicubic sampling has the GridSample form only (2-D).
 
 A table shared by the whole batch (input batch 1, grid batch N; GRAD's grids) is never copied per
 image unless that is the cheaper copy. ONNX GridSample wants equal batches, so either the batch
@@ -29,15 +31,20 @@ is folded into the grid's first output axis, grid (N, O_1, ..., O_d, d) -> (1, N
 O_d, d), sampled once, and the output (1, C, N·O_1, ...) reshaped to (C, N, O_1, ...) and
 transposed to (N, C, O_1, ...) (one copy of the output: C·prod(O) values per image), or the table
 is expanded to N copies (C·prod(S) values per image); the smaller one is taken at export time.
-GRAD's global grid (one point per image, O = 1x1, a table of C·H·W x res^d) is folded; its local
-grid (res^d cells, H x W points) is expanded when res^d < H·W. The gather decomposition reads the
-table as rows of C values with every image's indices and never copies it per image, but holds
-K = 2^d times the output in temporaries.
+GRAD's local grid (res^d cells, H x W points) is expanded when res^d < H·W. The gather
+decomposition reads the table as rows of C values with every image's indices and never copies
+it per image, but holds K = 2^d times the output in temporaries. The matmul form builds every
+point's weight on every cell (N, prod(O), prod(S)) and multiplies the table as rows of C values
+by it: prod(S) multiply-adds per output value, which for GRAD's global grid (res^d cells of
+C·H·W values, one point per image) is one pass over the table, where 'auto' would otherwise fold.
 
 Measured with onnxruntime 1.32 on 2 threads of a shared CPU (times vary by half), C = 272,
 28 x 28 features, batch 32 (time per run; peak memory of the run): global grid (13 MB table)
 fold 50 ms / 82 MB, expand 77 ms / 891 MB, gather 18 ms / 287 MB; local grid (8 x 8 table) fold
 22-45 ms / 84 MB, expand 33-54 ms / 57 MB, gather 53 ms / 310 MB (the output alone is 26 MB).
+In the Lite demo detector (C = 152, 30 x 30 features, 4 x 4 global and 8 x 8 local grids, batch
+32, onnxruntime 1.32, 2 threads): global grid fold 9.8 ms, matmul 1.4 ms; local grid expand 4-5 ms,
+matmul 6.4 ms.
 
 Jitter is training-time noise and has no ONNX form: :func:`export` raises :class:`ExportError`
 when the program contains a call with ``jitter_std > 0`` and ``jitter_prob > 0`` (put the model in
@@ -59,7 +66,7 @@ import torch
 from onnxscript import ir
 
 from . import _ops  # noqa: F401  (registers the ops whose overloads the table keys on)
-from ._common import COSINE_EPS, INTERPOLATIONS, PADDINGS, jitter_requested
+from ._common import COSINE_EPS, INTERPOLATIONS, PADDINGS, SAMPLERS, jitter_requested
 
 __all__ = ["DEFAULT_OPSET", "GRIDSAMPLE_MIN_OPSET", "MIN_OPSET", "SAMPLERS", "ExportError", "check_no_jitter",
            "export", "jitter_calls", "sampler_for", "translation_table"]
@@ -71,7 +78,6 @@ DEFAULT_OPSET = 20
 # Least opset at which ONNX GridSample expresses a d-dimensional table in a form onnxruntime
 # runs (its kernel takes 4-D and 5-D inputs only); d = 4 has no such form.
 GRIDSAMPLE_MIN_OPSET = {1: 16, 2: 16, 3: 20}
-SAMPLERS = ("auto", "gridsample", "gather")
 # The exporter builds graphs at this opset or above and converts lower targets down afterwards
 # (torch.onnx._internal.exporter._constants.TORCHLIB_OPSET); translations are written for it.
 _BUILD_OPSET_FLOOR = 18
@@ -100,7 +106,8 @@ def _check_sampler(sampler) -> str:
 
 
 def sampler_for(dim: int, opset: int = DEFAULT_OPSET, sampler: str = "auto") -> str:
-    """How a d-dimensional table is sampled at ``opset``: 'gridsample' or 'gather'.
+    """How a d-dimensional table is sampled at ``opset``: 'gridsample', 'gather' or 'matmul'
+    ('auto' may still take 'matmul' for a shared table with few points, see the module docstring).
 
     Raises ExportError naming the opset when ``sampler='gridsample'`` cannot express ``dim``.
     """
@@ -110,7 +117,9 @@ def sampler_for(dim: int, opset: int = DEFAULT_OPSET, sampler: str = "auto") -> 
         raise ValueError(f"dim must be an int in 1..4, got {dim!r}")
     least = GRIDSAMPLE_MIN_OPSET.get(dim)
     native = least is not None and opset >= least
-    if sampler == "gather" or (sampler == "auto" and not native):
+    if sampler in ("gather", "matmul"):
+        return sampler
+    if sampler == "auto" and not native:
         return "gather"
     if not native:
         if least is None:
@@ -173,7 +182,9 @@ def _check_graph_opset(build_opset: int, opset: int) -> None:
 def _gridsample(op, build_opset: int, input, grid, mode: str, padding: str, align_corners: bool):
     """ONNX GridSample for d = 1..3 with the shared-table fold; input (N_in, C, S..), grid (N, O.., d)."""
     d = len(input.shape) - 2
-    attrs = dict(mode="linear" if mode == "bilinear" and build_opset >= 20 else mode, padding_mode=padding,
+    # opset 20 renamed the modes: bilinear -> linear, bicubic -> cubic
+    renamed = {"bilinear": "linear", "bicubic": "cubic"} if build_opset >= 20 else {}
+    attrs = dict(mode=renamed.get(mode, mode), padding_mode=padding,
                  align_corners=int(align_corners))
     table, points = input, grid
     if d == 1:
@@ -218,6 +229,23 @@ def _source_index(op, coord, size: int, padding: str, align_corners: bool):
     return x
 
 
+def _table_rows_and_points(op, input, grid, sampler: str):
+    """What the gather and matmul forms share: (table sizes S, channels C as a 1-D shape, the
+    points (N, M, d) with M = prod(O), the table as rows of C values (N_in, P, C) with P =
+    prod(S)). The rows are a transpose that the runtime folds into a constant at load time when
+    the table is a weight. Raises ExportError when S is not known at export time."""
+    d = len(input.shape) - 2
+    sizes = [_static(s) for s in input.shape[2:]]
+    if any(s is None for s in sizes):
+        raise ExportError(f"sampler={sampler!r} needs the table's sizes at export time, got input shape "
+                          f"{input.shape}")
+    channels = _shape(op, input, 1, 2)
+    points = op.Reshape(grid, op.Concat(_shape(op, grid, 0, 1), _ints(op, [-1, d]), axis=0))
+    rows = op.Transpose(op.Reshape(input, op.Concat(_shape(op, input, 0, 2), _ints(op, [math.prod(sizes)]), axis=0)),
+                        perm=[0, 2, 1])
+    return sizes, channels, points, rows
+
+
 def _gather(op, input, grid, mode: str, padding: str, align_corners: bool):
     """Multilinear (or nearest) sampling from one Gather, any d; input (N_in, C, S..), grid (N, O.., d).
 
@@ -227,14 +255,9 @@ def _gather(op, input, grid, mode: str, padding: str, align_corners: bool):
     them: K times the output's size in temporaries. The table is read as rows of C values,
     (N_in·P, C) with P = prod(S)."""
     d = len(input.shape) - 2
-    sizes = [_static(s) for s in input.shape[2:]]
-    if any(s is None for s in sizes):
-        raise ExportError(f"sampler='gather' needs the table's sizes at export time, got input shape "
-                          f"{input.shape}")
+    sizes, channels, points, rows = _table_rows_and_points(op, input, grid, "gather")
     cells = math.prod(sizes)
     strides = [math.prod(sizes[a + 1:]) for a in range(d)]
-    channels = _shape(op, input, 1, 2)
-    points = op.Reshape(grid, op.Concat(_shape(op, grid, 0, 1), _ints(op, [-1, d]), axis=0))  # (N, M, d)
     bilinear = mode == "bilinear"
     flat, weight = None, None
     for a in range(d):
@@ -263,10 +286,7 @@ def _gather(op, input, grid, mode: str, padding: str, align_corners: bool):
     flat = op.Reshape(flat, _ints(op, [0, 0, -1]))  # (N, M, K)
     if weight is not None:
         weight = op.Reshape(weight, _ints(op, [0, 0, -1]))
-    # The table as rows of C values, (N_in·P, C), so that every corner is one contiguous row: a
-    # transpose that the runtime folds into a constant at load time when the table is a weight.
-    rows = op.Transpose(op.Reshape(input, op.Concat(_shape(op, input, 0, 2), _ints(op, [cells]), axis=0)),
-                        perm=[0, 2, 1])
+    # every corner one contiguous row of the table as (N_in·P, C)
     rows = op.Reshape(rows, op.Concat(_ints(op, [-1]), channels, axis=0))
     if not _is_shared(input, grid):  # image n reads rows n·P .. n·P + P - 1
         batch = op.Squeeze(_shape(op, grid, 0, 1), _ints(op, [0]))
@@ -276,6 +296,39 @@ def _gather(op, input, grid, mode: str, padding: str, align_corners: bool):
         out = op.MatMul(op.Unsqueeze(weight, _ints(op, [2])), out)  # (N, M, 1, K) @ (N, M, K, C)
     out = op.Transpose(out, perm=[0, 3, 1, 2])
     # (N, C, M, 1) -> (N, C, O_1, ..., O_d)
+    return op.Reshape(out, op.Concat(_shape(op, grid, 0, 1), channels, _shape(op, grid, 1, d + 1), axis=0))
+
+
+def _matmul(op, input, grid, mode: str, padding: str, align_corners: bool):
+    """Multilinear (or nearest) sampling as one MatMul with a dense weight matrix, any d; input
+    (N_in, C, S..), grid (N, O.., d).
+
+    Every point's weight on every cell, (N, M, P) with M = prod(O) and P = prod(S), is the outer
+    product over the axes of the bilinear tent max(0, 1 - |x - i|) (or, nearest, x rounded equal
+    to i) at the cells i = 0 .. S_a - 1: cells outside the table do not exist, so zeros padding
+    needs no mask, and border/reflection come from clipping x first. The product with the table
+    as rows of C values, (N_in, P, C), sums them. It costs P multiply-adds per output value, so it
+    suits small tables; for GRAD's global grid (a few cells of C·H·W values, one point per
+    image) it reads the table once in a product the runtime runs at memory speed."""
+    d = len(input.shape) - 2
+    sizes, channels, points, rows = _table_rows_and_points(op, input, grid, "matmul")
+    weight = None
+    for a in range(d):
+        x = op.Unsqueeze(_source_index(op, op.Gather(points, d - 1 - a, axis=2), sizes[a], padding, align_corners),
+                         _ints(op, [2]))  # (N, M, 1)
+        at = op.CastLike(op.Constant(value_floats=[float(i) for i in range(sizes[a])]), x)  # (S_a,)
+        if mode == "bilinear":
+            w = op.Relu(op.Sub(1.0, op.Abs(op.Sub(x, at))))
+        else:  # ONNX Round rounds half to even, like the nearbyint of F.grid_sample
+            w = op.CastLike(op.Equal(op.Round(x), at), x)
+        if d > 1:  # (N, M, S_a) -> (N, M, 1.., S_a, ..1) with S_a on axis 2 + a
+            w = op.Unsqueeze(w, _ints(op, [2 + j for j in range(d) if j != a]))
+        weight = w if weight is None else op.Mul(weight, w)
+    weight = op.Reshape(weight, _ints(op, [0, 0, math.prod(sizes)]))  # (N, M, P), table axis 0 slowest
+    out = op.MatMul(weight, rows)  # (N, M, C)
+    out_points = [_static(s) for s in grid.shape[1:-1]]
+    if out_points != [1] * d:  # one point per image needs no transpose
+        out = op.Transpose(out, perm=[0, 2, 1])
     return op.Reshape(out, op.Concat(_shape(op, grid, 0, 1), channels, _shape(op, grid, 1, d + 1), axis=0))
 
 
@@ -294,8 +347,16 @@ def _sample_grid_translation(opset: int, sampler: str) -> Callable:
             raise ExportError(f"sample_grid: unknown interpolation {interpolation} or padding {padding} code")
         d = len(input.shape) - 2
         mode, pad = _MODE_NAMES[interpolation], _PADDING_NAMES[padding]
-        if sampler_for(d, opset, sampler) == "gridsample":
+        form = sampler_for(d, opset, sampler)
+        if sampler == "auto" and _shared_form(input, grid) == "fold" and None not in map(_static, input.shape[2:]):
+            form = "matmul"  # a shared table with more cells than points per image: one product
+        if mode == "bicubic" and form != "gridsample":
+            raise ExportError(f"bicubic sampling has no {form!r} form; export with sampler='gridsample' "
+                              f"(2-D tables)")
+        if form == "gridsample":
             return _gridsample(op, build_opset, input, grid, mode, pad, bool(align_corners))
+        if form == "matmul":
+            return _matmul(op, input, grid, mode, pad, bool(align_corners))
         return _gather(op, input, grid, mode, pad, bool(align_corners))
 
     return grad_ext_sample_grid

@@ -113,7 +113,7 @@ def exported_samplers(tmp_path_factory):
 
 
 CASES = [(1, "gridsample"), (2, "gridsample"), (3, "gridsample"), (1, "gather"), (2, "gather"), (3, "gather"),
-         (4, "auto")]
+         (4, "auto"), (1, "matmul"), (2, "matmul"), (3, "matmul"), (4, "matmul")]
 
 
 @pytest.mark.parametrize("d,sampler", CASES)
@@ -144,6 +144,8 @@ def test_graph_uses_the_chosen_sampler_and_never_copies_the_shared_table(exporte
     calls = 3 * len(COMBOS)
     if gonnx.sampler_for(d, 20, sampler) == "gridsample":
         assert types.count("GridSample") == calls
+    elif sampler == "matmul":
+        assert "GridSample" not in types and types.count("MatMul") == calls
     else:
         assert "GridSample" not in types and "Gather" in types
     # The shared table (5^d cells, more than the 3^d or 1 points per image) reaches the sampler
@@ -162,21 +164,45 @@ def test_graph_uses_the_chosen_sampler_and_never_copies_the_shared_table(exporte
                 derived.update(node.output)
 
 
-@pytest.mark.parametrize("points,form", [((6, 6), "expand"), ((1, 1), "fold"), ((3, 5), "fold")])
-def test_shared_table_takes_the_smaller_copy(tmp_path, points, form):
-    # a 4 x 4 table: 16 cells per copy against prod(points) output values per image
+@pytest.mark.parametrize("sampler,points,form", [
+    ("gridsample", (6, 6), "expand"), ("gridsample", (1, 1), "fold"), ("gridsample", (3, 5), "fold"),
+    ("auto", (6, 6), "expand"), ("auto", (1, 1), "matmul"), ("auto", (3, 5), "matmul")])
+def test_shared_table_takes_the_cheaper_form(tmp_path, sampler, points, form):
+    # a 4 x 4 table shared by the batch: 16 cells per copy against prod(points) output values per
+    # image; 'auto' takes the matmul form where GridSample would fold (GRAD's global grid)
     model = Sample(2, mode="bilinear", padding_mode="border").eval()
     path = str(tmp_path / "shared.onnx")
-    gonnx.export(model, (torch.rand(2, *points, 2) * 2 - 1,), path, dynamic_shapes=({0: batch_dim()},))
+    gonnx.export(model, (torch.rand(2, *points, 2) * 2 - 1,), path, sampler=sampler,
+                 dynamic_shapes=({0: batch_dim()},))
+    types = op_types(onnx.load(path))
+    assert ("Expand" in types) == (form == "expand")
+    assert ("GridSample" in types) == (form != "matmul") and ("MatMul" in types) == (form == "matmul")
+    if form != "matmul":
+        assert ("Transpose" in types) == (form == "fold")
     proto = onnx.load(path)
-    assert ("Expand" in op_types(proto)) == (form == "expand")
-    assert ("Transpose" in op_types(proto)) == (form == "fold")
     for batch in BATCHES:
         grid = torch.rand(batch, *points, 2, generator=torch.Generator().manual_seed(batch)) * 2.4 - 1.2
         with torch.no_grad():
             expected = (model(grid),)
         assert_outputs_close(run_ort(proto, (grid,)), expected, f"{form} onnxruntime batch {batch}")
         assert_outputs_close(run_openvino(path, (grid,)), expected, f"{form} OpenVINO batch {batch}")
+
+
+def test_bicubic_exports_as_gridsample_only(tmp_path):
+    # ONNX GridSample's cubic mode (renamed from 'bicubic' in opset 20) against F.grid_sample;
+    # the gather and matmul forms have no bicubic and say so
+    model = Sample(2, mode="bicubic", padding_mode="border", align_corners=True).eval()
+    grid = torch.rand(3, 5, 4, 2, generator=torch.Generator().manual_seed(7)) * 2.4 - 1.2
+    with torch.no_grad():
+        expected = (model(grid),)
+    for opset in (17, 20):
+        proto = gonnx.export(model, (grid,), None, opset=opset, sampler="gridsample").model_proto
+        assert_outputs_close(run_ort(proto, (grid,)), expected, f"bicubic opset {opset}")
+    for sampler in ("gather", "matmul", "auto"):
+        if sampler == "auto":
+            grid = grid[:, :1, :1]  # one point per image: 'auto' would take the matmul form
+        with pytest.raises(gonnx.ExportError, match="bicubic"):
+            gonnx.export(model, (grid,), None, sampler=sampler)
 
 
 def test_auto_sampler_follows_the_opset():
@@ -266,7 +292,7 @@ class TinyGRAD(nn.Module):
     local grid (B, H, W, 2), per-image coordinates (B, 1, 1, 2) into a shared global grid of whole
     C·H·W maps, a 1x1 fusion and the refinement's anomaly map."""
 
-    def __init__(self, channels=4, size=6, local_res=8, global_res=4):
+    def __init__(self, channels=4, size=6, local_res=4, global_res=4):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.size = size
@@ -294,7 +320,9 @@ def test_grad_shaped_module_exports_and_runs(tmp_path, opset):
     gonnx.export(model, (torch.randn(2, 4, 6, 6),), path, opset=opset, dynamic_shapes=({0: dim},))
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)
-    assert op_types(proto).count("GridSample") == 2
+    # the local grid (16 cells, 36 points per image) as GridSample, the global one (16 cells, one
+    # point per image) as the matmul form
+    assert op_types(proto).count("GridSample") == 1 and "MatMul" in op_types(proto)
     for batch in BATCHES:
         features = torch.randn(batch, 4, 6, 6, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():

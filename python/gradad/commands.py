@@ -17,6 +17,8 @@ import time
 import warnings
 from typing import Optional, Sequence
 
+from grad_ext._common import SAMPLERS
+
 from . import __version__
 from .checkpoint import run_config
 from .config import (
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnx (model.onnx), openvino (model.xml + model.bin) or torch (model.pt2)")
     export.add_argument("--out", required=True, help="the folder to create (must not exist or be empty)")
     export.add_argument("--opset", type=int, help="ONNX opset (default: grad_ext.onnx.DEFAULT_OPSET)")
-    export.add_argument("--sampler", choices=("auto", "gridsample", "gather"), default="auto",
+    export.add_argument("--sampler", choices=SAMPLERS, default="auto",
                         help="how grid lookups are expressed in ONNX (grad_ext.onnx)")
     export.add_argument("--input-dtype", choices=("float32", "uint8"), default="float32",
                         help="the pixel type of the graph's input (values 0..255 either way)")
