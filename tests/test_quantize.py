@@ -1,8 +1,8 @@
 """gradad export --precision fp16|int8 (gradad.quantize): in ONNX (onnxruntime) and OpenVINO, the
-files against the float32 PyTorch model (gradad.inference.predict), the head left in float32 (read
-from the written graphs), the recorded accuracy and threshold recomputed here from the files'
-own scores (numpy, scikit-learn), the refusal of a model that loses AUROC, and the torch-free
-predict of the reduced files.
+files against the float32 PyTorch model (gradad.inference.predict), only the lowered scopes
+computing with lowered weights (read from the written graphs), the recorded accuracy and
+threshold recomputed here from the files' own scores (numpy, scikit-learn), the refusal of a
+model that loses AUROC, and the torch-free predict of the reduced files.
 
 A tiny model (random backbone weights, 32-pixel input, one epoch) keeps this file fast; its
 int8 accuracy means nothing, so the AUROC check is off except where it is the subject.
@@ -27,7 +27,7 @@ from gradad.cli import main
 from gradad.export import DetectorGraph, dynamic_shapes, example_input, export_detector
 from gradad.inference import load_model
 from gradad.precision_check import AccuracyError
-from gradad.quantize import PrecisionConfig, lowered_nodes
+from gradad.quantize import LOWERED_SCOPES, PrecisionConfig, lowered_nodes
 from tests.synthetic import make_mvtec
 from tests.test_cli import TINY_TRAIN
 from tests.test_export import reference
@@ -66,18 +66,16 @@ def scores_of(scorer, paths):
     return np.array([p.score for p in scorer.predict(paths, batch_size=3)])
 
 
-def readers_of_lowered_weights(model_path, backbone):
-    """(count of lowered weights, names of the nodes outside ``backbone`` that compute with one):
+def readers_of_lowered_weights(model_path):
+    """(count of lowered weights, names of the nodes that compute with one, as ONNX node names):
     a lowered weight is an int8 or float16 constant, followed through its decompression (the
-    casts, dequantization and scale products between it and the node that uses it). The head's
-    input, the backbone's last output, carries int8 rounding by nature; its weights must not."""
+    casts, dequantization and scale products between it and the node that uses it)."""
     if model_path.endswith(".onnx"):
         graph = onnx.load(model_path).graph
         low = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8)}
         lowered = {out for n in graph.node if n.op_type in ("Cast", "DequantizeLinear") and n.input[0] in low
                    for out in n.output}
-        readers = {n.name for n in graph.node if lowered & set(n.input)}
-        return len(lowered), readers - backbone
+        return len(lowered), {n.name for n in graph.node if lowered & set(n.input)}
     decompression = ("Convert", "Subtract", "Multiply", "FakeQuantize", "Reshape")
     low_types = (ov.Type.f16, ov.Type.i8, ov.Type.u8)
     ops = ov.Core().read_model(model_path).get_ordered_ops()
@@ -86,16 +84,19 @@ def readers_of_lowered_weights(model_path, backbone):
     readers, frontier = set(), [t.get_node() for w in weights for t in w.output(0).get_target_inputs()]
     while frontier:
         node = frontier.pop()
-        if node.get_type_name() in decompression and node.get_friendly_name().split("/")[0] not in backbone:
+        # OpenVINO names an operation after its ONNX node, '/...' for the parts it splits off;
+        # decompression of a weight is named after the weight, not after a node of the graph
+        if node.get_type_name() in decompression:
             frontier += [t.get_node() for t in node.output(0).get_target_inputs()]
         else:
-            readers.add(node.get_friendly_name())
-    return len(weights), {name for name in readers if name.split("/")[0] not in backbone}
+            readers.add(node.get_friendly_name().split("/")[0])
+    return len(weights), readers
 
 
-def backbone_nodes(checkpoint, fmt, folder):
-    """The backbone's node names in the float32 ONNX graph the format's export starts from
-    (OpenVINO's names follow the ONNX export with the resize as matrix products)."""
+def float32_graph_nodes(checkpoint, fmt, folder):
+    """(the nodes the format lowers, the backbone's nodes) of the float32 ONNX graph the
+    format's export starts from (OpenVINO's names follow the ONNX export with the resize as
+    matrix products)."""
     loaded = load_model(checkpoint, device="cpu")
     resize = "matmul" if fmt == "openvino" else "native"
     graph = DetectorGraph(loaded.backbone, loaded.model, loaded.config.image_size, resize).eval()
@@ -103,7 +104,8 @@ def backbone_nodes(checkpoint, fmt, folder):
     with torch.no_grad():
         grad_ext.onnx.export(graph, (example_input(loaded),), path, dynamic_shapes=dynamic_shapes(),
                              input_names=["image"], output_names=["anomaly_map", "score"])
-    return lowered_nodes(onnx.load(path))
+    proto = onnx.load(path)
+    return lowered_nodes(proto, LOWERED_SCOPES[fmt]), lowered_nodes(proto, ["backbone"])
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
@@ -135,16 +137,19 @@ def test_reduced_precision_against_fp32(checkpoint, data, fmt, precision, tmp_pa
     assert accuracy["auroc_fp32"] == pytest.approx(roc_auc_score(labels, torch_scores[n:]))
     assert accuracy["max_score_change"] == pytest.approx(change.max(), rel=RECORD_RTOL,
                                                          abs=1e-4 * np.abs(torch_scores).max())
-    assert record["runtime"] == backend and record["lowered"] == "backbone"
+    assert record["runtime"] == backend and record["lowered"] == list(LOWERED_SCOPES[fmt])
 
     # the threshold: the run's rule (quantile 0.99) on the reduced model's scores of the validation normals
     assert stored["validation"]["quantile"] == 0.99
     assert meta["threshold"] == pytest.approx(np.quantile(reduced[:n], 0.99), rel=1e-6)
     assert precision in meta["threshold_source"]
 
-    # the head's weights stay float32: no node outside the float32 graph's backbone uses a lowered one
-    count, head_readers = readers_of_lowered_weights(result.model_path, backbone_nodes(checkpoint, fmt, tmp_path))
-    assert count > 0 and head_readers == set()
+    # only the lowered scopes compute with lowered weights (the grids, coordinates' linear layers
+    # and refinement stay float32), and the head's convolutions are among them
+    lowered, backbone = float32_graph_nodes(checkpoint, fmt, tmp_path)
+    count, readers = readers_of_lowered_weights(result.model_path)
+    assert count > 0 and readers <= lowered, sorted(readers - lowered)
+    assert readers & backbone and readers & (lowered - backbone)
     fp32 = export_detector(checkpoint, fmt, tmp_path / "fp32")
     if precision == "int8":
         calibration = record["calibration"]
@@ -245,3 +250,24 @@ def test_serve_scores_a_reduced_file_and_names_its_precision(checkpoint, data, t
                 got = request(url, "POST", "/v1/inspect", handle.read(), {"Content-Type": "image/png"}).json()
             assert got["score"] == pytest.approx(want, rel=1e-5)
 
+
+
+def test_lowered_nodes_follow_the_recorded_scopes():
+    # nodes by the exporter's name-scope record: a head module the model lacks has none, and a
+    # graph without the backbone's record is refused rather than lowered blindly
+    def node(name, scopes):
+        made = onnx.helper.make_node("Relu", ["x"], [name], name=name)
+        if scopes is not None:
+            made.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(scopes))
+        return made
+
+    nodes = [node("stem", ["", "backbone", "backbone.stem", "conv"]), node("fuse", ["", "model", "model.fusion", "a"]),
+             node("grid", ["", "model", "sample_grid"]), node("bare", None),
+             node("out", ["", "model", "model.output", "conv2d"])]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [])
+    proto = onnx.helper.make_model(graph)
+    assert lowered_nodes(proto, ["backbone", "model.fusion", "model.local_coordinates"]) == {"stem", "fuse"}
+    assert lowered_nodes(proto, LOWERED_SCOPES["onnx"]) == {"stem", "fuse", "out"}
+    with pytest.raises(ValueError, match="backbone"):
+        lowered_nodes(onnx.helper.make_model(onnx.helper.make_graph(nodes[1:], "g", graph.input, [])), ["backbone"])

@@ -158,8 +158,9 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
     defaults = PrecisionConfig()
     group = parser.add_argument_group("precision (onnx and openvino; see gradad.quantize)")
     group.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
-                       help="the backbone's precision; the GRAD head and post-processing stay float32. fp16 and int8 "
-                       "are scored against fp32 on the validation normals and test split before they are written")
+                       help="the convolutions' precision (backbone and GRAD head, gradad.quantize.LOWERED_SCOPES); "
+                       "grid lookups, refinement and post-processing stay float32. fp16 and int8 are scored "
+                       "against fp32 on the validation normals and test split before they are written")
     source = group.add_mutually_exclusive_group()
     source.add_argument("--calibration", metavar="DIR", default=defaults.calibration_dir,
                         help="int8: calibrate on the normal images of this folder")

@@ -1,18 +1,24 @@
-"""Reduced-precision export (``gradad export --precision fp16|int8``): the backbone of the
-detector graph in half precision or 8-bit integers, the GRAD head in float32, and the accuracy
-cost measured before anything is written.
+"""Reduced-precision export (``gradad export --precision fp16|int8``): the detector's
+convolutions in half precision or 8-bit integers, the grid lookups, refinement and
+post-processing in float32, and the accuracy cost measured before anything is written.
 
-What goes lower. Only the nodes the exporter records under ``DetectorGraph.backbone`` (ONNX
-node metadata ``pkg.torch.onnx.name_scopes``). The input resize and normalisation, the grid
-lookups, the refinement, the fusion network, the upsampling and the Gaussian smoothing stay
-float32: on the Lite demo, OpenVINO INT8 of the fusion network as well gained no speed and
-moved the scores by as much as their own size (benchmarks/results/cpu-amd-epyc/export.md).
+What goes lower (:data:`LOWERED_SCOPES`). The nodes the exporter records (ONNX node metadata
+``pkg.torch.onnx.name_scopes``) under the backbone and under the GRAD head's convolutional
+modules: the fusion network, the local coordinate network and, in ONNX, the output convolution.
+The input resize and normalisation, the grids and their lookups, the global coordinates (two
+small linear layers), the refinement, the upsampling and the Gaussian smoothing stay float32:
+they are a small share of the time, and the map is a difference of features that must not be
+rounded. Measured on the Lite demo (2-core AMD EPYC, int8, image AUROC of the test split against
+fp32, benchmarks/results/cpu-amd-epyc/export.md): onnxruntime with the backbone only -0.0015,
+with the head's convolutions too -0.0009; OpenVINO with the backbone only +0.0003, with the
+fusion and local coordinates too +0.0002, but with its output convolution as well -0.12 (NNCF's
+int8 output of x̂ moved the scores by half their size), so OpenVINO keeps that one in float32.
 
 - int8, ONNX: onnxruntime's static quantization in QDQ form (per-channel int8 weights, uint8
   activations, min/max calibration); OpenVINO: NNCF post-training quantization with every
-  node outside the backbone in its ignored scope. Both calibrate on normal images only: the
-  run's training normals (re-listed from the checkpoint's config), or a folder.
-- fp16: the backbone's weights stored as float16 with a Cast to float32 in front of their
+  node outside the lowered scopes in its ignored scope. Both calibrate on normal images only:
+  the run's training normals (re-listed from the checkpoint's config), or a folder.
+- fp16: the lowered nodes' weights stored as float16 with a Cast to float32 in front of their
   node, in both formats (neither runtime computes fp16 convolutions on an x86 CPU without
   AVX512-FP16, so the gain is the file size, not the speed).
 
@@ -41,15 +47,17 @@ from .io_utils import hash_file
 from .listings import config_listing
 from .precision_check import HeldBack, check_accuracy, held_back_images, measure_accuracy, reduced_threshold
 
-# the DetectorGraph submodule whose nodes a reduced precision lowers (see the module docstring)
-LOWERED_SCOPE = "backbone"
+# the DetectorGraph submodules whose nodes a reduced precision lowers, per format (see the
+# module docstring): 'backbone', then GRAD's modules under DetectorGraph.model
+LOWERED_SCOPES = {"onnx": ("backbone", "model.fusion", "model.local_coordinates", "model.output"),
+                  "openvino": ("backbone", "model.fusion", "model.local_coordinates")}
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 REDUCED_FORMATS = ("onnx", "openvino")
 
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """How ``gradad export`` lowers the backbone's precision (the defaults of the CLI flags).
+    """How ``gradad export`` lowers the detector's precision (the defaults of the CLI flags).
 
     Args:
         precision: 'fp32' (the float32 graph as it is), 'fp16' or 'int8'.
@@ -90,18 +98,25 @@ class PrecisionConfig:
 
 # ---- which nodes go lower --------------------------------------------------------------------
 
-def lowered_nodes(model) -> set:
-    """Names of the nodes of an exported ONNX model (onnx.ModelProto) that belong to
-    ``DetectorGraph.backbone``, by the exporter's name-scope metadata. Raises ValueError when
-    there are none (an exporter that no longer records scopes must not quantize the head)."""
-    names = set()
+def lowered_nodes(model, scopes: Sequence[str]) -> set:
+    """Names of the nodes of an exported ONNX model (onnx.ModelProto) that belong to one of the
+    DetectorGraph submodules ``scopes`` ('backbone', 'model.fusion', ...; see LOWERED_SCOPES), by
+    the exporter's name-scope metadata. A head module the model lacks (no local branch, say) has
+    none; raises ValueError when the first scope, the backbone, has none (an exporter that no
+    longer records scopes must not lower the wrong nodes)."""
+    names, found = set(), set()
     for node in model.graph.node:
-        scopes = {p.key: p.value for p in node.metadata_props}.get(_NAME_SCOPES)
-        if scopes and ast.literal_eval(scopes)[1:2] == [LOWERED_SCOPE]:
-            names.add(node.name)
-    if not names:
-        raise ValueError(f"the exported ONNX graph records no node under {LOWERED_SCOPE!r} ({_NAME_SCOPES} "
-                         f"metadata): cannot tell the backbone from the GRAD head")
+        recorded = {p.key: p.value for p in node.metadata_props}.get(_NAME_SCOPES)
+        if not recorded:
+            continue
+        path = ast.literal_eval(recorded)[1:]  # the module names from the top down, then the node's
+        for scope in scopes:
+            if scope in path[:-1]:
+                names.add(node.name)
+                found.add(scope)
+    if scopes and scopes[0] not in found:
+        raise ValueError(f"the exported ONNX graph records no node under {scopes[0]!r} ({_NAME_SCOPES} "
+                         f"metadata): cannot tell which nodes to lower")
     return names
 
 
@@ -174,7 +189,7 @@ def _half_weights(model, nodes: set):
 
 def _half_weights_openvino(model, nodes: set):
     """:func:`_half_weights` for an OpenVINO model converted from the ONNX file: each float32
-    Constant read only by backbone operations becomes a float16 Constant and a Convert."""
+    Constant read only by lowered operations becomes a float16 Constant and a Convert."""
     import openvino as ov
     import openvino.opset13 as opset
 
@@ -226,7 +241,7 @@ def _int8_openvino(fp32_path: str, out_path: str, nodes: set, calibration: List[
     kept_convolutions = [op for op in model.get_ordered_ops() if op.get_type_name().endswith("Convolution")
                          and op.get_friendly_name() not in ignored]
     if not kept_convolutions:
-        raise ValueError("no backbone convolution is left to quantize in the OpenVINO model: its operation "
+        raise ValueError("no convolution is left to quantize in the OpenVINO model: its operation "
                          "names no longer follow the ONNX node names")
     # activation ranges: the calibration set's overall min/max, not NNCF's default mean of the
     # per-image extremes, which clips the unusual features an anomaly is made of (Lite demo:
@@ -253,7 +268,7 @@ def write_reduced(fmt: str, precision: str, fp32_onnx: str, folder: str, calibra
     import onnx
 
     model = onnx.load(fp32_onnx)
-    nodes = lowered_nodes(model)
+    nodes = lowered_nodes(model, LOWERED_SCOPES[fmt])
     out = os.path.join(folder, "model.onnx" if fmt == "onnx" else "model.xml")
     if precision == "fp16":
         if fmt == "onnx":
@@ -263,7 +278,7 @@ def write_reduced(fmt: str, precision: str, fp32_onnx: str, folder: str, calibra
 
             # OpenVINO's ONNX reader folds a Cast of a weight back to float32: convert, then halve
             ov.save_model(_half_weights_openvino(ov.convert_model(fp32_onnx), nodes), out, compress_to_fp16=False)
-        return out, "backbone weights stored as float16, computed in float32"
+        return out, "weights of the lowered nodes stored as float16, computed in float32"
     if fmt == "onnx":
         return out, _int8_onnx(fp32_onnx, out, nodes, calibration, input_name)
     return out, _int8_openvino(fp32_onnx, out, nodes, calibration)
@@ -312,5 +327,5 @@ def reduce_precision(loaded: LoadedModel, fmt: str, config: PrecisionConfig, fp3
     check_accuracy(report, config.precision, config.max_auroc_drop)
     value, source = reduced_threshold(loaded.checkpoint, validation_scores, config.precision, threshold, quantile,
                                       target_fpr)
-    record.update(method=method, lowered=LOWERED_SCOPE, runtime=backend, accuracy=report)
+    record.update(method=method, lowered=list(LOWERED_SCOPES[fmt]), runtime=backend, accuracy=report)
     return ReducedModel(model_path, value, source, record)
