@@ -186,6 +186,32 @@ def precision_table(rows: List[Dict[str, object]]) -> str:
                            "image AUROC (change)", "largest score change"], table)
 
 
+# the quantized export's targets: int8 images/s at batch 32 against fp32 onnxruntime's, and the
+# image AUROC it may lose (gradad export's own default limit)
+TARGET_BATCH, TARGET_SPEEDUP = 32, 2.0
+TARGET_AUROC_DROP = PrecisionConfig().max_auroc_drop
+
+
+def target_table(rows: List[Dict[str, object]]) -> Optional[str]:
+    """Whether each runtime's int8 file meets the targets at batch TARGET_BATCH: images/s at least
+    TARGET_SPEEDUP x fp32 onnxruntime's, and an image AUROC drop of at most TARGET_AUROC_DROP.
+    None without an int8 row and the fp32 onnxruntime row to compare with."""
+    base = next((r["images_per_s"] for r in rows if r["runtime"] == RUNTIMES["onnxruntime"]
+                 and r["precision"] == "fp32" and r["batch"] == TARGET_BATCH), None)
+    int8 = [r for r in rows if r["precision"] == "int8" and r["batch"] == TARGET_BATCH]
+    if base is None or not int8:
+        return None
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "not met"
+    speed = [f"{r['images_per_s'] / base:.2f}×, {verdict(r['images_per_s'] >= TARGET_SPEEDUP * base)}" for r in int8]
+    drop = [f"{r['auroc_fp32'] - r['auroc']:+.4f}, {verdict(r['auroc_fp32'] - r['auroc'] <= TARGET_AUROC_DROP)}"
+            if r.get("auroc") is not None else "n/a" for r in int8]
+    return markdown_table([f"target (batch {TARGET_BATCH})", *[f"{r['runtime']} int8" for r in int8]],
+                          [[f"images/s ≥ {TARGET_SPEEDUP:g}× fp32 onnxruntime ({base:.1f})", *speed],
+                           [f"image AUROC drop ≤ {TARGET_AUROC_DROP}", *drop]])
+
+
 def to_markdown(results: Dict[str, object]) -> str:
     """The results as markdown tables: the speed-up over torch eager at each batch, and the
     trained detector's precisions."""
@@ -208,6 +234,9 @@ def to_markdown(results: Dict[str, object]) -> str:
                   f"{results['threads']} threads; AUROC and score change: the export's accuracy check against "
                   "fp32 on the demo's test split (and its validation normals for the score change).", "",
                   precision_table(trained)]
+        targets = target_table(trained)
+        if targets:
+            lines += ["", "Targets of the quantized export:", "", targets]
     return "\n".join(lines) + "\n"
 
 

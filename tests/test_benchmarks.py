@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks import allocators, bench_detector, bench_grid_sample, bench_metrics, bench_refine, run_all
+from benchmarks import allocators, bench_detector, bench_export, bench_grid_sample, bench_metrics, bench_refine, run_all
 from benchmarks.bench_grid_sample import FORWARD, FORWARD_BACKWARD, SampleCase
 from benchmarks.device_info import resolve_device, slugify
 from benchmarks.reporting import PLOT_FILES, RESULTS_JSON, RESULTS_MD, results_markdown
@@ -424,3 +424,20 @@ def test_allocator_benchmark_rejects_bad_arguments(capsys):
     assert "--allocators" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_allocators.main(["--rounds", "0"])
+
+
+def test_export_targets_are_judged_against_fp32_onnxruntime_at_batch_32():
+    def row(runtime, precision, batch, images_per_s, auroc=None):
+        return {"spec": bench_export.TRAINED_SPEC, "runtime": bench_export.RUNTIMES[runtime], "precision": precision,
+                "batch": batch, "requested_batch": batch, "input_size": 240, "median_ms": 1000 * batch / images_per_s,
+                "images_per_s": images_per_s, "auroc_fp32": 0.9, "auroc": auroc, "max_score_change": 1.0}
+    rows = [row("onnxruntime", "fp32", 1, 50.0), row("onnxruntime", "fp32", 32, 100.0),
+            row("onnxruntime", "int8", 1, 500.0, 0.85), row("onnxruntime", "int8", 32, 150.0, 0.899),
+            row("openvino", "int8", 32, 200.0, 0.894)]
+    table = bench_export.target_table(rows)
+    # batch 32 only: 1.5x and 2.0x of fp32 onnxruntime's 100 images/s; drops 0.001 and 0.006
+    assert "| images/s ≥ 2× fp32 onnxruntime (100.0) | 1.50×, not met | 2.00×, met |" in table
+    assert "| image AUROC drop ≤ 0.005 | +0.0010, met | +0.0060, not met |" in table
+    assert bench_export.target_table([r for r in rows if r["precision"] == "int8"]) is None
+    markdown = bench_export.to_markdown({"device": "cpu-x", "threads": 2, "rows": rows})
+    assert "Targets of the quantized export" in markdown and table in markdown
