@@ -69,6 +69,40 @@ What anomalib 2.7 needs here, and what it does
   with several threads. The benchmark runs PaDiM's ``fit()`` (the Gaussian only, not the feature
   extraction) on one thread.
 
+INT8 (``--precisions``, default ``fp32 int8``)
+---------------------------------------------
+Each detector is also exported with 8-bit integers by its own tool, calibrated on normal cells it was fitted
+on only (never a held-out or test cell), and its int8 files are scored and timed like the float32 ones.
+
+* anomalib: ``Engine.export(model, export_type=ExportType.OPENVINO, compression_type=CompressionType.INT8_PTQ,
+  datamodule=...)``, NNCF's post-training quantization with anomalib's (= NNCF's) defaults over the whole
+  OpenVINO graph: the backbone's convolutions, and also the products with PaDiM's inverse covariances and
+  PatchCore's memory bank and the activations entering them, PaDiM's distance map before its Gaussian blur
+  included. anomalib quantizes OpenVINO exports only, so its int8 rows are OpenVINO rows (``--runtimes``
+  must name openvino). INT8_PTQ calibrates on ``datamodule.val_dataloader()``; the benchmark's datamodule
+  (:func:`_calibration_datamodule`) serves the class's fit cells there, in batches of 32 (anomalib's default
+  eval batch) for PaDiM's dynamic-batch file and of the file's own batch for PatchCore's fixed-batch files:
+  for a fixed batch, INT8_PTQ sets the datamodule's ``train_batch_size`` but then reads ``val_dataloader``,
+  which an anomalib datamodule batches by ``eval_batch_size``.
+* gradad: ``gradad.export.export_detector(checkpoint, fmt, out, precision=PrecisionConfig("int8", ...))`` for
+  ``onnx`` (onnxruntime's static QDQ quantization) and ``openvino`` (NNCF), each lowering the backbone and
+  GRAD's convolutions while the grid lookups, refinement and post-processing stay float32
+  (:mod:`gradad.quantize`). Calibration is gradad's default: a seeded 64 of the run's training normals,
+  which are the fit cells (the run's folder of links to them). The export measures the cost on the run's test
+  split and refuses a drop of image AUROC larger than ``--int8-max-auroc-drop`` (default gradad's 0.005):
+  for that the training config names the split's test cells (``data.normal_test_dir``,
+  ``data.abnormal_dirs``: folders of links; the training images stay the fit cells). A refusal is recorded
+  as a result ('refused' in the tables) and leaves nothing to time. The checkpoint holds no validation
+  normals (``split.val_fraction=0``, see above), so the int8 file keeps the float32 threshold, passed in.
+* Failures: the int8 files are scored (and timed) in child processes, and a file its runtime cannot run is
+  recorded as 'failed' while the run goes on: OpenVINO 2026.4's CPU plugin crashes (SIGSEGV; not with its
+  low-precision transformations turned off) compiling some of anomalib's int8 PaDiM files.
+* AUROC: the int8 file of every class model of every seed scores the test split (PatchCore: its file for
+  the first batch size; gradad: both files, they are quantized differently). For anomalib the tables give
+  the int8 file's score before its normalisation (the input of the post-processing operations, found in the
+  OpenVINO graph and checked against the file's own output) and the normalised, clamped output. Throughput:
+  seed 0's files (anomalib: the first class's), timed as the float32 files are.
+
 Interpreters
 ------------
 The anomalib side runs in ``--peers-python`` (default: this interpreter when it imports anomalib). anomalib
@@ -94,7 +128,8 @@ subprocess the benchmark waits until the 1-minute load average is below ``--max-
 the measuring process's own threads) and the share of the machine's CPU time that other processes used
 while it ran.
 
-    python benchmarks/bench_peers.py [--seeds 0 1 2] [--classes mono poly] [--epochs 10] [--quick]
+    python benchmarks/bench_peers.py [--seeds 0 1 2] [--classes mono poly] [--epochs 10] [--precisions fp32]
+                                     [--quick]
 
 Writes ``<out>/peers.json`` and ``<out>/peers.md`` (default ``benchmarks/results/peers``; ``--quick`` writes
 ``peers-quick.*``).
@@ -106,6 +141,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -124,6 +160,8 @@ LABELS = {"gradad": "gradad GRAD (lite-demo, unified)", "padim": "anomalib PaDiM
           "patchcore": "anomalib PatchCore 1 % (per class)"}
 CLASS_NAMES = {"mono": "elpv_mono", "poly": "elpv_poly"}
 RUNTIMES = ("onnxruntime", "openvino")
+PRECISIONS = ("fp32", "int8")
+RUNTIME_FILES = {"onnxruntime": "ONNX file", "openvino": "OpenVINO file"}
 BACKBONE = "efficientnet_lite1"
 TIMM_NAME, LAYERS = "tf_efficientnet_lite1", ("blocks.2", "blocks.4")
 INPUT_SIZE, CELL_SIZE = 240, 300
@@ -133,11 +171,13 @@ THRESHOLD_QUANTILE = 0.99
 FIT_BATCH = 32
 DEFAULT_OUT = os.path.join("benchmarks", "results", "peers")
 FULL = {"seeds": [0, 1, 2], "classes": ["mono"], "epochs": 10, "train_images": 200, "val_images": 20,
-        "test_per_class": None, "batches": [1, 32], "runtimes": list(RUNTIMES), "load_wait": 180.0,
-        "warmup": 2, "min_repeats": 5, "budget_s": 6.0}
+        "test_per_class": None, "batches": [1, 32], "runtimes": list(RUNTIMES), "precisions": list(PRECISIONS),
+        "load_wait": 180.0, "warmup": 2, "min_repeats": 5, "budget_s": 6.0}
+# --quick times both runtimes: anomalib's int8 files exist in OpenVINO only
 QUICK = {"seeds": [0], "classes": ["mono"], "epochs": 1, "train_images": 12, "val_images": 4,
-         "test_per_class": 8, "batches": [1, 2], "runtimes": ["onnxruntime"], "load_wait": 5.0,
-         "warmup": 1, "min_repeats": 2, "budget_s": 0.5}
+         "test_per_class": 8, "batches": [1, 2], "runtimes": list(RUNTIMES), "precisions": list(PRECISIONS),
+         "load_wait": 5.0, "warmup": 1, "min_repeats": 2, "budget_s": 0.5}
+SCORE_CHUNK = 16  # cells per run when an exported file with a dynamic batch scores the test split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +316,109 @@ def _ort_scores(model_path: str, images: np.ndarray, score_name: str) -> np.ndar
     return np.concatenate(out)
 
 
+# operations that the post-processing applies to the score with constants (anomalib's normalisation
+# (score - threshold) / (max - min) + 0.5, its clamp and its torch.where's)
+_ELEMENTWISE = ("Add", "Subtract", "Multiply", "Divide", "Clamp", "Maximum", "Minimum", "Convert")
+
+
+def _pre_normalisation_score(model, score_name: str):
+    """The output in an OpenVINO model (ov.Model) that holds anomalib's image score before its
+    normalisation: walking back from ``score_name`` through operations with a single non-constant
+    input (selects whose condition is a constant follow the branch it picks), the first other
+    operation's output. The caller checks it against the file's own output."""
+    output = model.output(score_name).get_node().input_value(0)
+    for _ in range(64):
+        op = output.get_node()
+        inputs = list(op.input_values())
+        constant = [i.get_node().get_type_name() == "Constant" for i in inputs]
+        if op.get_type_name() == "Select" and constant[0]:
+            condition = np.asarray(inputs[0].get_node().get_data())
+            if condition.all() or not condition.any():
+                output = inputs[1] if condition.all() else inputs[2]
+                continue
+        if op.get_type_name() in _ELEMENTWISE and constant.count(False) == 1:
+            output = inputs[constant.index(False)]
+            continue
+        return output
+    raise RuntimeError(f"no score before the normalisation found behind the output {score_name!r}")
+
+
+def _file_scores(runtime: str, path: str, paths: Sequence[str], scale: float, score_name: str, threads: int,
+                 tap_raw: bool = False) -> Dict[str, List[float]]:
+    """Scores of the cells ``paths`` by the exported file ``path`` in ``runtime``, compiled as the
+    timing compiles it: {'output': the file's score output, 'raw' (tap_raw, OpenVINO only): the
+    score before anomalib's normalisation (:func:`_pre_normalisation_score`)}. The cells go in
+    chunks of the file's fixed batch (the last one filled up with repeats of its final cell) or of
+    SCORE_CHUNK cells."""
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        name, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
+        names = [o.name for o in session.get_outputs()]
+
+        def infer(data: np.ndarray) -> Dict[str, np.ndarray]:
+            return {"output": dict(zip(names, session.run(None, {name: data})))[score_name]}
+    else:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(path)
+        batch = model.input(0).get_partial_shape()[0]
+        batch = batch.get_length() if batch.is_static else None
+        if tap_raw:
+            model.add_outputs([_pre_normalisation_score(model, score_name)])
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                     "INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+        score_output, raw_output = compiled.output(score_name), compiled.outputs[-1]
+
+        def infer(data: np.ndarray) -> Dict[str, np.ndarray]:
+            result = request.infer({0: data})
+            return {"output": result[score_output], **({"raw": result[raw_output]} if tap_raw else {})}
+    chunk = batch if isinstance(batch, int) else SCORE_CHUNK
+    scores: Dict[str, List[float]] = {}
+    for start in range(0, len(paths), chunk):
+        part = list(paths[start:start + chunk])
+        count = len(part)
+        if isinstance(batch, int):
+            part += [part[-1]] * (batch - count)
+        for key, values in infer(np.ascontiguousarray(read_cells(part, scale))).items():
+            scores.setdefault(key, []).extend(np.asarray(values, dtype=np.float64).reshape(len(part))[:count].tolist())
+    return scores
+
+
+def _isolated_scores(args, tag: str, runtime: str, path: str, paths: Sequence[str], scale: float,
+                     score_name: str, tap_raw: bool = False) -> Dict[str, List[float]]:
+    """:func:`_file_scores` in a child process, so that a runtime crashing on an int8 file (OpenVINO's CPU
+    plugin segfaults compiling some of anomalib's int8 PaDiM files, see INT8_NOTES) fails this call with
+    ChildFailed instead of ending the fit."""
+    folder = os.path.join(args.out, "scores")
+    os.makedirs(folder, exist_ok=True)
+    request, result = os.path.join(folder, f"{tag}-request.json"), os.path.join(folder, f"{tag}.json")
+    with open(request, "w", encoding="utf-8") as handle:
+        json.dump({"runtime": runtime, "path": path, "paths": list(paths), "scale": scale, "score_name": score_name,
+                   "threads": args.threads, "tap_raw": tap_raw}, handle)
+    _run_child(sys.executable, ["_score", "--split", request, "--result", result], result + ".log", args.threads)
+    with open(result, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _link_cells(folder: str, cells: Dict[str, Sequence[str]]) -> str:
+    """A folder of symbolic links to ``cells`` ({class: paths}), named ``<class>__<file name>``."""
+    os.makedirs(folder, exist_ok=True)
+    for name, paths in cells.items():
+        for path in paths:
+            os.symlink(path, os.path.join(folder, f"{name}__{os.path.basename(path)}"))
+    return folder
+
+
 def child_fit_gradad(args, split: Dict) -> Dict[str, object]:
+    """Fits gradad on the split's fit cells of all classes (one unified model), scores the test
+    cells, and writes and checks the exports: float32 files (``--export``) and int8 files (every
+    seed, for their AUROC; timed on ``--export``'s seed)."""
     import torch
 
     from gradad.config import apply_overrides, preset_config
@@ -286,16 +428,20 @@ def child_fit_gradad(args, split: Dict) -> Dict[str, object]:
 
     torch.set_num_threads(args.threads)
     classes = split["classes"]
-    links = os.path.join(args.out, "fit-cells")
-    os.makedirs(links, exist_ok=True)
-    for name, cells in classes.items():
-        for path in cells["fit"]:
-            os.symlink(path, os.path.join(links, f"{name}__{os.path.basename(path)}"))
+    links = _link_cells(os.path.join(args.out, "fit-cells"), {name: cells["fit"] for name, cells in classes.items()})
     run_dir = os.path.join(args.out, "run")
-    cfg = apply_overrides(preset_config("lite-demo"), [
-        "data.dataset=folder", "data.root=none", f"data.normal_dir={links}", "split.max_train_images=none",
-        "split.val_fraction=0", f"train.epochs={args.epochs}", f"train.seed={split['seed']}", "train.device=cpu",
-        f"output_dir={run_dir}"])
+    overrides = ["data.dataset=folder", "data.root=none", f"data.normal_dir={links}", "split.max_train_images=none",
+                 "split.val_fraction=0", f"train.epochs={args.epochs}", f"train.seed={split['seed']}",
+                 "train.device=cpu", f"output_dir={run_dir}"]
+    if "int8" in args.precisions:
+        # the int8 export's accuracy check re-lists the run's test split from its config: name the split's test
+        # cells there (with normal_test_dir given, every image of normal_dir, i.e. every fit cell, still trains)
+        test = {label: _link_cells(os.path.join(args.out, f"test-{kind}"),
+                                   {name: [p for p, lab in cells["test"] if lab == label]
+                                    for name, cells in classes.items()})
+                for label, kind in ((0, "normal"), (1, "anomalous"))}
+        overrides += [f"data.normal_test_dir={test[0]}", f"data.abnormal_dirs=[{test[1]}]", "data.require_masks=false"]
+    cfg = apply_overrides(preset_config("lite-demo"), overrides)
     probe = LoadProbe()
     result = train(cfg, run_dir, progress=False)
     fit = probe.finish()
@@ -320,7 +466,7 @@ def child_fit_gradad(args, split: Dict) -> Dict[str, object]:
            "versions": _versions(["torch", "timm", "onnx", "onnxscript", "onnxruntime", "openvino"])}
     if args.export:
         exports, files = {}, {}
-        for fmt in args.runtimes:
+        for fmt in (args.runtimes if "fp32" in args.precisions else []):
             folder = os.path.join(args.out, "export", fmt)
             written = export_detector(result.checkpoints[0], "onnx" if fmt == "onnxruntime" else "openvino",
                                       folder, threshold=threshold)
@@ -332,7 +478,55 @@ def child_fit_gradad(args, split: Dict) -> Dict[str, object]:
         onnx_scores = _ort_scores(onnx_path, read_cells(first_paths, 255), "score")
         out.update(exports=exports, files=files, input_scale=255.0,
                    export_check_max_abs_diff=float(np.max(np.abs(onnx_scores - np.array(score(first_paths))))))
+    if "int8" in args.precisions:
+        out["int8"], written = _gradad_int8(args, result.checkpoints[0], threshold, classes)
+        if args.export:
+            out["int8_exports"] = {
+                "precision": "int8", "input_scale": 255.0,
+                "exports": {rt: {str(b): path for b in args.batches} for rt, path in written.items()},
+                "files": {rt: {"per_model_mb": _file_mb(_model_files(path)), "models": 1}
+                          for rt, path in written.items()}}
     return out
+
+
+def _gradad_int8(args, checkpoint: str, threshold: float, classes: Dict) -> tuple:
+    """gradad's int8 export in each runtime's format, calibrated on gradad's default set (the run's
+    training normals: the fit cells), and its scores of the test split.
+
+    Returns ({runtime: {'scores', 'quantization', 'export_s'} or {'refused', 'export_s'}},
+    {runtime: model file} of the files written)."""
+    from gradad.export import export_detector
+    from gradad.precision_check import AccuracyError
+    from gradad.quantize import PrecisionConfig
+
+    labels = [label for cells in classes.values() for _, label in cells["test"]]
+    # gradad refuses a drop of AUROC beyond the limit; without both labels in the test split there is no AUROC
+    drop = args.int8_max_auroc_drop
+    drop = PrecisionConfig().max_auroc_drop if drop is None else None if drop == "none" else drop
+    drop = drop if 0 < sum(labels) < len(labels) else None
+    entries, written = {}, {}
+    for runtime in args.runtimes:
+        started = time.perf_counter()
+        try:
+            exported = export_detector(checkpoint, "onnx" if runtime == "onnxruntime" else "openvino",
+                                       os.path.join(args.out, "export-int8", runtime), threshold=threshold,
+                                       precision=PrecisionConfig("int8", max_auroc_drop=drop))
+        except AccuracyError as error:
+            entries[runtime] = {"refused": str(error), "export_s": time.perf_counter() - started}
+            continue
+        export_s = time.perf_counter() - started
+        entries[runtime] = {"quantization": exported.metadata.get("quantization"), "export_s": export_s}
+        written[runtime] = exported.model_path
+        try:
+            scores = {}
+            for name, cells in classes.items():
+                raw = _isolated_scores(args, f"int8-{runtime}-{name}", runtime, exported.model_path,
+                                       [p for p, _ in cells["test"]], 255.0, "score")["output"]
+                scores[name] = {"labels": [label for _, label in cells["test"]], "raw_noaa": raw, "exported": raw}
+            entries[runtime]["scores"] = scores
+        except ChildFailed as error:
+            entries[runtime]["failed"] = f"scoring the test cells: {error.summary()}"
+    return entries, written
 
 
 def _export_check_file(args, checkpoint: str, exports: Dict) -> str:
@@ -416,18 +610,27 @@ def _peer_scores(model, paths: Sequence[str], labels: Sequence[int]) -> Dict[str
     return {"raw": raw, "raw_noaa": raw_noaa, "exported": exported}
 
 
+def _export_plans(method: str, batches: Sequence[int]) -> List[tuple]:
+    """(fixed batch or None, batch keys, onnx kwargs, sub-folder) per file: PaDiM one dynamic-batch file,
+    PatchCore one file per batch size (module docstring)."""
+    plans = [(None, [str(b) for b in batches])] if method == "padim" else [(b, [str(b)]) for b in batches]
+    out = []
+    for fixed, keys in plans:
+        kwargs = {"opset_version": ONNX_OPSET_PEERS}
+        if fixed is not None:
+            kwargs["dynamic_shapes"] = ({0: fixed},)
+        out.append((fixed, keys, kwargs, "dynamic" if fixed is None else f"b{fixed}"))
+    return out
+
+
 def _export_peer(model, method: str, folder: str, batches: Sequence[int],
                  runtimes: Sequence[str]) -> Dict[str, Dict[str, str]]:
     """{runtime: {batch: model file}}: PaDiM one dynamic-batch file, PatchCore one file per batch size. The
     ONNX file is always written (the export check reads it)."""
     size = (CELL_SIZE, CELL_SIZE)
     exports = {runtime: {} for runtime in ("onnxruntime", *runtimes)}
-    plans = [(None, [str(b) for b in batches])] if method == "padim" else [(b, [str(b)]) for b in batches]
-    for fixed, keys in plans:
-        kwargs = {"opset_version": ONNX_OPSET_PEERS}
-        if fixed is not None:
-            kwargs["dynamic_shapes"] = ({0: fixed},)
-        sub = os.path.join(folder, "dynamic" if fixed is None else f"b{fixed}")
+    for _, keys, kwargs, name in _export_plans(method, batches):
+        sub = os.path.join(folder, name)
         onnx_path = str(model.to_onnx(os.path.join(sub, "onnx"), input_size=size, **kwargs))
         xml_path = (str(model.to_openvino(os.path.join(sub, "openvino"), input_size=size, onnx_kwargs=kwargs))
                     if "openvino" in runtimes else None)
@@ -438,7 +641,95 @@ def _export_peer(model, method: str, folder: str, batches: Sequence[int],
     return exports
 
 
+def _calibration_datamodule(paths: Sequence[str], batch: int, fixed: bool):
+    """An anomalib datamodule for INT8_PTQ whose ``val_dataloader`` (what INT8_PTQ calibrates on) and
+    ``train_dataloader`` serve the fit cells ``paths`` in batches of ``batch`` (``fixed``: full
+    batches only, for a file with a fixed batch size); it has no test cells to give."""
+    import torch
+    from anomalib.data import AnomalibDataModule
+
+    if fixed and len(paths) < batch:
+        raise ValueError(f"int8 calibration of a batch-{batch} file needs at least {batch} fit cells, "
+                         f"there are {len(paths)}")
+
+    class FitCells(AnomalibDataModule):
+        def __init__(self):
+            super().__init__(train_batch_size=batch, eval_batch_size=batch, num_workers=0)
+
+        def _setup(self, _stage: Optional[str] = None) -> None:
+            pass
+
+        def setup(self, stage: Optional[str] = None) -> None:  # the cells are given: nothing to split
+            pass
+
+        def _cells(self):
+            cells = _anomalib_loader(paths, [0] * len(paths))
+            return torch.utils.data.DataLoader(cells.dataset, batch_size=batch, shuffle=False, num_workers=0,
+                                               drop_last=fixed, collate_fn=cells.collate_fn)
+
+        def train_dataloader(self):
+            return self._cells()
+
+        def val_dataloader(self):
+            return self._cells()
+
+        def test_dataloader(self):
+            raise RuntimeError("the int8 calibration reads fit cells only")
+
+    return FitCells()
+
+
+def _export_peer_int8(engine, model, method: str, folder: str, fit_cells: Sequence[str],
+                      batches: Sequence[int]) -> tuple:
+    """anomalib's own INT8 export (``Engine.export`` with INT8_PTQ, OpenVINO) calibrated on the fit cells:
+    ({batch: model file}, {batch: export seconds}, {batch: calibration batch size})."""
+    from anomalib.deploy import CompressionType, ExportType
+
+    files, seconds, calibration = {}, {}, {}
+    for fixed, keys, kwargs, name in _export_plans(method, batches):
+        batch = min(FIT_BATCH, len(fit_cells)) if fixed is None else fixed
+        started = time.perf_counter()
+        path = engine.export(model, export_type=ExportType.OPENVINO, export_root=os.path.join(folder, name),
+                             input_size=(CELL_SIZE, CELL_SIZE), compression_type=CompressionType.INT8_PTQ,
+                             datamodule=_calibration_datamodule(fit_cells, batch, fixed is not None),
+                             onnx_kwargs=kwargs)
+        for key in keys:
+            files[key], seconds[key], calibration[key] = str(path), time.perf_counter() - started, batch
+    return files, seconds, calibration
+
+
+def _peer_int8(args, engine, model, name: str, cells: Dict, batches: Sequence[int]) -> tuple:
+    """One class model's int8 files (:func:`_export_peer_int8`) and the test cells' scores of the file of
+    the first batch size: raw (before the normalisation) and exported, with the largest difference between
+    the file's output and anomalib's normalisation of the raw score (a check of the raw score's origin)."""
+    import torch
+
+    files, seconds, calibration = _export_peer_int8(engine, model, args.method,
+                                                    os.path.join(args.out, "export-int8", name), cells["fit"],
+                                                    batches)
+    key = str(batches[0])
+    paths, labels = [p for p, _ in cells["test"]], [label for _, label in cells["test"]]
+    info = {"export_s": seconds[key], "calibration_cells": len(cells["fit"]), "calibration_batch": calibration[key],
+            "scored_file": "dynamic batch" if args.method == "padim" else f"batch {key}"}
+    try:
+        scored = _isolated_scores(args, f"int8-{name}", "openvino", files[key], paths, 1.0, "pred_score",
+                                  tap_raw=True)
+    except ChildFailed as error:
+        return files, None, {**info, "failed": f"scoring the test cells ({info['scored_file']} file): "
+                                               f"{error.summary()}"}
+    post = model.post_processor
+    normalised = post._normalize(torch.tensor(scored["raw"]), post.image_min, post.image_max, post.image_threshold)
+    output = np.array(scored["output"])
+    check = float(np.max(np.abs(normalised.numpy() - output)))
+    entry = {"labels": labels, "raw_noaa": scored["raw"], "exported": scored["output"]}
+    info.update(raw_check_max_abs_diff=check, raw_check_unclamped=int(np.sum((output > 0) & (output < 1))))
+    return files, entry, info
+
+
 def child_fit_peer(args, split: Dict) -> Dict[str, object]:
+    """Fits anomalib's PaDiM or PatchCore (``args.method``) per class, scores the test cells, and writes
+    and checks the exports of the first class: float32 files (``--export``) and anomalib's int8 files
+    (every class and seed for their AUROC, all batch sizes on ``--export``)."""
     import anomalib.models  # noqa: F401 (imported before the fit clock starts, as the gradad side's modules are)
     import anomalib.pre_processing  # noqa: F401
     import torch
@@ -448,7 +739,9 @@ def child_fit_peer(args, split: Dict) -> Dict[str, object]:
 
     torch.set_num_threads(args.threads)
     fits, scores, weights, exported = {}, {}, None, None
-    for name, cells in split["classes"].items():
+    int8 = "int8" in args.precisions and "openvino" in args.runtimes  # anomalib quantizes OpenVINO exports only
+    int8_scores, int8_info, int8_exports = {}, {}, None
+    for index, (name, cells) in enumerate(split["classes"].items()):
         torch.manual_seed(split["seed"])
         probe = LoadProbe()
         model, weights = build_peer(args.method)
@@ -459,7 +752,8 @@ def child_fit_peer(args, split: Dict) -> Dict[str, object]:
         fits[name] = probe.finish()
         paths, labels = [p for p, _ in cells["test"]], [label for _, label in cells["test"]]
         scores[name] = {"labels": labels, **_peer_scores(model, paths, labels)}
-        if args.export and exported is None:  # the first class's model: the others have the same shapes
+        timed = args.export and index == 0  # the first class's model: the others have the same shapes
+        if timed and "fp32" in args.precisions:
             exports = _export_peer(model, args.method, os.path.join(args.out, "export", name), args.batches,
                                    args.runtimes)
             first = exports["onnxruntime"][str(args.batches[0])]
@@ -472,12 +766,28 @@ def child_fit_peer(args, split: Dict) -> Dict[str, object]:
                 size = max(_file_mb(_model_files(p)) for p in unique)
                 count = len(unique) * len(split["classes"])
                 exported["files"][runtime] = {"per_model_mb": size, "models": count, "total_mb": size * count}
+        if int8:
+            files, int8_scores[name], int8_info[name] = _peer_int8(args, engine, model, name, cells,
+                                                                   args.batches if timed else args.batches[:1])
+            if timed:
+                unique = sorted(set(files.values()))
+                size = max(_file_mb(_model_files(p)) for p in unique)
+                count = len(unique) * len(split["classes"])
+                int8_exports = {"precision": "int8", "input_scale": 1.0, "timed_class": name,
+                                "exports": {"openvino": files}, "files": {"openvino": {
+                                    "per_model_mb": size, "models": count, "total_mb": size * count}}}
         shutil.rmtree(os.path.join(args.out, "engine", name), ignore_errors=True)  # Lightning's checkpoints
     out = {"method": args.method, "seed": split["seed"], "epochs": 1, "fit_s": sum(f["wall_s"] for f in fits.values()),
            "fit_models": fits, "scores": scores, "backbone_weights": weights,
            "versions": _versions(["anomalib", "lightning", "torch", "torchvision", "timm", "onnx", "onnxscript",
                                   "onnxruntime", "openvino"])}
     out.update(exported or {})
+    if int8:
+        failed = [f"{name}: {info['failed']}" for name, info in int8_info.items() if "failed" in info]
+        out["int8"] = {"openvino": {"per_class": int8_info, **({"failed": "; ".join(failed)} if failed else
+                                                               {"scores": int8_scores})}}
+        if int8_exports is not None:
+            out["int8_exports"] = int8_exports
     return out
 
 
@@ -535,7 +845,26 @@ def _runner(runtime: str, path: str, threads: int):
 # Parent: run the children, aggregate, write
 
 
+class ChildFailed(RuntimeError):
+    """A child process of the benchmark exited with ``code`` (negative: killed by that signal)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+    def summary(self) -> str:
+        """The exit in words, e.g. 'killed by SIGSEGV'."""
+        if self.code < 0:
+            try:
+                return f"killed by {signal.Signals(-self.code).name}"
+            except ValueError:
+                return f"killed by signal {-self.code}"
+        return f"exit {self.code}"
+
+
 def _run_child(python: str, argv: List[str], log_path: str, threads: int) -> None:
+    """Runs this script in ``python`` with ``argv`` (output to ``log_path``); raises ChildFailed with the
+    log's tail when it fails."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "python")] +
@@ -546,7 +875,7 @@ def _run_child(python: str, argv: List[str], log_path: str, threads: int) -> Non
     if code != 0:
         with open(log_path, encoding="utf-8", errors="replace") as log:
             tail = log.read()[-4000:]
-        raise RuntimeError(f"{' '.join(argv[:3])} failed (exit {code}); log {log_path}:\n{tail}")
+        raise ChildFailed(f"{' '.join(argv[:3])} failed (exit {code}); log {log_path}:\n{tail}", code)
 
 
 def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
@@ -600,7 +929,45 @@ def aggregate(fits: List[Dict], classes: Sequence[str]) -> Dict[str, Dict]:
                for kind in ("raw", "raw_noaa", "exported")},
             "exported_ties_mean": statistics.fmean(sum(e["exported_ties"].values()) for e in per_seed),
         }
+        int8 = _aggregate_int8(runs, [CLASS_NAMES[c] for c in classes])
+        if int8:
+            summary[method]["int8"] = int8
     return summary
+
+
+INT8_KINDS = ("raw_noaa", "exported")
+
+
+def _aggregate_int8(runs: List[Dict], names: Sequence[str]) -> Dict[str, Dict]:
+    """Per runtime of a method's int8 files: AUROC per seed and class of the file's raw score ('raw_noaa':
+    before anomalib's normalisation, under the file's resize) and of its output ('exported'), mean ± sd
+    over seeds, and the seeds left out: export refused by gradad's accuracy check, or failed."""
+    out = {}
+    for runtime in RUNTIMES:
+        entries = [(run["seed"], run["int8"][runtime]) for run in runs if runtime in run.get("int8", {})]
+        if not entries:
+            continue
+        per_seed, excluded = [], []
+        for seed, entry in entries:
+            reason = "refused" if "refused" in entry else "failed" if "failed" in entry else None
+            if reason is not None:
+                excluded.append({"seed": seed, "reason": reason, "message": entry[reason]})
+                continue
+            row = {"seed": seed}
+            for kind in INT8_KINDS:
+                values = {name: auroc(s["labels"], s[kind]) for name, s in entry["scores"].items()}
+                row[kind] = {**values, "mean_over_classes": statistics.fmean(values.values())}
+            row["exported_ties"] = {name: _ties(s["exported"]) for name, s in entry["scores"].items()}
+            row["test_images"] = {name: len(s["labels"]) for name, s in entry["scores"].items()}
+            per_seed.append(row)
+        out[runtime] = {
+            "per_seed": per_seed, "excluded": excluded,
+            **{kind: {name: _mean_sd([e[kind][name] for e in per_seed]) for name in [*names, "mean_over_classes"]}
+               for kind in INT8_KINDS},
+            "exported_ties_mean": (statistics.fmean(sum(e["exported_ties"].values()) for e in per_seed)
+                                   if per_seed else None),
+        }
+    return out
 
 
 def _fmt_ms(stat: Optional[Dict], digits: int = 3) -> str:
@@ -609,14 +976,37 @@ def _fmt_ms(stat: Optional[Dict], digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
 
 
-def _throughput(results: Dict, method: str, runtime: str, batch: int) -> Optional[Dict]:
+def _throughput(results: Dict, method: str, runtime: str, batch: int, precision: str = "fp32") -> Optional[Dict]:
+    """The throughput row of a method's ``precision`` file in ``runtime`` at ``batch`` (rows of results
+    written before int8 was measured have no precision: fp32)."""
     for row in results["throughput"]:
-        if row["method"] == method and row["runtime"] == runtime and row["batch"] == batch:
+        if (row["method"] == method and row["runtime"] == runtime and row["batch"] == batch
+                and row.get("precision", "fp32") == precision):
             return row
     return None
 
 
+def _int8_label(method: str, runtime: str) -> str:
+    return f"{LABELS[method]}, int8 {RUNTIME_FILES[runtime]}"
+
+
+def _int8_rows(summary: Dict):
+    """(method, runtime, int8 summary) for every int8 file kind in the summary, fp32 rows' order."""
+    for method, s in summary.items():
+        for runtime, entry in s.get("int8", {}).items():
+            yield method, runtime, entry
+
+
+def _fmt_int8(stat: Optional[Dict], entry: Dict) -> str:
+    """An int8 AUROC cell: mean ± sd, or why there is none ('refused' by gradad's accuracy check, 'failed')."""
+    if (not stat or stat.get("mean") is None) and entry.get("excluded"):
+        return " / ".join(sorted({e["reason"] for e in entry["excluded"]}))
+    return _fmt_ms(stat)
+
+
 def to_markdown(results: Dict) -> str:
+    """peers.md from the results: the float32 rows as before int8 was added (results without int8 or
+    without precision fields render as fp32 only), then each int8 file's rows next to them."""
     from benchmarks.reporting import markdown_table
 
     cfg, summary = results["config"], results["summary"]
@@ -637,6 +1027,22 @@ def to_markdown(results: Dict) -> str:
                        for r in cfg["runtimes"] for b in batches],
                      f"{files['per_model_mb']:.1f}" if files else "—",
                      (f"{count} ({files.get('total_mb', files.get('per_model_mb', 0)):.0f} MB)" if count else "—")])
+    for method, runtime, entry in _int8_rows(summary):
+        files = results["exports"].get(method, {}).get("int8", {}).get("files", {}).get(runtime, {})
+        count = files.get("models")
+        rows.append([_int8_label(method, runtime), str(cfg["epochs"]) if method == "gradad" else "1 pass",
+                     _fmt_int8(entry["raw_noaa"]["mean_over_classes"], entry),
+                     *[_fmt_int8(entry["raw_noaa"][n], entry) for n in names], "—",
+                     *[f"{row['images_per_s']:.1f}"
+                       if r == runtime and (row := _throughput(results, method, r, b, "int8")) else "—"
+                       for r in cfg["runtimes"] for b in batches],
+                     f"{files['per_model_mb']:.1f}" if files and runtime == "onnxruntime" else "—",
+                     (f"{count} ({files.get('total_mb', files['per_model_mb']):.0f} MB"
+                      + (")" if runtime == "onnxruntime" else " IR)") if count else "—")])
+    int8_text = ("" if not any(True for _ in _int8_rows(summary)) else
+                 " int8 rows: each tool's own int8 export (module docstring; 'INT8 exports' below), AUROC of the "
+                 "int8 file's raw score on the same test cells (anomalib: before its normalisation, under the "
+                 "exported resize, so compare it with the fp32 no-AA column below), the same fit.")
     lines = [f"# gradad vs anomalib PaDiM / PatchCore on ELPV: {results['environment']['cpu']}", "",
              f"Split seeds {cfg['seeds']}; classes {', '.join(names)}; per class {cfg['train_images']} fit cells + "
              f"{cfg['val_images']} held-out normal cells (threshold / normalisation only); test = list_elpv's seeded "
@@ -648,18 +1054,25 @@ def to_markdown(results: Dict) -> str:
              f"processes on this shared machine slow some fits down, see 'Fit measurements'). Throughput: "
              f"exported file, {cfg['threads']} threads, batches of {CELL_SIZE} x {CELL_SIZE} cells, preprocessing "
              f"and post-processing inside the graph, seed {cfg['seeds'][0]}'s model"
-             f" (anomalib: the {names[0]} model; its per-class models have the same shapes).", "",
+             f" (anomalib: the {names[0]} model; its per-class models have the same shapes)." + int8_text, "",
              markdown_table(head, rows), ""]
     lines += ["## AUROC of the scores each deployment gives", "",
               "raw: the model's score under the training pre-processing. no-AA: raw score under the exported "
               "graph's resize (anomalib exports the resize without antialiasing). exported: what the exported "
               "graph outputs (anomalib: normalised with the validation min/max/threshold and clamped to [0, 1]; "
               "gradad: its raw score). ties: test images sharing their exported score with another image "
-              "(mean over seeds, all classes).", ""]
+              "(mean over seeds, all classes)."
+              + (" int8 rows: scores of the int8 file itself (no torch model gives a raw score for them); no-AA: "
+                 "its score before anomalib's normalisation." if any(True for _ in _int8_rows(summary)) else ""), ""]
     table = []
     for method, s in summary.items():
         table.append([LABELS[method], *[_fmt_ms(s[k]["mean_over_classes"]) for k in ("raw", "raw_noaa", "exported")],
                       f"{s['exported_ties_mean']:.0f} / {sum(s['per_seed'][0]['test_images'].values())}"])
+    for method, runtime, entry in _int8_rows(summary):
+        ties = (f"{entry['exported_ties_mean']:.0f} / {sum(entry['per_seed'][0]['test_images'].values())}"
+                if entry["per_seed"] else "—")
+        table.append([_int8_label(method, runtime), "—",
+                      *[_fmt_int8(entry[k]["mean_over_classes"], entry) for k in INT8_KINDS], ties])
     lines += [markdown_table(["model", "raw", "no-AA", "exported", "ties / test images"], table), ""]
     lines += ["## Per seed", ""]
     table = []
@@ -667,6 +1080,12 @@ def to_markdown(results: Dict) -> str:
         for e in s["per_seed"]:
             table.append([LABELS[method], str(e["seed"]), *[f"{e['raw'][n]:.3f}" for n in names],
                           *[f"{e['exported'][n]:.3f}" for n in names], f"{e['fit_s']:.1f}"])
+    for method, runtime, entry in _int8_rows(summary):  # raw: the int8 file's raw score (its no-AA)
+        for e in entry["per_seed"]:
+            table.append([_int8_label(method, runtime), str(e["seed"]), *[f"{e['raw_noaa'][n]:.3f}" for n in names],
+                          *[f"{e['exported'][n]:.3f}" for n in names], "—"])
+        for r in entry["excluded"]:
+            table.append([_int8_label(method, runtime), str(r["seed"]), *[r["reason"]] * (2 * len(names)), "—"])
     lines += [markdown_table(["model", "seed", *[f"raw {n}" for n in names], *[f"exported {n}" for n in names],
                               "fit s"], table), ""]
     lines += ["## Throughput measurements", "",
@@ -678,7 +1097,9 @@ def to_markdown(results: Dict) -> str:
     table = []
     for row in results["throughput"]:
         wait = row["wait"]
-        table.append([LABELS[row["method"]], row["runtime"], str(row["batch"]), f"{row['median_ms']:.1f}",
+        label = LABELS[row["method"]] if row.get("precision", "fp32") == "fp32" else _int8_label(row["method"],
+                                                                                                row["runtime"])
+        table.append([label, row["runtime"], str(row["batch"]), f"{row['median_ms']:.1f}",
                       f"{row['min_ms']:.1f}", f"{row['images_per_s']:.1f}", str(row["repeats"]),
                       f"{wait['waited_s']:.0f}" + ("" if wait["reached"] else " (not reached)"),
                       f"{row['load_start'][0] if row['load_start'] else '—'} → "
@@ -699,6 +1120,7 @@ def to_markdown(results: Dict) -> str:
                           f"{m['load_end'][0] if m['load_end'] else '—'}",
                           f"{100 * m['others_cpu_share']:.0f} %" if m.get("others_cpu_share") is not None else "—"])
     lines += [markdown_table(["model", "seed", "model of", "fit s", "load start → end", "others"], table), ""]
+    lines += _int8_section(results)
     lines += ["## Comparison", ""] + [f"- {line}" for line in results["comparison"]] + [""]
     lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     env = results["environment"]
@@ -715,6 +1137,55 @@ def to_markdown(results: Dict) -> str:
         ("wall time", f"{results['wall_time_s']:.0f} s"),
     ]), ""]
     return "\n".join(lines)
+
+
+def _int8_section(results: Dict) -> List[str]:
+    """'INT8 exports': how each int8 file was made and checked (empty without int8 results)."""
+    rows = list(_int8_rows(results["summary"]))
+    if not rows:
+        return []
+    from benchmarks.reporting import markdown_table
+
+    lines = ["## INT8 exports", "",
+             "Calibration on fit cells only. gradad: its export's own accuracy check (fp32 and int8 file in the "
+             "same runtime, image AUROC on the test split of all classes together) and its refusal limit "
+             f"(--int8-max-auroc-drop {results['config'].get('int8_max_auroc_drop')}). anomalib: INT8_PTQ "
+             "(NNCF defaults) on the cells of its datamodule's val_dataloader; raw check: largest difference "
+             "between the file's output and anomalib's normalisation of the raw score read from the graph.", ""]
+    fits = {(f["method"], f["seed"]): f for f in results["fits"]}
+    table = []
+    for method, runtime, _ in rows:
+        for seed in results["config"]["seeds"]:
+            entry = fits.get((method, seed), {}).get("int8", {}).get(runtime)
+            if entry is None:
+                continue
+            if method == "gradad":
+                quant = entry.get("quantization") or {}
+                accuracy = quant.get("accuracy") or {}
+                calibration = quant.get("calibration") or {}
+                if "refused" in entry:  # gradad's message, without its advice
+                    check = "refused: " + entry["refused"].split(": ", 1)[-1].split(" (largest")[0]
+                elif "failed" in entry:
+                    check = "failed: " + entry["failed"]
+                elif accuracy.get("auroc") is not None:
+                    check = f"AUROC {accuracy['auroc_fp32']:.4f} fp32 → {accuracy['auroc']:.4f} int8"
+                else:
+                    check = "no AUROC to check"
+                table.append([_int8_label(method, runtime), str(seed), quant.get("method", "—"),
+                              f"{calibration['count']} fit cells, batch 1" if calibration else "—", check])
+            else:
+                for name, info in entry.get("per_class", {}).items():
+                    check = (f"failed: {info['failed']}" if "failed" in info else
+                             f"raw check {info['raw_check_max_abs_diff']:.1e} ({info['raw_check_unclamped']} cells "
+                             f"unclamped); AUROC of the {info['scored_file']} file")
+                    table.append([_int8_label(method, runtime), f"{seed} ({name})",
+                                  "anomalib INT8_PTQ (NNCF post-training quantization, defaults)",
+                                  f"{info['calibration_cells']} fit cells, batch {info['calibration_batch']}", check])
+    lines += [markdown_table(["model", "seed", "quantization", "calibration", "check"], table), ""]
+    for method, made in results["exports"].items():
+        for runtime, why in made.get("int8", {}).get("timing_failed", {}).items():
+            lines.append(f"- {_int8_label(method, runtime)}: timing failed ({why}), no throughput.")
+    return lines + ([""] if lines[-1] != "" else [])
 
 
 def compare(summary: Dict, results: Dict) -> List[str]:
@@ -745,6 +1216,14 @@ def compare(summary: Dict, results: Dict) -> List[str]:
     line("ONNX file MB (one model)",
          {m: results["exports"].get(m, {}).get("files", {}).get("onnxruntime", {}).get("per_model_mb")
           for m in summary}, False, ".1f")
+    for runtime in cfg["runtimes"]:  # int8 files: each tool's own export, compared within a runtime
+        int8 = {m: s["int8"][runtime] for m, s in summary.items() if runtime in s.get("int8", {})}
+        line(f"int8 {RUNTIME_FILES[runtime]}, image AUROC, raw scores",
+             {m: e["raw_noaa"]["mean_over_classes"]["mean"] for m, e in int8.items()}, True, ".3f")
+        for batch in cfg["batches"]:
+            line(f"int8 {runtime} images/s batch {batch}",
+                 {m: (row["images_per_s"] if (row := _throughput(results, m, runtime, batch, "int8")) else None)
+                  for m in int8}, True, ".1f")
     return lines
 
 
@@ -788,9 +1267,39 @@ NOTES = [
 ]
 
 
+INT8_NOTES = [
+    "int8, anomalib: Engine.export(..., ExportType.OPENVINO, compression_type=CompressionType.INT8_PTQ, "
+    "datamodule=...) calibrates on datamodule.val_dataloader(); the benchmark's datamodule serves the class's fit "
+    "cells there (never a held-out or test cell). For a file with a fixed batch (PatchCore) INT8_PTQ sets the "
+    "datamodule's train_batch_size to that batch but then reads val_dataloader, which anomalib's datamodules batch "
+    "by eval_batch_size (default 32): a batch-1 file would be fed batches of 32. The benchmark's datamodule batches "
+    "by the file's batch (PaDiM's dynamic-batch file: 32, anomalib's default).",
+    "int8, anomalib: INT8_PTQ is NNCF's quantize() with its defaults over the whole OpenVINO graph: besides the "
+    "backbone it quantizes the products with PaDiM's inverse covariances and PatchCore's memory bank and the "
+    "activations entering them, and the distance map in front of PaDiM's Gaussian blur, so the anomaly scores "
+    "themselves pass through 8-bit ranges set by normal cells. anomalib logs '>300 images recommended for INT8 "
+    "quantization' for fewer calibration cells.",
+    "int8, anomalib: the file outputs the normalised, clamped score only; its raw score is read from the graph "
+    "(the input of the normalisation operations, an added output) and checked: anomalib's normalisation of it "
+    "reproduces the file's output ('raw check' in 'INT8 exports').",
+    "int8, anomalib PaDiM: NNCF sets the 8-bit ranges of the Mahalanobis computation from the fit cells, and the "
+    "Gaussians were estimated on those very cells, so their distances are small: for seed 0's elpv_mono model "
+    "(200 fit cells) the per-patch squared distance reached 287 on fit cells and 22,000 on held-out normal cells, "
+    "its int8 range ended at 243. Every test cell then saturates that range and the int8 file gives all test cells "
+    "one score (AUROC 0.5, in that check and in --quick). Calibrated on the 20 held-out normals instead (tried "
+    "aside; the benchmark calibrates on fit cells only), that file crashed OpenVINO 2026.4's CPU plugin (SIGSEGV "
+    "in compile_model; it compiles with LP_TRANSFORMS_MODE off, i.e. without int8 execution).",
+    "int8, gradad: gradad export --precision int8 as the library call export_detector(..., precision="
+    "PrecisionConfig('int8')): calibration on a seeded 64 of the run's training normals (the fit cells), its "
+    "accuracy check on the run's test split (the training config names the test cells' folders; the training images "
+    "are the fit cells either way), a refusal above --int8-max-auroc-drop recorded as 'refused'. The checkpoint has "
+    "no validation normals (split.val_fraction=0), so the int8 file keeps the fp32 threshold, passed in.",
+]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("_fit", "_time"):
+    if argv and argv[0] in ("_fit", "_time", "_score"):
         return _child_main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", help="split seeds (default 0 1 2)")
@@ -802,22 +1311,36 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, help="runtimes to time (default both)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes to time (default 1 32)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS,
+                        help="exports to score and time: fp32 and/or int8 (default both; anomalib's int8 is "
+                        "OpenVINO only)")
+    parser.add_argument("--int8-max-auroc-drop", type=_auroc_drop,
+                        help="gradad's int8 export refuses a larger drop of image AUROC on the test split "
+                        "(default: gradad's 0.005; 'none': export with the drop measured only)")
     parser.add_argument("--threads", type=int, default=2, help="threads for fitting and the runtimes (default 2)")
     parser.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-minute load average below this")
     parser.add_argument("--load-wait", type=float, help="longest wait for it, s (default 180; --quick 5)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: seed 0, mono, 12 fit cells, 1 epoch, 8 test cells per label, batches 1 2, "
-                        "onnxruntime only")
+                        help="smoke run: seed 0, mono, 12 fit cells, 1 epoch, 8 test cells per label, batches 1 2")
     parser.add_argument("--peers-python", help="interpreter with anomalib (default: this one, if it has anomalib)")
     parser.add_argument("--gradad-python", default=sys.executable, help="interpreter for the gradad side")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--work", help="folder for models and logs (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     preset = dict(QUICK if args.quick else FULL)
-    for key in ("seeds", "classes", "epochs", "train_images", "val_images", "runtimes", "batches", "load_wait"):
+    for key in ("seeds", "classes", "epochs", "train_images", "val_images", "runtimes", "batches", "precisions",
+                "load_wait"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
-    preset.update(threads=args.threads, max_load=args.max_load, methods=args.methods, quick=args.quick)
+    preset["precisions"] = [p for p in PRECISIONS if p in preset["precisions"]]
+    if args.int8_max_auroc_drop is None:
+        from gradad.quantize import PrecisionConfig
+
+        args.int8_max_auroc_drop = PrecisionConfig().max_auroc_drop
+    preset.update(threads=args.threads, max_load=args.max_load, methods=args.methods, quick=args.quick,
+                  int8_max_auroc_drop=args.int8_max_auroc_drop)
+    if "int8" in preset["precisions"] and "openvino" not in preset["runtimes"] and set(args.methods) - {"gradad"}:
+        print("note: anomalib's int8 export is OpenVINO only; without --runtimes openvino it is left out", flush=True)
     peers_python = args.peers_python or _default_peers_python(args.methods)
     work = args.work or tempfile.mkdtemp(prefix="bench-peers-")
     os.makedirs(work, exist_ok=True)
@@ -840,8 +1363,19 @@ def effective_command(cfg: Dict) -> List[str]:
     argv = ["--seeds", *map(str, cfg["seeds"]), "--classes", *cfg["classes"], "--epochs", str(cfg["epochs"]),
             "--train-images", str(cfg["train_images"]), "--val-images", str(cfg["val_images"]),
             "--methods", *cfg["methods"], "--runtimes", *cfg["runtimes"], "--batches", *map(str, cfg["batches"]),
+            "--precisions", *cfg["precisions"], "--int8-max-auroc-drop", str(cfg["int8_max_auroc_drop"]),
             "--threads", str(cfg["threads"]), "--max-load", str(cfg["max_load"]), "--load-wait", str(cfg["load_wait"])]
     return (["--quick"] if cfg.get("quick") else []) + argv
+
+
+def _auroc_drop(text: str):
+    """--int8-max-auroc-drop: a number in [0, 1], or 'none'."""
+    if text.lower() == "none":
+        return "none"
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a drop of AUROC in [0, 1] or 'none', got {text!r}")
+    return value
 
 
 def _default_peers_python(methods: Sequence[str]) -> str:
@@ -875,7 +1409,8 @@ def run(cfg: Dict, gradad_python: str, peers_python: str, work: str, argv: Seque
             os.makedirs(out, exist_ok=True)
             child = ["_fit", "--method", method, "--split", split_path, "--out", out, "--epochs", str(cfg["epochs"]),
                      "--threads", str(cfg["threads"]), "--batches", *map(str, cfg["batches"]),
-                     "--runtimes", *cfg["runtimes"]]
+                     "--runtimes", *cfg["runtimes"], "--precisions", *cfg["precisions"],
+                     "--int8-max-auroc-drop", str(cfg["int8_max_auroc_drop"])]
             if seed == cfg["seeds"][0]:
                 child.append("--export")
             print(f"seed {seed}: fitting {method} ...", flush=True)
@@ -885,33 +1420,54 @@ def run(cfg: Dict, gradad_python: str, peers_python: str, work: str, argv: Seque
             print(f"seed {seed}: {method} fitted in {result['fit_s']:.1f} s", flush=True)
             versions["gradad" if method == "gradad" else "peers"] = result.pop("versions")
             weights = result.pop("backbone_weights", weights)
-            if "exports" in result:
-                exports[method] = {k: result.pop(k) for k in ("exports", "files", "input_scale",
-                                                               "export_check_max_abs_diff", "timed_class")
-                                   if k in result}
+            if "exports" in result or "int8_exports" in result:
+                exports[method] = {"precision": "fp32",
+                                   **{k: result.pop(k) for k in ("exports", "files", "input_scale",
+                                                                 "export_check_max_abs_diff", "timed_class")
+                                      if k in result}}
+                if "int8_exports" in result:
+                    exports[method]["int8"] = result.pop("int8_exports")
             fits.append(result)
     throughput = []
     for method in cfg["methods"]:
         for runtime in cfg["runtimes"]:
-            wait = wait_for_load(cfg["max_load"], cfg["load_wait"])
-            out = os.path.join(work, f"time-{method}-{runtime}.json")
-            models = [f"{b}={exports[method]['exports'][runtime][str(b)]}" for b in cfg["batches"]]
-            child = ["_time", "--runtime", runtime, "--split", os.path.join(work, f"split-{cfg['seeds'][0]}.json"),
-                     "--models", *models, "--batches", *map(str, cfg["batches"]), "--threads", str(cfg["threads"]),
-                     "--input-scale", str(exports[method]["input_scale"]), "--warmup", str(cfg["warmup"]),
-                     "--min-repeats", str(cfg["min_repeats"]), "--budget-s", str(cfg["budget_s"]), "--result", out]
-            print(f"timing {method} in {runtime} (waited {wait['waited_s']:.0f} s, load {wait['load_after']}) ...",
-                  flush=True)
-            _run_child(gradad_python if method == "gradad" else peers_python, child, out + ".log", cfg["threads"])
-            with open(out, encoding="utf-8") as handle:
-                timed = json.load(handle)
-            versions.setdefault("runtimes", timed["versions"])
-            throughput += [{"method": method, "runtime": runtime, "wait": wait, **row} for row in timed["rows"]]
+            for precision in cfg["precisions"]:
+                made = exports.get(method, {})
+                made = made if precision == "fp32" else made.get("int8", {})
+                if runtime not in made.get("exports", {}):  # anomalib's int8: OpenVINO only; refused by gradad
+                    continue
+                wait = wait_for_load(cfg["max_load"], cfg["load_wait"])
+                suffix = "" if precision == "fp32" else "-int8"
+                out = os.path.join(work, f"time-{method}-{runtime}{suffix}.json")
+                models = [f"{b}={made['exports'][runtime][str(b)]}" for b in cfg["batches"]]
+                child = ["_time", "--runtime", runtime, "--split", os.path.join(work, f"split-{cfg['seeds'][0]}.json"),
+                         "--models", *models, "--batches", *map(str, cfg["batches"]), "--threads", str(cfg["threads"]),
+                         "--input-scale", str(made["input_scale"]), "--warmup", str(cfg["warmup"]),
+                         "--min-repeats", str(cfg["min_repeats"]), "--budget-s", str(cfg["budget_s"]), "--result", out]
+                print(f"timing {method} {precision} in {runtime} (waited {wait['waited_s']:.0f} s, load "
+                      f"{wait['load_after']}) ...", flush=True)
+                try:
+                    _run_child(gradad_python if method == "gradad" else peers_python, child, out + ".log",
+                               cfg["threads"])
+                except ChildFailed as error:
+                    if precision == "fp32":
+                        raise
+                    # an int8 file the runtime cannot run (module docstring): recorded, the run goes on
+                    made.setdefault("timing_failed", {})[runtime] = error.summary()
+                    print(f"timing {method} int8 in {runtime} failed: {error.summary()}", flush=True)
+                    continue
+                with open(out, encoding="utf-8") as handle:
+                    timed = json.load(handle)
+                versions.setdefault("runtimes", timed["versions"])
+                throughput += [{"method": method, "precision": precision, "runtime": runtime, "wait": wait, **row}
+                               for row in timed["rows"]]
     for method in exports:
         exports[method].pop("exports", None)  # temporary paths
+        exports[method].get("int8", {}).pop("exports", None)
+    notes = NOTES + (INT8_NOTES if "int8" in cfg["precisions"] else [])
     results = {"config": cfg, "command": "python benchmarks/bench_peers.py " + " ".join(argv), "environment": env,
                "versions": versions, "backbone_weights": weights, "fits": [_without_scores(f) for f in fits],
-               "exports": exports, "throughput": throughput, "notes": NOTES, "wait_before_fits": first_wait}
+               "exports": exports, "throughput": throughput, "notes": notes, "wait_before_fits": first_wait}
     results["summary"] = aggregate(fits, cfg["classes"])
     results["comparison"] = compare(results["summary"], results)
     results["wall_time_s"] = time.perf_counter() - started
@@ -920,20 +1476,26 @@ def run(cfg: Dict, gradad_python: str, peers_python: str, work: str, argv: Seque
 
 
 def _without_scores(fit: Dict) -> Dict:
-    return {k: v for k, v in fit.items() if k != "scores"}
+    """A fit's record without its per-image scores (those of its int8 files included)."""
+    out = {k: v for k, v in fit.items() if k != "scores"}
+    if "int8" in fit:
+        out["int8"] = {rt: {k: v for k, v in entry.items() if k != "scores"} for rt, entry in fit["int8"].items()}
+    return out
 
 
 def _child_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("_fit", "_time"))
+    parser.add_argument("mode", choices=("_fit", "_time", "_score"))
     parser.add_argument("--method", choices=METHODS)
-    parser.add_argument("--split", required=True)
+    parser.add_argument("--split", required=True, help="the split JSON; for _score, the scoring request")
     parser.add_argument("--out")
     parser.add_argument("--epochs", type=int, default=FULL["epochs"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=FULL["batches"])
     parser.add_argument("--export", action="store_true")
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--int8-max-auroc-drop", type=_auroc_drop, default=None)
     parser.add_argument("--runtime", choices=RUNTIMES)
     parser.add_argument("--models", nargs="+", help="BATCH=PATH per batch size")
     parser.add_argument("--input-scale", type=float, default=255.0)
@@ -944,6 +1506,10 @@ def _child_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     if args.mode == "_time":
         result, path = child_time(args), args.result
+    elif args.mode == "_score":
+        with open(args.split, encoding="utf-8") as handle:
+            request = json.load(handle)
+        result, path = _file_scores(**request), args.result
     else:
         with open(args.split, encoding="utf-8") as handle:
             split = json.load(handle)
