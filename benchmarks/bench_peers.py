@@ -299,23 +299,6 @@ def _versions(names: Sequence[str]) -> Dict[str, Optional[str]]:
     return found
 
 
-def _ort_scores(model_path: str, images: np.ndarray, score_name: str) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    batch = session.get_inputs()[0].shape[0]
-    fixed = batch if isinstance(batch, int) else len(images)
-    out = []
-    for start in range(0, len(images), fixed):
-        chunk = images[start:start + fixed]
-        if len(chunk) < fixed:
-            break
-        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {input_name: chunk})))
-        out.append(np.asarray(outputs[score_name], dtype=np.float64).reshape(len(chunk)))
-    return np.concatenate(out)
-
-
 # operations that the post-processing applies to the score with constants (anomalib's normalisation
 # (score - threshold) / (max - min) + 0.5, its clamp and its torch.where's)
 _ELEMENTWISE = ("Add", "Subtract", "Multiply", "Divide", "Clamp", "Maximum", "Minimum", "Convert")
@@ -475,7 +458,8 @@ def child_fit_gradad(args, split: Dict) -> Dict[str, object]:
         first = next(iter(classes.values()))["test"][:4]
         first_paths = [p for p, _ in first]
         onnx_path = _export_check_file(args, result.checkpoints[0], exports)
-        onnx_scores = _ort_scores(onnx_path, read_cells(first_paths, 255), "score")
+        onnx_scores = np.array(_file_scores("onnxruntime", onnx_path, first_paths, 255.0, "score",
+                                            args.threads)["output"])
         out.update(exports=exports, files=files, input_scale=255.0,
                    export_check_max_abs_diff=float(np.max(np.abs(onnx_scores - np.array(score(first_paths))))))
     if "int8" in args.precisions:
@@ -757,7 +741,8 @@ def child_fit_peer(args, split: Dict) -> Dict[str, object]:
             exports = _export_peer(model, args.method, os.path.join(args.out, "export", name), args.batches,
                                    args.runtimes)
             first = exports["onnxruntime"][str(args.batches[0])]
-            onnx_scores = _ort_scores(first, read_cells(paths[:4], 1.0), "pred_score")
+            onnx_scores = np.array(_file_scores("onnxruntime", first, paths[:4], 1.0, "pred_score",
+                                                args.threads)["output"])
             check = float(np.max(np.abs(onnx_scores - np.array(scores[name]["exported"][:len(onnx_scores)]))))
             exported = {"exports": exports, "timed_class": name, "input_scale": 1.0,
                         "export_check_max_abs_diff": check, "files": {}}
