@@ -134,6 +134,39 @@ def test_scores_files_of_every_kind_like_torch(exported, images, backend):
     assert [p.image_size for p in preds] == [expected_rgb(p).shape[:2] for p in images]
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_streams_score_parts_of_a_batch_at_once_like_torch(exported, images, tmp_path, backend):
+    model, path = exported
+    if backend == "openvino":
+        path_ir = str(tmp_path / "model.xml")
+        ov.save_model(ov.convert_model(path), path_ir, compress_to_fp16=False)
+        rt.write_metadata(rt.metadata_path(path_ir), rt.read_metadata(rt.metadata_path(path)))
+        path = path_ir
+    amaps, scores = torch_reference(model, [expected_rgb(p) for p in images])
+    scorer = rt.Scorer(path, backend=backend, threads=2, streams=2)
+    assert scorer.streams == 2
+    # 7 images in batches of 3, 3 and 1: two parts, two parts and one (a part per stream at most)
+    assert_predictions_match(scorer.predict(images, batch_size=3), amaps, scores, 0.0)
+    prepared = np.stack([scorer.prepare(p) for p in images])
+    maps_2, scores_2 = scorer.run(prepared)
+    maps_1, scores_1 = rt.Scorer(path, backend=backend, threads=2).run(prepared)
+    np.testing.assert_allclose(maps_2, maps_1, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scores_2, scores_1, rtol=1e-6, atol=1e-7)
+
+
+def test_streams_on_a_fixed_batch_graph_and_bad_streams(tmp_path, images):
+    model, path = export_tiny(str(tmp_path), dynamic=False)
+    amaps, scores = torch_reference(model, [expected_rgb(p) for p in images])
+    # 7 images: padded runs of the graph's batch of 2, two at a time
+    assert_predictions_match(rt.Scorer(path, threads=2, streams=2).predict(images, batch_size=7), amaps, scores,
+                             0.0)
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(ValueError, match="streams must be a positive int"):
+            rt.Scorer(path, streams=bad)
+    with pytest.raises(ValueError, match=r"streams \(3\) must not exceed threads \(2\)"):
+        rt.Scorer(path, threads=2, streams=3)
+
+
 def test_numpy_and_pil_images(exported):
     model, path = exported
     g = np.random.default_rng(1)

@@ -368,7 +368,13 @@ def test_the_command_line_names_what_is_wrong(model, tmp_path, capsys, monkeypat
     given = build_light_parser().parse_args(["serve", "--checkpoint", path, "--data", str(tmp_path), "--token",
                                              "token-on-the-line"])
     assert config_from_args(given).token == "token-on-the-line"
+    assert config.streams == 1
+    streamed = build_light_parser().parse_args(["serve", "--checkpoint", path, "--data", str(tmp_path), "--threads",
+                                                "2", "--streams", "2"])
+    assert (config_from_args(streamed).threads, config_from_args(streamed).streams) == (2, 2)
     for argv, words in ([["--max-batch", "0"], "max_batch must be a positive int"],
+                        [["--streams", "0"], "streams must be a positive int"],
+                        [["--threads", "1", "--streams", "2"], "streams (2) must not exceed threads (1)"],
                         [["--checkpoint", str(tmp_path / "none.onnx")], "none.onnx not found"],
                         [["--watch", str(tmp_path / "nowhere")], "nowhere not found"]):
         base = ["serve", "--checkpoint", path, "--data", str(tmp_path / "d")]

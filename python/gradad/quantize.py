@@ -11,8 +11,11 @@ they are a small share of the time, and the map is a difference of features that
 rounded. Measured on the Lite demo (2-core AMD EPYC, int8, image AUROC of the test split against
 fp32, benchmarks/results/cpu-amd-epyc/export.md): onnxruntime with the backbone only -0.0015,
 with the head's convolutions too -0.0009; OpenVINO with the backbone only +0.0003, with the
-fusion and local coordinates too +0.0002, but with its output convolution as well -0.12 (NNCF's
-int8 output of x̂ moved the scores by half their size), so OpenVINO keeps that one in float32.
+fusion and local coordinates too +0.0002, but with its output convolution as well -0.12, so
+OpenVINO keeps that one in float32. The cause is OpenVINO's CPU plugin, not NNCF's ranges: the IR's
+int8 weights and scales of that convolution are right, but the compiled model, which fuses the last
+block's projection, residual add and quantization into one u8 convolution ahead of it, returns an
+x̂ of about 0 (root mean square 3e-7 against 4.5 in float32; OpenVINO 2026.4), so the map became |x|.
 
 - int8, ONNX: onnxruntime's static quantization in QDQ form (per-channel int8 weights, uint8
   activations, min/max calibration); OpenVINO: NNCF post-training quantization with every

@@ -17,8 +17,12 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--threshold", type=float, help="decision threshold instead of the metadata's")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, help="the runtime's threads in all (default: its own choice)")
+    parser.add_argument("--streams", type=int, default=1,
+                        help="parts of a batch scored at once, each on its share of the threads (default 1)")
     args = parser.parse_args(argv)
-    scorer = Scorer(args.model, backend=args.backend, threshold=args.threshold)
+    scorer = Scorer(args.model, backend=args.backend, threshold=args.threshold, threads=args.threads,
+                    streams=args.streams)
     for path, pred in zip(args.images, scorer.predict(args.images, batch_size=args.batch_size)):
         print(json.dumps({"path": path, "score": pred.score, "anomalous": pred.anomalous,
                           "threshold": scorer.threshold}))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,31 +49,45 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
 
 
 class _OrtBackend:
-    def __init__(self, path: str, threads: int | None):
+    def __init__(self, path: str, threads: int | None, streams: int):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        if threads:
+        if streams > 1:  # each concurrent run gets its share of the cores
+            options.intra_op_num_threads = max(1, (threads or os.cpu_count() or 1) // streams)
+        elif threads:
             options.intra_op_num_threads = threads
+        # idle threads must not spin: the scorer shares the cores with image decoding and writing
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.streams = streams
         self.inputs = {i.name: (list(i.shape), _ORT_TYPES.get(i.type, i.type)) for i in self.session.get_inputs()}
         self.outputs = {o.name: list(o.shape) for o in self.session.get_outputs()}
 
-    def run(self, input_name: str, batch: np.ndarray, outputs: list) -> list:
-        return self.session.run(outputs, {input_name: batch})
+    def run(self, input_name: str, chunks: list, outputs: list) -> list:
+        """Each chunk's outputs; up to ``streams`` chunks at once (one session runs concurrently
+        from several threads, each run on its own share of the cores)."""
+        def one(chunk):
+            return self.session.run(outputs, {input_name: chunk})
+        if self.streams == 1 or len(chunks) == 1:
+            return [one(chunk) for chunk in chunks]
+        with ThreadPoolExecutor(max_workers=min(self.streams, len(chunks))) as pool:
+            return list(pool.map(one, chunks))
 
 
 class _OpenVinoBackend:
-    def __init__(self, path: str, threads: int | None):
+    def __init__(self, path: str, threads: int | None, streams: int):
         import openvino as ov
 
         core = ov.Core()
         # f32: OpenVINO's CPU plugin would otherwise run in bf16 on CPUs that have it
-        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        config = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": streams}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(core.read_model(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
+        # OpenVINO's streams: requests run at once, each on its share of the cores
+        self.queue = ov.AsyncInferQueue(self.compiled, streams) if streams > 1 else None
 
         def dims(port):
             return [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
@@ -83,9 +98,24 @@ class _OpenVinoBackend:
         self.outputs = {name: dims(p) for p in self.compiled.outputs for name in p.get_names()}
         self._ports = {name: p for p in self.compiled.outputs for name in p.get_names()}
 
-    def run(self, input_name: str, batch: np.ndarray, outputs: list) -> list:
-        result = self.request.infer({input_name: batch})
-        return [np.array(result[self._ports[name]]) for name in outputs]
+    def run(self, input_name: str, chunks: list, outputs: list) -> list:
+        """Each chunk's outputs; up to ``streams`` chunks at once (OpenVINO's async requests)."""
+        def copy(result):  # a request's output tensors are reused by its next run
+            return [np.array(result[self._ports[name]]) for name in outputs]
+        if self.queue is None or len(chunks) == 1:
+            return [copy(self.request.infer({input_name: chunk})) for chunk in chunks]
+        results: list = [None] * len(chunks)
+
+        def done(request, index):
+            results[index] = copy(request.results)
+        self.queue.set_callback(done)
+        for index, chunk in enumerate(chunks):
+            self.queue.start_async({input_name: chunk}, index)
+        self.queue.wait_all()
+        if any(r is None for r in results):
+            raise RuntimeError(f"OpenVINO returned no outputs for {sum(r is None for r in results)} of "
+                               f"{len(chunks)} parts of the batch")
+        return results
 
 
 def _static_dim(dim):
@@ -110,7 +140,13 @@ class Scorer:
         model_path: ``.onnx`` (onnxruntime by default) or OpenVINO ``.xml`` (OpenVINO).
         backend: 'auto', 'onnxruntime' or 'openvino' (which also reads .onnx files).
         metadata: path of the metadata JSON (default: :func:`metadata_path` of the model).
-        threads: intra-op threads of the runtime (its default when None).
+        threads: the runtime's threads in all (its default when None).
+        streams: parts of a batch scored at the same time, each on its share of the threads
+            (OpenVINO's CPU streams; in onnxruntime, concurrent runs of one session). 1 runs the
+            whole batch at once with every thread on each operator; 2 or more is faster for a
+            model of many short operators on few cores, such as an int8 export (2-core AMD EPYC,
+            Lite demo, batch 32: benchmarks/results/cpu-amd-epyc/export.md). A batch smaller
+            than ``streams`` uses fewer.
         threshold: a decision threshold to use instead of the metadata's.
 
     Raises FileNotFoundError for a missing model or metadata file and MetadataError when the
@@ -118,7 +154,7 @@ class Scorer:
     """
 
     def __init__(self, model_path: str | os.PathLike, backend: str = "auto", metadata: str | None = None,
-                 threads: int | None = None, threshold: float | None = None):
+                 threads: int | None = None, threshold: float | None = None, streams: int = 1):
         path = os.fspath(model_path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model_path: model file {path} not found")
@@ -126,6 +162,10 @@ class Scorer:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         if threads is not None and not _positive_int(threads):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        if not _positive_int(streams):
+            raise ValueError(f"streams must be a positive int, got {streams!r}")
+        if threads is not None and streams > threads:
+            raise ValueError(f"streams ({streams}) must not exceed threads ({threads}): each stream needs a thread")
         is_ir = path.lower().endswith(".xml")
         if backend == "onnxruntime" and is_ir:
             raise ValueError(f"backend='onnxruntime' cannot read the OpenVINO IR file {path}; use backend='openvino'")
@@ -138,7 +178,8 @@ class Scorer:
         else:
             self.threshold = float(self.metadata["threshold"])
         self.path = path
-        self._backend = (_OpenVinoBackend if self.backend_name == "openvino" else _OrtBackend)(path, threads)
+        self.streams = streams
+        self._backend = (_OpenVinoBackend if self.backend_name == "openvino" else _OrtBackend)(path, threads, streams)
         self._check_model()
 
     # the model's interface against the metadata
@@ -206,20 +247,19 @@ class Scorer:
             raise ValueError(f"batch must be a {inp['dtype']} array (N, {want[0]}, {want[1]}, {want[2]}), got "
                              f"{getattr(batch, 'dtype', type(batch).__name__)} {getattr(batch, 'shape', '')}")
         n = batch.shape[0]
-        step = self._batch or max(n, 1)
-        names = [self.metadata["outputs"]["anomaly_map"], self.metadata["outputs"]["score"]]
-        maps, scores = [], []
-        for start in range(0, n, step):
-            chunk = batch[start:start + step]
-            if self._batch and len(chunk) < self._batch:  # a fixed-batch graph: pad the last chunk
-                chunk = np.concatenate([chunk, np.zeros((self._batch - len(chunk), *want), chunk.dtype)])
-            amap, score = self._backend.run(inp["name"], np.ascontiguousarray(chunk), names)
-            keep = min(step, n - start)
-            maps.append(np.asarray(amap, dtype=np.float32)[:keep])
-            scores.append(np.asarray(score, dtype=np.float32).reshape(-1)[:keep])
-        if not maps:
+        if n == 0:
             return np.zeros((0, 0, 0), np.float32), np.zeros((0,), np.float32)
-        return np.concatenate(maps), np.concatenate(scores)
+        if self._batch:  # a fixed-batch graph: runs of its batch, the last one padded
+            starts = range(0, n, self._batch)
+            chunks = [batch[i:i + self._batch] for i in starts]
+            chunks[-1] = np.concatenate([chunks[-1], np.zeros((self._batch - len(chunks[-1]), *want), batch.dtype)])
+        else:  # one run per stream
+            chunks = np.array_split(batch, min(self.streams, n))
+        names = [self.metadata["outputs"]["anomaly_map"], self.metadata["outputs"]["score"]]
+        results = self._backend.run(inp["name"], [np.ascontiguousarray(c) for c in chunks], names)
+        maps = np.concatenate([np.asarray(amap, dtype=np.float32) for amap, _ in results])[:n]
+        scores = np.concatenate([np.asarray(score, dtype=np.float32).reshape(-1) for _, score in results])[:n]
+        return maps, scores
 
     def predict(self, images, batch_size: int = 8, original_size: bool = False) -> list:
         """Scores images (see the module docstring for what an image may be).

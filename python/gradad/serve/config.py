@@ -36,7 +36,9 @@ class ServeConfig:
         threshold: a decision threshold instead of the model's (a threshold set at run time
             with PUT /v1/threshold is restored on restart unless this is given).
         backend: the runtime ('auto' picks by the model file's suffix).
-        threads: the runtime's intra-op threads (None: its default).
+        threads: the runtime's threads in all (None: its default).
+        streams: parts of a batch scored at the same time, each on its share of the threads
+            (gradad.deploy.Scorer's ``streams``; 2 suits an int8 model on a 2-core PC).
         max_batch: most images scored in one run of the model.
         max_wait_ms: how long the first image of a batch waits for others to join it. 0: a batch
             is what queued up while the previous one ran, so a lone client never waits and
@@ -67,6 +69,7 @@ class ServeConfig:
     threshold: Optional[float] = None
     backend: str = "auto"
     threads: Optional[int] = None
+    streams: int = 1
     max_batch: int = 8
     max_wait_ms: float = 0.0
     queue_size: int = 32
@@ -101,12 +104,15 @@ class ServeConfig:
             raise ValueError(f"threshold must be a finite number, got {self.threshold!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        for name in ("max_batch", "queue_size", "max_connections", "max_bytes", "max_pixels", "preview_side"):
+        for name in ("max_batch", "queue_size", "max_connections", "max_bytes", "max_pixels", "preview_side",
+                     "streams"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive int, got {self.threads!r}")
+        if self.threads is not None and self.streams > self.threads:
+            raise ValueError(f"streams ({self.streams}) must not exceed threads ({self.threads})")
         for name in ("max_wait_ms", "watch_interval_s", "webhook_timeout_s", "webhook_backoff_s",
                      "webhook_backoff_max_s"):
             value = getattr(self, name)
@@ -136,7 +142,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--token", default=None, help=f"require `Authorization: Bearer TOKEN` (default: ${TOKEN_ENV} if set)")
     add("--threshold", type=float, help="decision threshold instead of the model's")
     add("--backend", choices=BACKENDS, default=defaults["backend"], help="runtime (auto: by the file's suffix)")
-    add("--threads", type=int, help="the runtime's intra-op threads (default: its own choice)")
+    add("--threads", type=int, help="the runtime's threads in all (default: its own choice)")
+    add("--streams", type=int, default=defaults["streams"],
+        help="parts of a batch scored at once, each on its share of the threads (%(default)s)")
     add("--max-batch", type=int, default=defaults["max_batch"], help="most images per model run (%(default)s)")
     add("--max-wait-ms", type=float, default=defaults["max_wait_ms"],
         help="how long a batch waits to fill (%(default)s ms)")

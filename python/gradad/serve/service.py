@@ -91,7 +91,8 @@ class Service:
         is called if that fails (the service then cannot score and should stop)."""
         def load():
             try:
-                scorer = Scorer(self.config.checkpoint, backend=self.config.backend, threads=self.config.threads)
+                scorer = Scorer(self.config.checkpoint, backend=self.config.backend, threads=self.config.threads,
+                                streams=self.config.streams)
                 if self.config.webhook is not None:
                     self.webhook = WebhookSender(self.config.webhook, self.store, self.record, self.config,
                                                  self.metrics)
