@@ -378,8 +378,11 @@ def _refine_translation(opset: int) -> Callable:
             return op.ReduceSum(x, channel_axis, keepdims=0)  # (B, H, W)
 
         diff = op.Sub(rec, feat)
-        sq_diff, sq_rec = channel_sum(op.Mul(diff, diff)), channel_sum(op.Mul(rec, rec))
-        sq_feat, rec_feat = channel_sum(op.Mul(feat, feat)), channel_sum(op.Mul(rec, feat))
+        # squares as Pow(x, 2): one reader of x where Mul(x, x) is two, and a quantized graph
+        # dequantizes an input once per reader. rec . feat is summed as it is: from the other
+        # sums, (|r|^2 + |f|^2 - |r - f|^2) / 2, it is wrong where a norm is near 0
+        sq_diff, sq_rec = channel_sum(op.Mul(diff, diff)), channel_sum(op.Pow(rec, 2.0))
+        sq_feat, rec_feat = channel_sum(op.Pow(feat, 2.0)), channel_sum(op.Mul(rec, feat))
         # F.cosine_similarity clamps each norm from below by eps
         norm_rec, norm_feat = op.Max(op.Sqrt(sq_rec), COSINE_EPS), op.Max(op.Sqrt(sq_feat), COSINE_EPS)
         cosine = op.Div(rec_feat, op.Mul(norm_rec, norm_feat))
