@@ -956,8 +956,11 @@ def _aggregate_int8(runs: List[Dict], names: Sequence[str]) -> Dict[str, Dict]:
 
 
 def _fmt_ms(stat: Optional[Dict], digits: int = 3) -> str:
+    """mean ± sd over the seeds; one seed has no spread to show."""
     if not stat or stat.get("mean") is None:
         return "—"
+    if stat.get("n") == 1:
+        return f"{stat['mean']:.{digits}f} (1 seed)"
     return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
 
 
@@ -984,9 +987,11 @@ def _int8_rows(summary: Dict):
 
 def _fmt_int8(stat: Optional[Dict], entry: Dict) -> str:
     """An int8 AUROC cell: mean ± sd, or why there is none ('refused' by gradad's accuracy check, 'failed')."""
-    if (not stat or stat.get("mean") is None) and entry.get("excluded"):
-        return " / ".join(sorted({e["reason"] for e in entry["excluded"]}))
-    return _fmt_ms(stat)
+    reasons = sorted({e["reason"] for e in entry.get("excluded", [])})
+    if not stat or stat.get("mean") is None:
+        return " / ".join(reasons) if reasons else "—"
+    left_out = ", ".join(f"{sum(e['reason'] == r for e in entry['excluded'])} {r}" for r in reasons)
+    return _fmt_ms(stat) + (f"; {left_out}" if left_out else "")
 
 
 def to_markdown(results: Dict) -> str:

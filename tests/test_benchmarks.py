@@ -449,3 +449,17 @@ def test_export_targets_are_judged_best_against_best_at_batch_32():
     # the precisions table: the speed-up of each row against the same fastest fp32 row
     assert "| onnxruntime | fp32 | 1 | 32 | 355.6 | 90.0 | 0.90× |" in markdown
     assert "| openvino | int8 | 2 | 32 | 160.0 | 200.0 | 2.00× |" in markdown
+
+
+def test_peers_int8_cells_say_how_many_seeds_stand_behind_them():
+    from benchmarks import bench_peers
+
+    one = bench_peers._mean_sd([0.942])
+    three = bench_peers._mean_sd([0.94, 0.95, 0.96])
+    assert bench_peers._fmt_ms(one) == "0.942 (1 seed)"
+    assert bench_peers._fmt_ms(three) == "0.950 ± 0.010"
+    refused = [{"seed": 0, "reason": "refused", "message": "drop"}, {"seed": 1, "reason": "refused", "message": "d"}]
+    assert bench_peers._fmt_int8(one, {"excluded": refused}) == "0.942 (1 seed); 2 refused"
+    assert bench_peers._fmt_int8(bench_peers._mean_sd([]), {"excluded": refused}) == "refused"
+    assert bench_peers._fmt_int8(three, {"excluded": []}) == "0.950 ± 0.010"
+    assert bench_peers._fmt_int8(None, {}) == "—"
