@@ -10,9 +10,10 @@ small linear layers), the refinement, the upsampling and the Gaussian smoothing 
 they are a small share of the time, and the map is a difference of features that must not be
 rounded. Measured on the Lite demo (2-core AMD EPYC, int8, image AUROC of the test split against
 fp32, benchmarks/results/cpu-amd-epyc/export.md): onnxruntime with the backbone only -0.0015,
-with the head's convolutions too -0.0009; OpenVINO with the backbone only +0.0003, with the
-fusion and local coordinates too +0.0002, but with its output convolution as well -0.12, so
-OpenVINO keeps that one in float32. The cause is OpenVINO's CPU plugin, not NNCF's ranges: the IR's
+with the head's convolutions too -0.0009 (-0.0017 since the exported normalisation is one
+multiply-add: the calibrated ranges move with the last bits); OpenVINO with the backbone only
++0.0003, with the fusion and local coordinates too +0.0002, but with its output convolution as
+well -0.12, so OpenVINO keeps that one in float32. The cause is OpenVINO's CPU plugin, not NNCF's ranges: the IR's
 int8 weights and scales of that convolution are right, but the compiled model, which fuses the last
 block's projection, residual add and quantization into one u8 convolution ahead of it, returns an
 x̂ of about 0 (root mean square 3e-7 against 4.5 in float32; OpenVINO 2026.4), so the map became |x|.
