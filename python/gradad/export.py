@@ -141,10 +141,11 @@ class DetectorGraph(nn.Module):
         self.backbone = backbone.eval()
         self.model = model.eval()
         self.image_size = int(image_size)
-        self.register_buffer("mean", torch.tensor(backbone.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(backbone.std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("pixel_scale", 1.0 / (255.0 * self.std))
-        self.register_buffer("pixel_shift", -self.mean / self.std)
+        mean = torch.tensor(backbone.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(backbone.std, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * std))
+        self.register_buffer("pixel_shift", -mean / std)
         self.register_buffer("kernel", gaussian_kernel())
 
     def forward(self, image: torch.Tensor):
@@ -155,7 +156,7 @@ class DetectorGraph(nn.Module):
             x = matmul_resize(x, size, antialias=True)
         else:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        x = x * self.pixel_scale + self.pixel_shift  # (x / 255 - mean) / std in two passes, not three
+        x = x * self.pixel_scale + self.pixel_shift  # two passes over the image, not three
         maps = self.model(self.backbone(x)).anomaly_map  # (N, h, w), the features' resolution
         # GRAD.anomaly_map's upsampling to S x S, the resize to the image and the smoothing are
         # all linear along each axis: one (image side, h) matrix per axis, applied to the small map
